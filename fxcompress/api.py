@@ -1,0 +1,65 @@
+"""``compile_for_compression``: trace, run the compression passes, build the controller."""
+from __future__ import annotations
+
+import copy as _copy
+from typing import Any, Sequence
+
+import torch
+
+from .config import Config
+from .controller import CompressionController
+from .errors import ConfigError
+from .pass_manager import PassContext, PassManager
+from .tracing import trace
+
+__all__ = ["compile_for_compression"]
+
+
+def _as_passes(passes_or_config) -> tuple[list, Config | None]:
+    if passes_or_config is None:
+        return [], None
+    if isinstance(passes_or_config, Config):
+        return list(passes_or_config.passes), passes_or_config
+    if isinstance(passes_or_config, dict):
+        config = Config.from_dict(passes_or_config)
+        return list(config.passes), config
+    if callable(passes_or_config) and hasattr(passes_or_config, "name"):
+        return [passes_or_config], None
+    if isinstance(passes_or_config, Sequence) and not isinstance(passes_or_config, str):
+        passes = list(passes_or_config)
+        for i, p in enumerate(passes):
+            if not callable(p):
+                raise ConfigError(f"passes[{i}]: expected a pass object such as Quantize(bits=8), "
+                                  f"got {type(p).__name__}", path=f"passes[{i}]")
+        return passes, None
+    raise ConfigError(f"compile_for_compression expects a list of passes, a Config or a config dict, "
+                      f"got {type(passes_or_config).__name__}")
+
+
+def compile_for_compression(model: torch.nn.Module, passes_or_config=None, example_inputs: Any = None, *,
+                            leaf_modules: Sequence[Any] | None = None, copy: bool = False,
+                            debug: bool = False) -> tuple[CompressionController, torch.fx.GraphModule]:
+    """Trace ``model``, apply the compression passes, return ``(controller, graph_module)``.
+
+    ``passes_or_config``: a list of passes (``[MagnitudeSparsity(...), Quantize(bits=8)]``),
+    a ``Config`` or an NNCF-style config dict. ``example_inputs``: a tensor, a tuple of
+    positional inputs or a dict of keyword inputs (default: built from the config's
+    ``input_info``). The user's model is never modified; the GraphModule shares its
+    parameter tensors unless ``copy=True``. ``debug=True`` checks outputs on the
+    example inputs after every pass.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"compile_for_compression expects an nn.Module, got {type(model).__name__}")
+    passes, config = _as_passes(passes_or_config)
+    if example_inputs is None and config is not None:
+        example_inputs = config.example_inputs()
+    if example_inputs is None:
+        raise ConfigError("example_inputs are needed to trace the model: pass example_inputs=(x,) "
+                          "or give the config an 'input_info'", path="input_info")
+    if copy:
+        model = _copy.deepcopy(model)
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    manager = PassManager(passes, debug=debug)
+    results = manager.run(gm, PassContext.for_graph(gm, debug))
+    parts = [r.controller for r in results if r.controller is not None]
+    return CompressionController(gm, parts, manager.records), gm

@@ -1,0 +1,174 @@
+"""NNCF-style JSON configs: validation and the front door that builds passes by name.
+
+Accepted format (NNCF's)::
+
+    {
+      "input_info": {"sample_size": [1, 3, 32, 32]},          # or a list, one per input
+      "target_device": "CPU",
+      "ignored_scopes": ["fc"],                              # applies to every algorithm
+      "compression": [                                       # or a single object
+        {"algorithm": "magnitude_sparsity", "sparsity_init": 0.1,
+         "params": {"sparsity_target": 0.5, "sparsity_target_epoch": 10}},
+        {"algorithm": "quantization", "initializer": {"range": {"num_init_samples": 64}}}
+      ]
+    }
+
+Top-level keys fxcompress does not use (NNCF sample scripts keep ``model``,
+``epochs``, ``optimizer`` there) are kept and ignored; a near miss of a known
+key (``compresion``) is an error with a did-you-mean. Inside an algorithm's
+entry every key is checked by that algorithm's schema.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .algorithm import SCOPES_SCHEMA, validate_schema
+from .errors import ConfigError
+
+__all__ = ["Config", "register_algorithm", "algorithm_registry"]
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_algorithm(cls):
+    """Class decorator: makes a CompressionPass buildable from configs by its ``algorithm`` name."""
+    if not cls.algorithm:
+        raise TypeError(f"{cls.__name__} has no 'algorithm' name to register")
+    _REGISTRY[cls.algorithm] = cls
+    return cls
+
+
+def algorithm_registry() -> dict[str, type]:
+    # The config front door is the one place the infrastructure imports the algorithms.
+    import fxcompress.passes  # noqa: F401  (registers them)
+    return dict(_REGISTRY)
+
+
+_INPUT_INFO_ITEM = {
+    "type": "object",
+    "properties": {
+        "sample_size": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
+        "type": {"enum": ["float", "long", "int", "bool", "half", "bfloat16"]},
+        "filler": {"enum": ["zeros", "ones", "random"]},
+        "keyword": {"type": "string"},
+    },
+    "required": ["sample_size"],
+    "additionalProperties": False,
+}
+
+TOP_LEVEL_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "input_info": {"oneOf": [_INPUT_INFO_ITEM, {"type": "array", "items": _INPUT_INFO_ITEM, "minItems": 1}]},
+        "compression": {"oneOf": [
+            {"type": "object", "required": ["algorithm"]},
+            {"type": "array", "items": {"type": "object", "required": ["algorithm"]}},
+        ]},
+        "target_device": {"enum": ["CPU", "GPU", "NPU", "ANY", "TRIAL", "CPU_SPR"]},
+        "ignored_scopes": SCOPES_SCHEMA,
+        "log_dir": {"type": "string"},
+    },
+}
+_KNOWN_TOP = sorted(TOP_LEVEL_SCHEMA["properties"])
+_DTYPES = {"float": torch.float32, "long": torch.int64, "int": torch.int32, "bool": torch.bool,
+           "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Config:
+    """A validated NNCF-style configuration."""
+
+    def __init__(self, data: dict, source: str = "config"):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a config must be a JSON object, got {type(data).__name__}")
+        self.source = source
+        self._check_top_level(data)
+        validate_schema(data, TOP_LEVEL_SCHEMA)
+        self.data = copy.deepcopy(data)
+        self.entries = self._entries()
+        self.passes = self._build_passes()
+        if not self.passes:
+            raise ConfigError(f"{source}: the config compresses nothing: 'compression' is missing or empty; "
+                              f"add e.g. {{\"compression\": {{\"algorithm\": \"quantization\"}}}}",
+                              path="compression")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        return cls(data)
+
+    @classmethod
+    def from_json(cls, path) -> "Config":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        return cls(data, source=str(path))
+
+    def _check_top_level(self, data: dict):
+        for key in data:
+            if key in _KNOWN_TOP:
+                continue
+            close = difflib.get_close_matches(key, _KNOWN_TOP, n=1, cutoff=0.8)
+            if close:
+                raise ConfigError(f"{key}: unknown top-level key; did you mean '{close[0]}'?", path=key)
+
+    def _entries(self) -> list[dict]:
+        comp = self.data.get("compression", [])
+        return [comp] if isinstance(comp, dict) else list(comp)
+
+    def _build_passes(self) -> list:
+        registry = algorithm_registry()
+        global_params = {k: self.data[k] for k in ("ignored_scopes", "target_device") if k in self.data}
+        passes = []
+        for i, entry in enumerate(self.entries):
+            path = "compression" if isinstance(self.data.get("compression"), dict) else f"compression[{i}]"
+            name = entry["algorithm"]
+            if name not in registry:
+                close = difflib.get_close_matches(str(name), list(registry), n=1)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ConfigError(f"{path}.algorithm: unknown algorithm {name!r}; {hint}"
+                                  f"known algorithms: {', '.join(sorted(registry))}", path=f"{path}.algorithm")
+            passes.extend(registry[name].from_config_entry(entry, path, global_params))
+        return passes
+
+    def example_inputs(self) -> tuple | dict | None:
+        """Inputs built from ``input_info``: uniform random floats, integer ones, unless ``filler`` says otherwise."""
+        info = self.data.get("input_info")
+        if info is None:
+            return None
+        items = [info] if isinstance(info, dict) else info
+        generator = torch.Generator().manual_seed(0)
+        args, kwargs = [], {}
+        for item in items:
+            dtype = _DTYPES[item.get("type", "float")]
+            size = item["sample_size"]
+            filler = item.get("filler", "random" if dtype.is_floating_point else "ones")
+            if filler == "random" and dtype.is_floating_point:
+                value = torch.rand(size, generator=generator).to(dtype)
+            elif filler == "random":
+                value = torch.randint(0, 2, size, generator=generator).to(dtype)
+            elif filler == "ones":
+                value = torch.ones(size, dtype=dtype)
+            else:
+                value = torch.zeros(size, dtype=dtype)
+            if "keyword" in item:
+                kwargs[item["keyword"]] = value
+            else:
+                args.append(value)
+        if kwargs and args:
+            raise ConfigError("input_info: give every input a 'keyword' or none of them "
+                              "(mixing positional and keyword inputs is not supported)", path="input_info")
+        return kwargs if kwargs else tuple(args)
+
+    def __repr__(self):
+        return f"Config({self.source}: {', '.join(repr(p) for p in self.passes)})"

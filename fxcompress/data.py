@@ -1,0 +1,131 @@
+"""Turning a user's data loader into model inputs, for initialization and calibration.
+
+``initialize(loader)`` accepts any iterable of batches (DESIGN.md):
+- a tensor: the model's single input;
+- a tuple/list whose first element is the model input (``(input, target)``);
+  that element may itself be a tuple of tensors for a model with several inputs;
+- a dict: keyword inputs (a Hugging Face tokenizer's output), keys the model does
+  not take are dropped (``labels`` and the like);
+``input_fn(batch) -> args tuple | dict | tensor`` overrides all of that.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+
+__all__ = ["batch_to_inputs", "CalibrationData"]
+
+
+def batch_to_inputs(batch: Any, input_fn: Callable | None = None,
+                    accepted_kwargs: set[str] | None = None) -> tuple[tuple, dict]:
+    if input_fn is not None:
+        batch = input_fn(batch)
+        if isinstance(batch, torch.Tensor):
+            return (batch,), {}
+        if isinstance(batch, dict):
+            return (), dict(batch)
+        return tuple(batch), {}
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict) or hasattr(batch, "keys") and not isinstance(batch, torch.Tensor):
+        items = dict(batch)
+        if accepted_kwargs is not None:
+            items = {k: v for k, v in items.items() if k in accepted_kwargs}
+        return (), items
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("initialize: got an empty batch")
+        first = batch[0]
+        if isinstance(first, torch.Tensor):
+            return (first,), {}
+        if isinstance(first, (tuple, list)):
+            return tuple(first), {}
+        if isinstance(first, dict):
+            return batch_to_inputs(first, None, accepted_kwargs)
+    raise TypeError(
+        f"initialize: cannot turn a batch of type {type(batch).__name__} into model inputs; "
+        "pass input_fn=lambda batch: <model inputs> to say how")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return 1
+
+
+def _to_device(value, device):
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    return value
+
+
+class CalibrationData:
+    """A re-iterable view of the user's loader as model inputs, limited by a sample count."""
+
+    def __init__(self, loader: Iterable, input_fn: Callable | None = None, device=None,
+                 model: torch.nn.Module | None = None):
+        if loader is None:
+            raise ValueError("initialize needs a data loader (any iterable of batches)")
+        self.loader = loader
+        self.input_fn = input_fn
+        self.device = device
+        self.accepted_kwargs = _accepted_kwargs(model) if model is not None else None
+
+    def batches(self, num_samples: int | None = None) -> Iterator[tuple[tuple, dict]]:
+        """Yields ``(args, kwargs)`` until ``num_samples`` samples were seen (all if None)."""
+        seen = 0
+        for batch in self.loader:
+            args, kwargs = batch_to_inputs(batch, self.input_fn, self.accepted_kwargs)
+            args, kwargs = _to_device(args, self.device), _to_device(kwargs, self.device)
+            yield args, kwargs
+            seen += _batch_size(args, kwargs)
+            if num_samples is not None and seen >= num_samples:
+                return
+
+    def run(self, module: torch.nn.Module, num_samples: int | None = None, *, train: bool = False,
+            progress: str | None = None) -> int:
+        """Forward passes over the data (no grad); returns how many batches ran."""
+        was_training = module.training
+        module.train(train)
+        count = 0
+        try:
+            with torch.no_grad():
+                for args, kwargs in progress_bar(self.batches(num_samples), progress):
+                    module(*args, **kwargs)
+                    count += 1
+        finally:
+            module.train(was_training)
+        if count == 0:
+            raise ValueError("initialize: the data loader yielded no batches")
+        return count
+
+
+def _accepted_kwargs(model: torch.nn.Module) -> set[str] | None:
+    forward = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+def progress_bar(iterable, description: str | None):
+    """tqdm progress bar when a description is given and tqdm is installed; plain iteration otherwise."""
+    if not description:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a declared dependency, but stay usable without it
+        return iterable
+    return tqdm(iterable, desc=description, leave=False)

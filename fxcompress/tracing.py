@@ -1,0 +1,398 @@
+"""Tracing a user's ``nn.Module`` into a ``torch.fx.GraphModule`` with metadata.
+
+``trace`` first tries plain symbolic tracing. When the model's Python control
+flow depends on input *shapes* (Hugging Face transformers: ``if seq_len > ...``,
+``torch.arange(x.size(1))``), plain fx cannot decide it; we then trace again with
+proxies that carry the example inputs' concrete values, so shape queries
+return plain ints and the graph is specialized on the example shapes (the batch
+dimension stays symbolic where the model never reads it). Control flow on tensor
+*values* is never specialized: it raises ``TraceError`` naming the module, the
+operation and the user's source line.
+
+Every node gets ``node.meta``:
+- ``"shape"`` / ``"dtype"``: from shape propagation on the example inputs
+  (tuples for multi-output nodes, ``None`` for non-tensors);
+- ``"module_path"``: the module the node belongs to, as in ``named_modules()``
+  (the called module for ``call_module`` nodes, the enclosing module otherwise).
+
+The GraphModule gets ``gm.meta["example_inputs"]`` (args tuple) and
+``gm.meta["example_kwargs"]`` (dict), which passes and export use.
+"""
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import os
+import traceback
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+from .graph import shallow_module_copy
+
+__all__ = ["trace", "normalize_example_inputs", "propagate_metadata"]
+
+_FX_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# Attribute reads and method calls whose result depends only on shapes/types:
+# with shape specialization they return concrete Python values.
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_floating_point"})
+_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "is_floating_point",
+                            "is_contiguous", "get_device"})
+
+
+def normalize_example_inputs(example_inputs) -> tuple[tuple, dict]:
+    """Accepts a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        f"example_inputs must be a tensor, a tuple of positional inputs or a dict of keyword "
+        f"inputs, got {type(example_inputs).__name__}")
+
+
+class _LeafSpec:
+    """Which modules stay opaque ``call_module`` nodes: classes, or paths with ``*`` globs."""
+
+    def __init__(self, leaf_modules: Iterable[Any] | None):
+        self.classes: tuple[type, ...] = ()
+        self.paths: list[str] = []
+        for item in leaf_modules or ():
+            if isinstance(item, type) and issubclass(item, torch.nn.Module):
+                self.classes += (item,)
+            elif isinstance(item, str):
+                self.paths.append(item)
+            else:
+                raise TypeError(
+                    f"leaf_modules entries must be nn.Module classes or module paths, got {item!r}")
+
+    def matches(self, module: torch.nn.Module, path: str) -> bool:
+        return isinstance(module, self.classes) or any(fnmatch.fnmatchcase(path, p) for p in self.paths)
+
+    def check_paths_exist(self, model: torch.nn.Module):
+        names = [n for n, _ in model.named_modules() if n]
+        for pattern in self.paths:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise TraceError(f"leaf_modules entry {pattern!r} matches no module of the model; "
+                                 f"module paths look like {names[:3]}")
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx Tracer with user leaf modules and a record of where tracing failed."""
+
+    def __init__(self, leaves: _LeafSpec):
+        super().__init__()
+        self.leaves = leaves
+        self.failing_module: tuple[str, type] | None = None
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if self.leaves.matches(m, module_qualified_name):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # The innermost module on the way up is where the failure happened.
+            if self.failing_module is None:
+                self.failing_module = (self.path_of_module(m), type(m))
+            raise
+
+
+class _ConcreteProxy(torch.fx.Proxy):
+    """A proxy that knows the concrete value its node takes on the example inputs."""
+
+    @property
+    def concrete(self):
+        return self.node.meta["_concrete"]
+
+    def __getattr__(self, name):
+        if name in ("node", "tracer") or name.startswith("__"):
+            raise AttributeError(name)
+        if name in _SHAPE_ATTRIBUTES and "_concrete" in self.node.meta:
+            return getattr(self.concrete, name)
+        return super().__getattr__(name)
+
+    def __len__(self):
+        return len(self.concrete)
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self.concrete))])
+
+    def keys(self):
+        return self.concrete.keys()
+
+
+class _ShapeSpecializingTracer(_Tracer):
+    """Runs the example inputs alongside tracing so shape queries are concrete."""
+
+    def __init__(self, leaves: _LeafSpec, inputs: dict[str, Any]):
+        super().__init__(leaves)
+        self._inputs = inputs
+        self._computing = False
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._computing:  # computing a concrete value: run the module for real
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def proxy(self, node):
+        return _ConcreteProxy(node, self)
+
+    def _value(self, a):
+        return map_aggregate(a, lambda x: x.concrete if isinstance(x, _ConcreteProxy) else x)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        if kind == "call_method" and target in _SHAPE_METHODS:
+            self_value, *rest = self._value(args)
+            return getattr(self_value, target)(*rest, **self._value(kwargs))
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if isinstance(proxy, _ConcreteProxy):
+            # While computing the value, module calls and attribute reads must run
+            # for real instead of being traced (fx patches them during tracing).
+            self._computing = True
+            try:
+                proxy.node.meta["_concrete"] = self._run(proxy.node, kind, target, args, kwargs)
+            finally:
+                self._computing = False
+        return proxy
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def _run(self, node, kind, target, args, kwargs):
+        a, kw = self._value(args), self._value(kwargs)
+        if kind == "placeholder":
+            return self._inputs[target]
+        if kind == "get_attr":
+            return _get_attr(self.root, target)
+        if kind == "call_module":
+            return self.root.get_submodule(target)(*a, **kw)
+        if kind == "call_method":
+            return getattr(a[0], target)(*a[1:], **kw)
+        if kind == "call_function":
+            return target(*a, **kw)
+        return None
+
+    def to_bool(self, obj):
+        raise torch.fx.proxy.TraceError(
+            "data-dependent control flow: the Python condition depends on tensor values")
+
+    def iter(self, obj):
+        return iter(obj)
+
+
+def _get_attr(root, target: str):
+    value = root
+    for atom in target.split("."):
+        value = getattr(value, atom)
+    return value
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame that is the user's code, not torch's or ours."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith(_FX_DIR) and not path.startswith(_OWN_DIR) and "<eval_with_key>" not in path \
+                and frame.filename != _GENERATED_FILE:
+            return frame
+    return None
+
+
+def _describe_failure(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "control flow" in text:
+        return "data-dependent Python control flow (a condition on a traced tensor's values)"
+    if "iterate" in text or "__iter__" in text:
+        return "iteration over a traced tensor"
+    if "len" in text and "not supported" in text:
+        return "len() of a traced tensor"
+    return f"{type(exc).__name__}: {text}"
+
+
+def _trace_error(exc: BaseException, tracer: _Tracer, model: torch.nn.Module) -> TraceError:
+    module_path, module_type = tracer.failing_module or ("", type(model))
+    frame = _user_frame(exc)
+    operation = _describe_failure(exc)
+    where = f"module '{module_path}' ({module_type.__name__})" if module_path else \
+        f"the model's own forward ({type(model).__name__})"
+    source = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else None
+    hint = (f"Mark it a leaf module so it is kept as one opaque call: "
+            f"leaf_modules=['{module_path}'] or leaf_modules=[{module_type.__name__}]"
+            if module_path else
+            "Move the code into a submodule and mark that a leaf module (leaf_modules=[...]), "
+            "or make the control flow depend only on shapes")
+    message = f"cannot trace {where}: {operation}"
+    if source:
+        message += f"\n  at {source}"
+    message += f"\n  {hint}"
+    return TraceError(message, module_path=module_path, operation=operation, source_line=source)
+
+
+_GENERATED_FILE = "<fxcompress: forward with the example inputs' signature>"
+
+
+def _input_names(model: torch.nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """Names of the inputs the example gives: positional ones by the forward's signature, then keywords."""
+    sig = inspect.signature(model.forward)
+    params = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    has_var_kw = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    if len(args) > len(params):
+        raise TraceError(f"{type(model).__name__}.forward takes {len(params)} positional inputs, "
+                         f"but {len(args)} example inputs were given")
+    names = [p.name for p in params[:len(args)]]
+    known = {p.name for p in sig.parameters.values()}
+    for key in kwargs:
+        if key in names:
+            raise TraceError(f"example input '{key}' is given both by position and by keyword")
+        if key not in known and not has_var_kw:
+            raise TraceError(f"{type(model).__name__}.forward has no parameter '{key}'; "
+                             f"it takes {[p.name for p in sig.parameters.values()]}")
+        if not key.isidentifier():
+            raise TraceError(f"example input name {key!r} is not a valid Python identifier")
+    missing = [p.name for p in sig.parameters.values()
+               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.default is p.empty and p.name not in names and p.name not in kwargs]
+    if missing:
+        raise TraceError(f"example inputs for {missing} of {type(model).__name__}.forward are missing")
+    return names + list(kwargs)
+
+
+def _with_explicit_forward(model: torch.nn.Module, positional: list[str], keywords: list[str]):
+    """A shallow copy of ``model`` whose forward takes exactly the example inputs.
+
+    fx builds placeholders from the signature of ``forward``; decorated forwards
+    (``*args, **kwargs`` wrappers, as in Hugging Face models) and optional inputs
+    the user did not give would otherwise become placeholders of their own.
+    """
+    cls = type(model)
+    call_args = ", ".join(positional + [f"{k}={k}" for k in keywords])
+    source = (f"def forward(self, {', '.join(positional + keywords)}):\n"
+              f"    return _original_forward(self, {call_args})\n")
+    namespace = {"_original_forward": cls.forward}
+    exec(compile(source, _GENERATED_FILE, "exec"), namespace)  # noqa: S102 - generated from identifiers only
+    traced_cls = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+    root = shallow_module_copy(model)
+    root.__class__ = traced_cls
+    return root
+
+
+def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence[Any] | None = None,
+          specialize_shapes: bool | None = None) -> torch.fx.GraphModule:
+    """Trace ``model`` into a GraphModule whose nodes carry shapes, dtypes and module paths.
+
+    ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword inputs.
+    ``leaf_modules``: classes or module paths (``*`` globs) kept as opaque calls.
+    ``specialize_shapes``: ``None`` tries plain fx first and specializes on the example
+    shapes only if needed; ``True``/``False`` force one way.
+
+    The user's model is never modified: the GraphModule's submodules are shallow copies
+    that share the parameter tensors (as torch.fx does).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"trace expects an nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_example_inputs(example_inputs)
+    leaves = _LeafSpec(leaf_modules)
+    leaves.check_paths_exist(model)
+    names = _input_names(model, args, kwargs)
+    root = _with_explicit_forward(model, names[:len(args)], names[len(args):])
+
+    graph = None
+    first_error = None
+    if not specialize_shapes:
+        tracer = _Tracer(leaves)
+        try:
+            graph = tracer.trace(root)
+        except Exception as exc:  # noqa: BLE001 - turned into a TraceError below
+            first_error = _trace_error(exc, tracer, model)
+            if specialize_shapes is False or not (args or kwargs):
+                raise first_error from exc
+    if graph is None:
+        tracer = _ShapeSpecializingTracer(leaves, dict(zip(names, list(args) + list(kwargs.values()))))
+        try:
+            with torch.no_grad():
+                graph = tracer.trace(root)
+        except Exception as exc:  # noqa: BLE001
+            raise _trace_error(exc, tracer, model) from exc
+        for node in graph.nodes:
+            node.meta.pop("_concrete", None)
+
+    name = type(model).__name__
+    gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
+    if gm.graph.eliminate_dead_code():  # shape queries answered concretely leave unused nodes
+        gm.recompile()
+    gm.meta["example_inputs"] = args
+    gm.meta["example_kwargs"] = kwargs
+    gm.meta["leaf_modules"] = list(leaf_modules or ())
+    gm.meta["specialized_shapes"] = first_error is not None or bool(specialize_shapes)
+    if args or kwargs:
+        propagate_metadata(gm)
+    else:
+        _set_module_paths(gm)
+    return gm
+
+
+def _set_module_paths(gm: torch.fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            node.meta["module_path"] = node.target
+        elif "module_path" not in node.meta:
+            stack = node.meta.get("nn_module_stack")
+            node.meta["module_path"] = next(reversed(stack.values()))[0] if stack else ""
+
+
+def _tensor_facts(meta):
+    """(shape, dtype) of a ShapeProp TensorMetadata, or tuples of them for containers."""
+    from torch.fx.passes.shape_prop import TensorMetadata
+    if isinstance(meta, TensorMetadata):
+        return tuple(meta.shape), meta.dtype
+    if isinstance(meta, (tuple, list)):
+        facts = [_tensor_facts(m) for m in meta]
+        return tuple(f[0] for f in facts), tuple(f[1] for f in facts)
+    if isinstance(meta, dict):
+        facts = {k: _tensor_facts(m) for k, m in meta.items()}
+        return {k: f[0] for k, f in facts.items()}, {k: f[1] for k, f in facts.items()}
+    return None, None
+
+
+def propagate_metadata(gm: torch.fx.GraphModule, example_inputs=None):
+    """(Re)compute ``shape``/``dtype``/``module_path`` for every node on the example inputs.
+
+    Passes call this after inserting nodes, so later passes see complete metadata.
+    """
+    if example_inputs is None:
+        args, kwargs = gm.meta.get("example_inputs", ()), gm.meta.get("example_kwargs", {})
+    else:
+        args, kwargs = normalize_example_inputs(example_inputs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    flat = list(args)
+    for node in placeholders[len(args):]:
+        name = node.target.lstrip("*")
+        if name in kwargs:
+            flat.append(kwargs[name])
+        else:
+            flat.append(node.args[0] if node.args else None)
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*flat)
+    finally:
+        gm.train(was_training)
+    for node in gm.graph.nodes:
+        node.meta["shape"], node.meta["dtype"] = _tensor_facts(node.meta.get("tensor_meta"))
+    _set_module_paths(gm)
