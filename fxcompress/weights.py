@@ -1,0 +1,143 @@
+"""The weight edge of convolutions and linear layers, where masks and weight quantizers go.
+
+``nn.Conv2d`` called as a module hides its weight. ``weighted_ops(gm)`` rewrites
+such calls into their functional form with the weight read by a ``get_attr``::
+
+    conv1 = self.conv1(x)
+becomes
+    conv1_weight = self.conv1.weight
+    conv1 = torch.conv2d(x, conv1_weight, self.conv1.bias, (1, 1), (1, 1), (1, 1), 1)
+
+so every compression pass inserts on the same edge (``weight_input``) and they
+stack in pass order: ``conv1_weight -> conv1_weight_mask -> conv1_weight_quantizer
+-> conv2d``. Parameter names (``conv1.weight``) are unchanged, so state dicts keep
+their keys. The rewrite is exact and idempotent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .graph import get_attr_value
+from .optable import OpKind, op_kind
+
+__all__ = ["WeightedOp", "weighted_ops", "functionalize", "WEIGHTED_KINDS"]
+
+WEIGHTED_KINDS = ("conv", "conv_transpose", "linear")
+
+_CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+              nn.ConvTranspose3d: F.conv_transpose3d}
+
+
+@dataclass
+class WeightedOp:
+    """A functional conv/linear node and where its weight comes from."""
+    node: torch.fx.Node
+    kind: OpKind
+    module_path: str
+    weight_source: torch.fx.Node | None  # the get_attr of the parameter (None: computed weight)
+
+    @property
+    def weight_input(self) -> torch.fx.Node:
+        """The node currently feeding the weight argument (the source, or the last inserted transform)."""
+        return self.node.args[self.kind.weight_arg]
+
+    def weight(self, gm: torch.nn.Module) -> torch.Tensor | None:
+        if self.weight_source is None or self.weight_source.op != "get_attr":
+            return None
+        return get_attr_value(gm, self.weight_source.target)
+
+    @property
+    def out_axis(self) -> int:
+        return self.kind.weight_out_axis
+
+
+def _module_forward_args(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The input of a module call with exactly one tensor argument, else None."""
+    if len(node.args) == 1 and not node.kwargs:
+        return node.args[0]
+    return None
+
+
+def functionalize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Node | None:
+    """Rewrite a conv/linear ``call_module`` into its functional form; returns the new node.
+
+    Returns None (and leaves the node alone) for forms that have no exact
+    functional equivalent here: a transposed conv called with ``output_size``,
+    or a module subclass with its own forward.
+    """
+    module = gm.get_submodule(node.target)
+    x = _module_forward_args(node)
+    if x is None:
+        return None
+    cls = type(module)
+    if cls not in _CONV_FN and cls not in _CONV_T_FN and cls is not nn.Linear:
+        return None  # a subclass may override forward: do not guess its semantics
+    graph = gm.graph
+    with graph.inserting_before(node):
+        weight = graph.get_attr(f"{node.target}.weight")
+        bias = graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+        if cls is nn.Linear:
+            new = graph.call_function(F.linear, (x, weight, bias))
+        elif cls in _CONV_FN:
+            if module.padding_mode != "zeros":
+                x = graph.call_function(F.pad, (x, module._reversed_padding_repeated_twice),
+                                        {"mode": module.padding_mode})
+                padding = 0
+            else:
+                padding = module.padding
+            new = graph.call_function(_CONV_FN[cls], (x, weight, bias, module.stride, padding,
+                                                      module.dilation, module.groups))
+        else:
+            if module.padding_mode != "zeros":
+                return None
+            new = graph.call_function(_CONV_T_FN[cls], (x, weight, bias, module.stride, module.padding,
+                                                        module.output_padding, module.groups,
+                                                        module.dilation))
+    for helper in (weight, bias):
+        if helper is not None:
+            helper.meta["module_path"] = node.target
+    if x is not node.args[0]:
+        x.meta.update({k: node.args[0].meta[k] for k in ("shape", "dtype") if k in node.args[0].meta})
+        x.meta["module_path"] = node.target
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+    new.name = node.name  # keep the readable name (conv1) for the user and later passes
+    return new
+
+
+def _weight_source(node: torch.fx.Node, kind: OpKind) -> torch.fx.Node | None:
+    """Walk back from the weight argument through inserted transforms to the parameter."""
+    current = node.args[kind.weight_arg] if len(node.args) > kind.weight_arg else node.kwargs.get("weight")
+    while isinstance(current, torch.fx.Node) and current.meta.get("inserted_by") and current.args:
+        current = current.args[0]
+    return current if isinstance(current, torch.fx.Node) and current.op == "get_attr" else None
+
+
+def weighted_ops(gm: torch.fx.GraphModule, kinds=WEIGHTED_KINDS) -> list[WeightedOp]:
+    """All conv/linear ops of the graph in functional form (rewriting module calls in place)."""
+    ops = []
+    changed = False
+    for node in list(gm.graph.nodes):
+        kind = op_kind(node, gm)
+        if kind is None or kind.name not in kinds:
+            continue
+        if node.op == "call_module":
+            path = node.target
+            new = functionalize(gm, node)
+            if new is None:
+                continue
+            node, changed = new, True
+        elif node.op != "call_function" or len(node.args) <= kind.weight_arg:
+            continue
+        path = node.meta.get("module_path", "")
+        ops.append(WeightedOp(node, kind, path, _weight_source(node, kind)))
+    if changed:
+        gm.recompile()
+    return ops
