@@ -1,0 +1,340 @@
+"""Compression-level schedules shared by sparsity and filter pruning.
+
+A *level* is the fraction of weights removed (sparsity level, pruning rate),
+always in ``[0, 1)``. Each schedule is a pure closed-form function of the
+(possibly fractional) epoch, plus a ``Scheduler`` subclass that evaluates it
+from the training counters and tells its listeners after every update.
+
+Counters follow ``fxcompress.controller.Scheduler``: ``current_epoch`` starts at
+0 and ``epoch_step()`` is called at the *end* of an epoch, so epoch ``e`` trains
+at ``level_at(e)``. With ``update_per_optimizer_step`` the level is evaluated at
+the fractional epoch ``t = e + min(s / steps_per_epoch, 1)`` after ``s``
+optimizer steps of epoch ``e`` (``t`` reaches ``e + 1`` exactly when the next
+epoch starts). With ``warmup_epochs = w`` the schedule is shifted: the level
+is ``initial_level`` while ``e < w``, then ``level_at(t - w)``.
+
+Closed forms (``i`` initial level, ``T`` target level, ``E`` target epoch,
+``x = clamp(t / E, 0, 1)``; every schedule returns ``T`` when ``E == 0``):
+
+- polynomial (NNCF's ``PolynomialDecaySchedule``), power ``p``:
+  concave: ``T - (T - i) * (1 - x) ** p``; convex: ``i + (T - i) * x ** p``.
+- exponential on the density ``d = 1 - level`` (NNCF's ``ExponentialDecaySchedule``):
+  ``d(t) = max((1 - i) * ((1 - T) / (1 - i)) ** (t / E), 1 - T)``,
+  level ``min(1 - d(t), T)``.
+- multistep, boundaries ``b_1 < ... < b_n`` and levels ``l_0 .. l_n``:
+  ``l_k`` with ``k = #{j : b_j <= t}`` (``bisect_right``).
+- adaptive (a recurrence, not a closed form; driven by a signal such as the
+  RB sparsity loss's achieved level ``a``): level starts at ``i``; at each
+  ``epoch_step``: if ``a >= level - eps`` then ``bad += 1``; if
+  ``bad >= patience``: ``bad = 0``, ``level = min(level + step, T)``.
+
+All state needed to resume (counters, measured ``steps_per_epoch``, the
+adaptive level and bad-epoch count) is in ``state_dict()``: plain Python
+numbers, loadable with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from bisect import bisect_right
+from typing import Callable, Sequence
+
+from .controller import Scheduler
+from .errors import CheckpointError, ConfigError
+
+__all__ = [
+    "polynomial_schedule", "exponential_schedule", "multistep_schedule",
+    "LevelScheduler", "ConstantScheduler", "PolynomialScheduler", "ExponentialScheduler",
+    "MultiStepScheduler", "AdaptiveScheduler", "SCHEDULES", "build_scheduler",
+]
+
+
+# -- closed forms ------------------------------------------------------------------------------
+
+def polynomial_schedule(t: float, initial: float, target: float, target_epoch: float,
+                        power: float = 0.9, concave: bool = True) -> float:
+    """NNCF's polynomial decay: ``initial`` at ``t = 0`` to ``target`` at ``t >= target_epoch``."""
+    if target_epoch == 0:
+        return float(target)
+    x = min(1.0, max(0.0, t / target_epoch))
+    if concave:
+        return float(target - (target - initial) * (1.0 - x) ** power)
+    return float(initial + (target - initial) * x ** power)
+
+
+def exponential_schedule(t: float, initial: float, target: float, target_epoch: float) -> float:
+    """Exponential decay of the density ``1 - level`` from ``1 - initial`` to ``1 - target``."""
+    if target_epoch == 0:
+        return float(target)
+    d0, d1 = 1.0 - initial, 1.0 - target
+    density = max(d0 * (d1 / d0) ** (t / target_epoch), d1)
+    return float(min(1.0 - density, target))
+
+
+def multistep_schedule(t: float, steps: Sequence[float], levels: Sequence[float]) -> float:
+    """Piecewise constant: ``levels[k]`` where ``k`` is the number of boundaries ``<= t``."""
+    return float(levels[bisect_right(list(steps), t)])
+
+
+# -- validation helpers -------------------------------------------------------------------------
+
+def _check_level(name: str, value: float):
+    if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+        raise ConfigError(f"{name}: must be in [0, 1), got {value!r}", path=name)
+
+
+def _check_nonneg(name: str, value):
+    if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+        raise ConfigError(f"{name}: must be a number >= 0, got {value!r}", path=name)
+
+
+# -- schedulers -----------------------------------------------------------------------------------
+
+class LevelScheduler(Scheduler):
+    """A compression level driven by the training counters; subclasses give ``level_at(t)``.
+
+    Listeners registered with ``on_update(fn)`` are called as ``fn(scheduler)``
+    after every ``step()``, ``epoch_step()`` and ``load_state_dict()``; they read
+    ``current_level`` and ``frozen`` and decide themselves whether anything changed.
+    ``frozen`` is true from ``freeze_epoch`` on (never when it is None).
+    """
+    name = "level"
+
+    def __init__(self, *, initial_level: float = 0.0, target_level: float = 0.5, target_epoch: float = 90,
+                 freeze_epoch: float | None = None, warmup_epochs: int = 0,
+                 update_per_optimizer_step: bool = False, steps_per_epoch: int | None = None):
+        super().__init__()
+        _check_level("initial_level", initial_level)
+        _check_level("target_level", target_level)
+        _check_nonneg("target_epoch", target_epoch)
+        _check_nonneg("freeze_epoch", freeze_epoch)
+        _check_nonneg("warmup_epochs", warmup_epochs)
+        if steps_per_epoch is not None and not (isinstance(steps_per_epoch, (int, float))
+                                                and steps_per_epoch >= 1):
+            raise ConfigError(f"steps_per_epoch: must be >= 1, got {steps_per_epoch!r}", path="steps_per_epoch")
+        self.initial_level = float(initial_level)
+        self.target_level = float(target_level)
+        self.target_epoch = target_epoch
+        self.freeze_epoch = freeze_epoch
+        self.warmup_epochs = int(warmup_epochs)
+        self.update_per_optimizer_step = bool(update_per_optimizer_step)
+        self.steps_per_epoch = int(steps_per_epoch) if steps_per_epoch is not None else None
+        self._listeners: list[Callable[["LevelScheduler"], None]] = []
+        self.current_level = self._compute_level()
+
+    # the closed form, overridden by subclasses
+    def level_at(self, t: float) -> float:
+        """The level at (fractional) epoch ``t`` counted from the end of warmup."""
+        raise NotImplementedError
+
+    def on_update(self, fn: Callable[["LevelScheduler"], None]):
+        """Call ``fn(self)`` after every counter change (the algorithm re-applies the level)."""
+        self._listeners.append(fn)
+        return fn
+
+    @property
+    def progress(self) -> float:
+        """The fractional epoch the level is evaluated at (before the warmup shift)."""
+        t = float(self.current_epoch)
+        if self.update_per_optimizer_step and self.steps_per_epoch:
+            t += min(self.current_step / self.steps_per_epoch, 1.0)
+        return t
+
+    @property
+    def frozen(self) -> bool:
+        return self.freeze_epoch is not None and self.current_epoch >= self.freeze_epoch
+
+    def _compute_level(self) -> float:
+        if self.current_epoch < self.warmup_epochs:
+            return self.initial_level
+        return self.level_at(self.progress - self.warmup_epochs)
+
+    def epoch_step(self):
+        if self.update_per_optimizer_step and self.current_step > 0:
+            if self.steps_per_epoch is None:
+                self.steps_per_epoch = self.current_step  # measured in the first epoch (NNCF does the same)
+            elif self.current_step != self.steps_per_epoch:
+                warnings.warn(f"scheduler: the epoch had {self.current_step} optimizer steps but "
+                              f"steps_per_epoch is {self.steps_per_epoch}; per-step levels follow "
+                              f"steps_per_epoch", stacklevel=2)
+        super().epoch_step()
+
+    def update(self):
+        self.current_level = self._compute_level()
+        for fn in self._listeners:
+            fn(self)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["steps_per_epoch"] = self.steps_per_epoch
+        state["current_level"] = float(self.current_level)
+        return state
+
+    def load_state_dict(self, state: dict):
+        if "steps_per_epoch" not in state:
+            raise CheckpointError("scheduler state lacks 'steps_per_epoch'")
+        spe = state["steps_per_epoch"]
+        self.steps_per_epoch = int(spe) if spe is not None else None
+        super().load_state_dict(state)
+
+    def describe(self) -> dict:
+        """The schedule's parameters, for statistics and reprs."""
+        return {"schedule": self.name, "initial_level": self.initial_level, "target_level": self.target_level,
+                "target_epoch": self.target_epoch, "freeze_epoch": self.freeze_epoch}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "schedule")
+        return f"{type(self).__name__}({args})"
+
+
+class ConstantScheduler(LevelScheduler):
+    """The target level from the first epoch after warmup (NNCF pruning's "baseline")."""
+    name = "constant"
+
+    def level_at(self, t: float) -> float:
+        return self.target_level
+
+
+class PolynomialScheduler(LevelScheduler):
+    """``polynomial_schedule`` with ``power`` and ``concave`` (NNCF defaults 0.9, True)."""
+    name = "polynomial"
+
+    def __init__(self, *, power: float = 0.9, concave: bool = True, **kwargs):
+        if not (isinstance(power, (int, float)) and power > 0 and math.isfinite(power)):
+            raise ConfigError(f"power: must be a finite number > 0, got {power!r}", path="power")
+        self.power = float(power)
+        self.concave = bool(concave)
+        super().__init__(**kwargs)
+
+    def level_at(self, t: float) -> float:
+        return polynomial_schedule(t, self.initial_level, self.target_level, self.target_epoch,
+                                   self.power, self.concave)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "power": self.power, "concave": self.concave}
+
+
+class ExponentialScheduler(LevelScheduler):
+    """``exponential_schedule``: the density decays exponentially to ``1 - target_level``."""
+    name = "exponential"
+
+    def level_at(self, t: float) -> float:
+        return exponential_schedule(t, self.initial_level, self.target_level, self.target_epoch)
+
+
+class MultiStepScheduler(LevelScheduler):
+    """``multistep_schedule``: ``levels[k]`` after ``k`` boundaries; the last level is the target.
+
+    ``initial_level``/``target_level``/``target_epoch`` are taken from the lists
+    (``levels[0]``, ``levels[-1]``, ``steps[-1]``).
+    """
+    name = "multistep"
+
+    def __init__(self, *, steps: Sequence[float] = (90,), levels: Sequence[float] = (0.1, 0.5), **kwargs):
+        steps, levels = list(steps), list(levels)
+        if len(levels) != len(steps) + 1:
+            raise ConfigError(f"multistep_sparsity_levels: needs one more entry than multistep_steps "
+                              f"({len(steps)} steps, {len(levels)} levels)", path="multistep_sparsity_levels")
+        if any(b <= a for a, b in zip(steps, steps[1:])) or any(s < 0 for s in steps):
+            raise ConfigError(f"multistep_steps: must be increasing epochs >= 0, got {steps}",
+                              path="multistep_steps")
+        for i, level in enumerate(levels):
+            _check_level(f"multistep_sparsity_levels[{i}]", level)
+        self.steps = [s for s in steps]
+        self.levels = [float(v) for v in levels]
+        kwargs.pop("initial_level", None)
+        kwargs.pop("target_level", None)
+        kwargs.pop("target_epoch", None)
+        super().__init__(initial_level=self.levels[0], target_level=self.levels[-1],
+                         target_epoch=self.steps[-1] if self.steps else 0, **kwargs)
+
+    def level_at(self, t: float) -> float:
+        return multistep_schedule(t, self.steps, self.levels)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "steps": list(self.steps), "levels": list(self.levels)}
+
+
+class AdaptiveScheduler(LevelScheduler):
+    """Raises the level by ``step`` once the achieved level has kept up for ``patience`` epochs.
+
+    ``signal()`` returns the achieved level (for RB sparsity: the loss's current
+    sparsity); set it at construction or later with ``set_signal``. Without a
+    signal the achieved level is taken to be the current level (always kept up).
+    """
+    name = "adaptive"
+
+    def __init__(self, *, patience: int = 1, step: float = 0.05, eps: float = 0.03,
+                 signal: Callable[[], float] | None = None, **kwargs):
+        if not (isinstance(patience, (int, float)) and patience >= 1):
+            raise ConfigError(f"patience: must be >= 1, got {patience!r}", path="patience")
+        if not (isinstance(step, (int, float)) and 0 < step < 1):
+            raise ConfigError(f"step: must be in (0, 1), got {step!r}", path="step")
+        _check_nonneg("eps", eps)
+        self.patience = patience
+        self.step_size = float(step)
+        self.eps = float(eps)
+        self.signal = signal
+        self.num_bad_epochs = 0
+        self._level = float(kwargs.get("initial_level", 0.0))
+        super().__init__(**kwargs)
+
+    def set_signal(self, signal: Callable[[], float]):
+        self.signal = signal
+
+    def level_at(self, t: float) -> float:
+        return min(self._level, self.target_level)
+
+    def _compute_level(self) -> float:
+        return min(self._level, self.target_level)
+
+    def epoch_step(self):
+        achieved = float(self.signal()) if self.signal is not None else self._level
+        if achieved >= self._level - self.eps:
+            self.num_bad_epochs += 1
+        if self.num_bad_epochs >= self.patience:
+            self.num_bad_epochs = 0
+            self._level = min(self._level + self.step_size, self.target_level)
+        super().epoch_step()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "num_bad_epochs": self.num_bad_epochs, "adaptive_level": self._level}
+
+    def load_state_dict(self, state: dict):
+        for key in ("num_bad_epochs", "adaptive_level"):
+            if key not in state:
+                raise CheckpointError(f"adaptive scheduler state lacks '{key}'")
+        self.num_bad_epochs = int(state["num_bad_epochs"])
+        self._level = float(state["adaptive_level"])
+        super().load_state_dict(state)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "patience": self.patience, "step": self.step_size, "eps": self.eps}
+
+
+SCHEDULES: dict[str, type[LevelScheduler]] = {
+    "polynomial": PolynomialScheduler,
+    "exponential": ExponentialScheduler,
+    "multistep": MultiStepScheduler,
+    "adaptive": AdaptiveScheduler,
+    "constant": ConstantScheduler,
+}
+
+
+def build_scheduler(schedule: str, **kwargs) -> LevelScheduler:
+    """A scheduler by name (``polynomial``, ``exponential``, ``multistep``, ``adaptive``, ``constant``).
+
+    Keyword arguments are those of the scheduler's constructor; arguments a
+    schedule does not use (``power`` for exponential) are ignored, so one
+    config dict can build any schedule.
+    """
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule: unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}",
+                          path="schedule")
+    cls = SCHEDULES[schedule]
+    import inspect
+    accepted = set()
+    for klass in cls.__mro__:
+        if "__init__" in klass.__dict__:
+            accepted |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
+    return cls(**{k: v for k, v in kwargs.items() if k in accepted})
