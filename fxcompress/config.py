@@ -93,7 +93,7 @@ class Config:
         self.entries = self._entries()
         self.passes = self._build_passes()
         if not self.passes:
-            raise ConfigError(f"{source}: the config compresses nothing: 'compression' is missing or empty; "
+            raise ConfigError(f"compression: the config ({source}) compresses nothing: 'compression' is missing or empty; "
                               f"add e.g. {{\"compression\": {{\"algorithm\": \"quantization\"}}}}",
                               path="compression")
 
