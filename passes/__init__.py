@@ -3,3 +3,6 @@
 Each algorithm is a ``CompressionPass``; importing this package registers them
 for JSON configs by their NNCF names.
 """
+from .sparsity import ConstSparsity, MagnitudeSparsity, RBSparsity  # noqa: E402  (issue 5)
+
+__all__ = [*globals().get("__all__", []), "MagnitudeSparsity", "RBSparsity", "ConstSparsity"]

@@ -1,0 +1,113 @@
+"""Regularization-based sparsity (NNCF's ``rb_sparsity``): masks learned with a density loss.
+
+Every weight has a trainable logit (``RBMask``, initialized to ``logit(0.99)``);
+training applies a stochastic binary mask, eval the deterministic
+``[sigmoid(logit) > 0.5]``. ``ctrl.loss()`` is NNCF's ``SparseLoss``:
+
+    global: ((sum_l sum(m_l) / sum_l n_l - (1 - level)) / p) ** 2
+    local:  ((sum_l |sum(m_l) / n_l - (1 - level)|) / p) ** 2
+
+with ``m = [sigmoid(logit) > 0.5]`` (straight-through), ``p = 0.05`` and
+``level`` the schedule's current sparsity level (default schedule:
+exponential), so the mean density is driven to ``1 - level``. From
+``sparsity_freeze_epoch`` on, the loss is off and the masks are deterministic
+and fixed (the logits get no gradient).
+"""
+from __future__ import annotations
+
+import torch
+
+from fxcompress.config import register_algorithm
+
+from .base import (SCHEDULE_DEFAULTS, SCHEDULE_PARAMS, SparseLayer, SparsityController, SparsityPass,
+                   check_schedule_params, scheduler_from_params)
+from .masks import RBMask
+
+__all__ = ["RBSparsity", "RBSparsityController", "SPARSE_LOSS_P"]
+
+SPARSE_LOSS_P = 0.05  # NNCF SparseLoss's p
+
+
+class RBSparsityController(SparsityController):
+    algorithm = "rb_sparsity"
+
+    def __init__(self, gm, layers: list[SparseLayer], skipped: list[dict], params: dict):
+        scheduler = scheduler_from_params(params)
+        super().__init__(gm, layers, skipped, scheduler, target_level=scheduler.target_level)
+        self.mode = params["sparsity_level_setting_mode"]
+        self.p = SPARSE_LOSS_P
+        if hasattr(scheduler, "set_signal"):  # adaptive: raise the level once the masks keep up
+            scheduler.set_signal(self.sparsity)
+        scheduler.on_update(self._follow_schedule)
+
+    def _follow_schedule(self, scheduler):
+        if not self.frozen and scheduler.frozen:
+            self.freeze()
+
+    def freeze(self):
+        super().freeze()
+        for layer in self.layers:
+            layer.mask.frozen = True
+
+    def loss(self):
+        if self.frozen or not self.layers:
+            return None
+        target_density = 1.0 - self.scheduler.current_level
+        kept = [layer.mask.keep_probability_mask().sum() for layer in self.layers]
+        sizes = [layer.mask.logits.numel() for layer in self.layers]
+        if self.mode == "local":
+            deviation = sum((k / n - target_density).abs() for k, n in zip(kept, sizes))
+            return (deviation / self.p).pow(2)
+        density = sum(kept) / sum(sizes)
+        return ((density - target_density) / self.p).pow(2)
+
+    def summary_statistics(self) -> dict:
+        with torch.no_grad():
+            probs = [torch.sigmoid(layer.mask.logits).sum() for layer in self.layers]
+            n = sum(layer.mask.logits.numel() for layer in self.layers)
+            mean_keep = float(sum(probs) / n) if n else 1.0
+        level = self.scheduler.current_level
+        return {"schedule": self.scheduler.name, "mode": self.mode,
+                "target_density": 1.0 - level, "mean_sparse_prob": 1.0 - mean_keep}
+
+    def load_state_dict(self, state: dict):
+        super().load_state_dict(state)
+        for layer in self.layers:
+            layer.mask.frozen = self.frozen
+
+    def distributed(self):
+        """NNCF's scheme: one RNG state for all ranks, so stochastic masks agree; logits from rank 0."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        state = torch.get_rng_state()
+        dist.broadcast(state, src=0)
+        torch.set_rng_state(state)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda_state = torch.cuda.get_rng_state().cuda()
+            dist.broadcast(cuda_state, src=0)
+            torch.cuda.set_rng_state(cuda_state.cpu())
+        with torch.no_grad():
+            for layer in self.layers:
+                dist.broadcast(layer.mask.logits.data, src=0)
+
+
+@register_algorithm
+class RBSparsity(SparsityPass):
+    """``RBSparsity(sparsity_target=0.5, schedule="exponential", sparsity_target_epoch=..., ...)``."""
+    algorithm = "rb_sparsity"
+    schema = {"type": "object", "properties": {
+        **SCHEDULE_PARAMS,
+        "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
+    }}
+    defaults = {**SCHEDULE_DEFAULTS, "schedule": "exponential"}
+
+    @classmethod
+    def check(cls, params: dict, prefix: str):
+        check_schedule_params(params, prefix)
+
+    def make_mask(self, weight: torch.Tensor) -> RBMask:
+        return RBMask(weight, lr_multiplier=self.params.get("compression_lr_multiplier"))
+
+    def make_controller(self, gm, layers, skipped) -> RBSparsityController:
+        return RBSparsityController(gm, layers, skipped, self.params)
