@@ -1,23 +1,50 @@
 """ONNX export of lowered GraphModules through ``torch.onnx.export`` (dynamo exporter, onnxscript).
 
-Custom ops lower through translations registered with ``register_onnx_translation``
-(an op overload -> a plain Python function using an onnxscript opset module,
-see ../shared/OPENVINO.md). The batch dimension of every input is dynamic unless
-``dynamic_batch=False``; a graph specialized on the example batch size (a
-``view(2, -1)`` baked in by shape-specialized tracing) is exported with static
-shapes and a warning saying so.
+Two things live here:
+
+* the **export ops** a lowered graph is made of (``torch.ops.fxcompress.*``,
+  registered with ``torch.library`` with a CPU/any-device implementation and a
+  fake kernel, so the lowered graph runs in PyTorch, traces with
+  ``torch.export`` and exports):
+
+  - ``quantize_dequantize(x, scale, zero_point, quant_min, quant_max, axis)``:
+    an activation quantizer, frozen. ``zero_point`` is an int8/uint8 tensor,
+    ``scale`` float32 (0-d per tensor, 1-d per channel on ``axis``). Same values
+    as ``fxcompress.ops.fake_quantize``. Exported as
+    ``QuantizeLinear -> DequantizeLinear`` (uint8 when ``quant_min >= 0``, else
+    int8); a range narrower than the 8-bit type (2..7 bits, narrow range) gets a
+    ``Clip`` in front of the ``QuantizeLinear`` so the integer range is exact.
+  - ``dequantize_weight(q, scale, zero_point, quant_min, quant_max, axis)``: a
+    weight stored as integers (int8/uint8 tensor ``q``), ``(q - zp) * scale``.
+    Exported as one ``DequantizeLinear`` whose input is the integer initializer,
+    so the file holds int8 weights (a quarter of fp32).
+
+* ``export_onnx`` and the translation table (``register_onnx_translation``:
+  an op overload -> a plain Python function using an onnxscript opset module,
+  see ../shared/OPENVINO.md). The batch dimension of every input is dynamic
+  unless ``dynamic_batch=False``; a graph specialized on the example batch size
+  (a ``view(2, -1)`` baked in by shape-specialized tracing) is exported with
+  static shapes and a warning saying so.
+
+Only standard ONNX ops are emitted (ONNX Runtime loads every export). The
+exporter's constant folder is told never to fold ``QuantizeLinear`` /
+``DequantizeLinear`` (a folded weight dequantization is an fp32 weight that
+OpenVINO runs in fp32), and ``export_onnx`` checks the written graph: every
+``dequantize_weight`` of the module must arrive as a ``DequantizeLinear`` on an
+integer initializer, otherwise it warns.
 """
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
 from .tracing import normalize_example_inputs
 
-__all__ = ["export_onnx", "register_onnx_translation", "onnx_translations", "DEFAULT_OPSET"]
+__all__ = ["export_onnx", "register_onnx_translation", "onnx_translations", "DEFAULT_OPSET",
+           "quantize_dequantize", "dequantize_weight", "storage_dtype"]
 
 DEFAULT_OPSET = 21  # 4-bit QDQ needs opset 21 (OPENVINO.md); ORT and OpenVINO read it.
 _TRANSLATIONS: dict = {}
@@ -31,6 +58,101 @@ def register_onnx_translation(op, fn: Callable):
 def onnx_translations() -> dict:
     return dict(_TRANSLATIONS)
 
+
+# ---------------------------------------------------------------------------
+# export ops
+# ---------------------------------------------------------------------------
+
+def storage_dtype(quant_min: int, quant_max: int) -> torch.dtype:
+    """The 8-bit integer type that holds ``[quant_min, quant_max]``: uint8 if unsigned, else int8."""
+    if quant_min >= 0 and quant_max <= 255:
+        return torch.uint8
+    if quant_min >= -128 and quant_max <= 127:
+        return torch.int8
+    raise ValueError(f"integer range [{quant_min}, {quant_max}] does not fit 8 bits")
+
+
+def _per_axis(t: torch.Tensor, ndim: int, axis: Optional[int]) -> torch.Tensor:
+    if axis is None or t.dim() == 0:
+        return t
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+@torch.library.custom_op("fxcompress::quantize_dequantize", mutates_args=())
+def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                        quant_max: int, axis: Optional[int]) -> torch.Tensor:
+    """A frozen activation quantizer: ``fake_quantize`` with an integer zero point (QDQ in ONNX)."""
+    from . import ops  # the op library: same kernel as training, so strip() equals the trained graph
+    # The op library takes 1-d scale/zero point (per tensor: one element), as FakeQuantizer passes them.
+    return ops.fake_quantize(x, scale.to(x.dtype).reshape(-1), zero_point.to(x.dtype).reshape(-1), quant_min,
+                             quant_max, axis)
+
+
+@quantize_dequantize.register_fake
+def _(x, scale, zero_point, quant_min, quant_max, axis):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fxcompress::dequantize_weight", mutates_args=())
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                      quant_max: int, axis: Optional[int]) -> torch.Tensor:
+    """An integer weight, dequantized: ``(q - zero_point) * scale`` (``DequantizeLinear`` in ONNX)."""
+    zp = _per_axis(zero_point.to(torch.float32), q.dim(), axis)
+    return (q.to(torch.float32) - zp) * _per_axis(scale.to(torch.float32), q.dim(), axis)
+
+
+@dequantize_weight.register_fake
+def _(q, scale, zero_point, quant_min, quant_max, axis):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+# -- onnxscript translations ------------------------------------------------
+
+def _onnx_int_type(quant_min: int, quant_max: int):
+    from onnxscript import INT8, UINT8
+    return UINT8 if storage_dtype(quant_min, quant_max) == torch.uint8 else INT8
+
+
+def _qdq_onnx(x, scale, zero_point, quant_min: int, quant_max: int, axis=None):
+    from onnxscript import FLOAT
+    from onnxscript import opset21 as op
+    lo, hi = (0, 255) if storage_dtype(quant_min, quant_max) == torch.uint8 else (-128, 127)
+    axis_kw = {} if axis is None else {"axis": axis}
+    if (quant_min, quant_max) != (lo, hi):
+        # QuantizeLinear saturates to the 8-bit type, fake_quantize to [quant_min, quant_max]:
+        # clip the float input to the dequantized bounds first (exact: the map is monotonic).
+        zp = op.Cast(zero_point, to=FLOAT.dtype)
+        low = op.Mul(op.Sub(op.Constant(value_float=float(quant_min)), zp), scale)
+        high = op.Mul(op.Sub(op.Constant(value_float=float(quant_max)), zp), scale)
+        if axis is None:
+            x = op.Clip(x, low, high)
+        else:
+            rank = len(x.shape) if x.shape is not None else None
+            if rank is None:
+                raise ValueError("a per-channel activation quantizer with a narrow range needs the input rank")
+            axis_pos = axis % rank
+            shape = op.Constant(value_ints=[-1] + [1] * (rank - axis_pos - 1))
+            x = op.Max(op.Min(x, op.Reshape(high, shape)), op.Reshape(low, shape))
+    q = op.QuantizeLinear(x, scale, zero_point, **axis_kw)
+    return op.DequantizeLinear(q, scale, zero_point, **axis_kw)
+
+
+def _dequantize_weight_onnx(q, scale, zero_point, quant_min: int, quant_max: int, axis=None):
+    from onnxscript import opset21 as op
+    if axis is None:
+        return op.DequantizeLinear(q, scale, zero_point)
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis)
+
+
+register_onnx_translation(torch.ops.fxcompress.quantize_dequantize.default, _qdq_onnx)
+register_onnx_translation(torch.ops.fxcompress.dequantize_weight.default, _dequantize_weight_onnx)
+
+
+# ---------------------------------------------------------------------------
+# export_onnx
+# ---------------------------------------------------------------------------
 
 def _dynamic_shapes(args: tuple, kwargs: dict):
     batch = torch.export.Dim("batch")
@@ -48,9 +170,41 @@ def _dynamic_shapes(args: tuple, kwargs: dict):
     return tuple(spec(a) for a in args)
 
 
+_NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+def _should_fold(node) -> bool | None:
+    # A folded DequantizeLinear on a weight is an fp32 initializer: OpenVINO then runs the layer in fp32.
+    return False if node.domain in ("", "ai.onnx") and node.op_type in _NEVER_FOLD else None
+
+
+def _optimize(program):
+    """The exporter's optimization (constant folding, fusions) with Q/DQ never folded."""
+    import onnxscript.optimizer
+    onnxscript.optimizer.optimize_ir(program.model, should_fold=_should_fold)
+    try:
+        from onnxscript.rewriter import onnx_fusions
+    except ImportError:  # older onnxscript: no fusions step in the exporter either
+        return
+    onnx_fusions.fuse(program.model)
+
+
+def _count_weight_dequantizations(module) -> int | None:
+    if not isinstance(module, torch.fx.GraphModule):
+        return None
+    target = torch.ops.fxcompress.dequantize_weight.default
+    return sum(1 for n in module.graph.nodes
+               if n.op == "call_function" and n.target in (target, torch.ops.fxcompress.dequantize_weight))
+
+
 def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_batch: bool = True,
                 opset_version: int = DEFAULT_OPSET, optimize: bool = True) -> str:
-    """Export ``module`` to ``path``; returns the path as a string."""
+    """Export ``module`` to ``path``; returns the path as a string.
+
+    ``example_inputs`` default to the GraphModule's compile-time example inputs.
+    The batch dimension is dynamic unless ``dynamic_batch=False``. ``optimize``
+    runs the exporter's constant folding (never on QuantizeLinear/DequantizeLinear).
+    """
     if example_inputs is None and isinstance(module, torch.fx.GraphModule):
         args, kwargs = tuple(module.meta.get("example_inputs", ())), dict(module.meta.get("example_kwargs", {}))
     else:
@@ -59,7 +213,7 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
         raise ValueError("export_onnx needs example inputs: compile with example_inputs=... or pass them here")
     path = os.fspath(path)
     module = module.eval()
-    common = dict(dynamo=True, opset_version=opset_version, optimize=optimize,
+    common = dict(dynamo=True, opset_version=opset_version, optimize=False,
                   custom_translation_table=onnx_translations() or None, verbose=False)
     if dynamic_batch:
         try:
@@ -72,5 +226,15 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
             program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
     else:
         program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+    if optimize:
+        _optimize(program)
     program.save(path)
+    expected = _count_weight_dequantizations(module)
+    if expected:
+        from .runtime import qdq_summary
+        found = qdq_summary(path).integer_weights
+        if found < expected:
+            warnings.warn(f"{path}: {expected - found} of {expected} integer weights did not survive the "
+                          f"export as DequantizeLinear on an integer initializer (folded back to fp32?); "
+                          f"OpenVINO runs those layers in floating point", stacklevel=2)
     return path

@@ -1,0 +1,1 @@
+"""Quantization: the Quantize pass, its placement policy, range initialization, controller and lowering."""

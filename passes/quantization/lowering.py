@@ -1,0 +1,400 @@
+"""Lowering of a quantized graph into the form that exports as an ONNX QDQ model.
+
+Run by ``ctrl.lower()`` / ``ctrl.strip()`` / ``ctrl.export_onnx()`` on a deep
+copy of the trained graph, in ``lowering_order`` (after masks and pruning):
+
+1. ``FoldBatchNorm`` (order 30): ``conv -> BatchNorm`` (eval, running stats)
+   becomes one conv with new weight and bias tensors (never written in place).
+   When the conv's weight goes through a weight quantizer, the quantizer is
+   frozen to integers ``q`` with per-output-channel ``scale`` and the BN factor
+   ``f = gamma / sqrt(var + eps)`` goes into the scale: ``scale' = |f| * scale``,
+   with the integers negated where ``f < 0`` (reflected inside ``[qmin, qmax]``
+   for asymmetric ranges). So ``(q' - zp') * scale' == f * (q - zp) * scale``:
+   the folded model equals the fake-quantized one up to float rounding, and a
+   per-tensor weight quantizer becomes a per-channel integer weight. The one
+   case that cannot stay exact, a symmetric full range with ``q == qmin`` in a
+   channel with ``f < 0`` (``-qmin`` does not fit), keeps that BatchNorm.
+   A BatchNorm after a conv without a quantizer is folded in float.
+2. ``LowerQuantizers`` (order 40): every ``FakeQuantizer`` becomes an export op
+   of ``fxcompress.export``: a quantizer on a weight (its input is a
+   parameter) becomes integer buffers ``<name>_q`` (int8, or uint8 for
+   unsigned ranges, whatever the bit width) + ``scale`` + ``zero_point`` read by
+   ``dequantize_weight``; a quantizer on an activation becomes
+   ``quantize_dequantize`` with its scale and integer zero point as buffers. A
+   disabled quantizer is removed.
+
+Afterwards the float weights that nothing reads any more are dropped (set to
+None on their module), so the exported file holds only the integer weights.
+
+Metadata: a lowered node takes over ``shape``/``dtype``/``module_path`` of the
+quantizer node it replaces and its name; ``inserted_by`` names the lowering pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxcompress.errors import PassError
+from fxcompress.export import storage_dtype
+from fxcompress.graph import copy_meta, get_attr_value, unique_name
+from fxcompress.pass_manager import Pass, PassContext, PassResult
+from fxcompress.patterns import Chain
+from fxcompress.quantizers import FakeQuantizer
+from fxcompress.weights import weighted_ops
+
+__all__ = ["IntegerWeight", "freeze_weight", "fold_channel_factor", "FoldBatchNorm", "LowerQuantizers",
+           "quantization_lowering_passes", "drop_unused_tensors"]
+
+BN_FOLD_ORDER = 30
+QUANTIZER_LOWERING_ORDER = 40
+
+_DEQUANTIZE_WEIGHT = torch.ops.fxcompress.dequantize_weight.default
+_QUANTIZE_DEQUANTIZE = torch.ops.fxcompress.quantize_dequantize.default
+
+
+# ---------------------------------------------------------------------------
+# integer weights
+# ---------------------------------------------------------------------------
+
+@dataclass
+class IntegerWeight:
+    """A weight as integers: ``value = (q - zero_point) * scale`` (per channel on ``axis``)."""
+    q: torch.Tensor            # int64, values in [quant_min, quant_max]
+    scale: torch.Tensor        # float32: 0-d (per tensor) or [C] (per channel on axis)
+    zero_point: torch.Tensor   # int64, same shape as scale
+    quant_min: int
+    quant_max: int
+    axis: int | None
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.ops.fxcompress.dequantize_weight(*self.export_tensors(), self.quant_min, self.quant_max,
+                                                      self.axis)
+
+    def export_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q, scale, zero_point)`` in their stored types (int8/uint8, float32, int8/uint8)."""
+        dtype = storage_dtype(self.quant_min, self.quant_max)
+        return self.q.to(dtype), self.scale.to(torch.float32).contiguous(), self.zero_point.to(dtype)
+
+
+def _broadcast(t: torch.Tensor, ndim: int, axis: int | None) -> torch.Tensor:
+    if axis is None or t.dim() == 0:
+        return t.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+@torch.no_grad()
+def freeze_weight(quantizer: FakeQuantizer, weight: torch.Tensor, name: str = "weight") -> IntegerWeight:
+    """The integers a weight quantizer produces for ``weight``, read off its own output.
+
+    Running the quantizer itself (the op library's kernel) and dividing by its
+    scale keeps the integers exactly those the trained graph used.
+    """
+    weight = weight.detach().to(torch.float32)
+    axis = quantizer.axis
+    if axis is not None and axis < 0:
+        axis += weight.dim()
+    scale = quantizer.effective_scale().detach().to(torch.float32).reshape(-1)
+    zero_point = quantizer.zero_point.detach().to(torch.float32).round().reshape(-1)
+    if axis is None:
+        scale, zero_point = scale.reshape(()), zero_point.reshape(())
+    out = quantizer(weight)
+    s, zp = _broadcast(scale, weight.dim(), axis), _broadcast(zero_point, weight.dim(), axis)
+    q = torch.round(out / s) + zp
+    back = (q - zp) * s
+    if not torch.allclose(back, out, rtol=1e-5, atol=1e-6 * float(s.abs().max())):
+        raise PassError(f"weight quantizer of {name}: its output is not on the integer grid of its "
+                        f"scale/zero point (max error {float((back - out).abs().max()):.3g}); "
+                        f"it cannot be lowered to integer weights")
+    q = q.clamp(quantizer.quant_min, quantizer.quant_max).to(torch.int64)
+    return IntegerWeight(q, scale, zero_point.to(torch.int64), quantizer.quant_min, quantizer.quant_max, axis)
+
+
+def fold_channel_factor(w: IntegerWeight, factor: torch.Tensor, axis: int = 0) -> IntegerWeight | None:
+    """The integer weight whose values are ``factor[c] * w`` per channel ``c`` of ``axis``, exactly.
+
+    ``scale' = |f| * scale``; where ``f < 0`` the integers are negated around the
+    zero point: symmetric ranges (zero point 0) negate ``q`` (None if some
+    ``-q`` falls outside the range, e.g. ``-qmin`` of a full int8 range);
+    asymmetric ones reflect ``q' = qmin + qmax - q`` with ``zp' = qmin + qmax - zp``.
+    Where ``f == 0`` the channel becomes zeros.
+    """
+    channels = w.q.shape[axis]
+    factor = factor.to(torch.float64).reshape(-1)
+    if factor.numel() != channels:
+        raise ValueError(f"{factor.numel()} factors for {channels} channels")
+    if w.axis is not None and w.axis != axis:
+        return None
+    scale = w.scale.to(torch.float64).reshape(-1).expand(channels).clone()
+    zero_point = w.zero_point.reshape(-1).expand(channels).clone()
+    q = w.q.clone()
+    view = [1] * q.dim()
+    view[axis] = -1
+    negative = factor < 0
+    symmetric = bool((zero_point == 0).all())
+    if negative.any():
+        neg = negative.reshape(view)
+        if symmetric:
+            negated = torch.where(neg, -q, q)
+            if negated.min() < w.quant_min or negated.max() > w.quant_max:
+                return None
+            q = negated
+        else:
+            total = w.quant_min + w.quant_max
+            q = torch.where(neg, total - q, q)
+            zero_point = torch.where(negative, total - zero_point, zero_point)
+    zero = factor == 0
+    if zero.any():
+        q = torch.where(zero.reshape(view), zero_point.reshape(view), q)
+    new_scale = torch.where(zero, scale, scale * factor.abs()).to(torch.float32)
+    return IntegerWeight(q, new_scale, zero_point, w.quant_min, w.quant_max, axis)
+
+
+# ---------------------------------------------------------------------------
+# graph helpers
+# ---------------------------------------------------------------------------
+
+def _register_tensor(gm: torch.fx.GraphModule, base: str, tensor: torch.Tensor, parameter: bool = False) -> str:
+    name = unique_name(gm, base)
+    if parameter:
+        gm.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
+    else:
+        gm.register_buffer(name, tensor)
+    return name
+
+
+def _integer_weight_node(gm: torch.fx.GraphModule, w: IntegerWeight, base: str, before: torch.fx.Node,
+                         inserted_by: str) -> torch.fx.Node:
+    q, scale, zero_point = w.export_tensors()
+    graph = gm.graph
+    with graph.inserting_before(before):
+        attrs = [graph.get_attr(_register_tensor(gm, f"{base}_{role}", t))
+                 for role, t in (("q", q), ("scale", scale), ("zero_point", zero_point))]
+        node = graph.call_function(_DEQUANTIZE_WEIGHT, (*attrs, w.quant_min, w.quant_max, w.axis))
+    node.meta.update({"shape": tuple(q.shape), "dtype": torch.float32, "inserted_by": inserted_by})
+    return node
+
+
+def _base_name(node: torch.fx.Node) -> str:
+    path = node.meta.get("module_path") or node.name
+    return path.replace(".", "_")
+
+
+def drop_unused_tensors(gm: torch.fx.GraphModule) -> list[str]:
+    """Erase unread ``get_attr`` nodes, unused submodules, and parameters/buffers nothing reads.
+
+    A parameter is read when a ``get_attr`` names it or a ``call_module`` calls
+    its module (or a parent). Unread ones are set to None on their module (so
+    ``print(module)`` still works); torch.export would otherwise carry them into
+    the ONNX file as fp32 initializers. Returns the names dropped.
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+    read = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+
+    def is_read(name: str) -> bool:
+        parts = name.split(".")
+        return any(".".join(parts[:i]) in read for i in range(1, len(parts) + 1))
+
+    dropped = []
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if is_read(name):
+            continue
+        owner_path, _, leaf = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if leaf in owner._parameters:
+            owner.register_parameter(leaf, None)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = None
+        dropped.append(name)
+    return dropped
+
+
+def _quantizer_of(gm: torch.fx.GraphModule, node) -> FakeQuantizer | None:
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FakeQuantizer):
+            return module
+    return None
+
+
+def _tensor_attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        value = get_attr_value(gm, node.target)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------
+# passes
+# ---------------------------------------------------------------------------
+
+class FoldBatchNorm(Pass):
+    """Fold eval BatchNorm into the preceding conv, exactly, through its weight quantizer."""
+    name = "fold_batch_norm"
+    lowering_order = BN_FOLD_ORDER
+    preserves_outputs = True
+    _CHAIN = Chain("conv", "batch_norm")
+
+    def __init__(self):
+        self.folded: list[dict] = []
+        self.skipped: list[dict] = []
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        self.folded, self.skipped = [], []
+        convs = {op.node: op for op in weighted_ops(gm, kinds=("conv",))}
+        for match in list(self._CHAIN.find(gm)):
+            conv, bn_node = match["conv"], match["batch_norm"]
+            scope = bn_node.meta.get("module_path", bn_node.name)
+            reason = self._fold(gm, convs.get(conv), bn_node)
+            if reason:
+                self.skipped.append({"scope": scope, "reason": reason})
+            else:
+                self.folded.append({"scope": scope, "conv": conv.meta.get("module_path", conv.name)})
+        if self.folded:
+            drop_unused_tensors(gm)
+        return PassResult(gm, bool(self.folded))
+
+    def _fold(self, gm, op, bn_node) -> str | None:
+        """Fold one pair; returns why not, or None when folded."""
+        if op is None:
+            return "the conv is not in functional form"
+        conv = op.node
+        bn = gm.get_submodule(bn_node.target) if bn_node.op == "call_module" else None
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            return "functional batch_norm is not folded"
+        if bn.training or bn.running_mean is None or len(bn_node.args) != 1 or bn_node.kwargs:
+            return "BatchNorm uses batch statistics (training mode or no running stats)"
+        bias_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+        bias = _tensor_attr(gm, bias_node)
+        if bias_node is not None and bias is None:
+            return "the conv bias is computed, not a parameter"
+
+        weight_in = op.weight_input
+        quantizer = _quantizer_of(gm, weight_in)
+        if quantizer is not None and not quantizer.enabled:
+            weight_in, quantizer = weight_in.args[0], None
+        if quantizer is not None and len(weight_in.users) != 1:
+            return "the weight quantizer is shared with another op"
+        source = weight_in.args[0] if quantizer is not None else weight_in
+        weight = _tensor_attr(gm, source)
+        if weight is None:
+            return f"the weight edge holds {weight_in.format_node()[:60]!r}, not a weight (quantizer)"
+
+        with torch.no_grad():
+            var = bn.running_var.to(torch.float64)
+            gamma = bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(var)
+            beta = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(var)
+            factor = gamma / torch.sqrt(var + bn.eps)
+            old_bias = bias.to(torch.float64) if bias is not None else torch.zeros_like(var)
+            new_bias = ((old_bias - bn.running_mean.to(torch.float64)) * factor + beta).to(torch.float32)
+
+        base = _base_name(conv)
+        graph = gm.graph
+        if quantizer is not None:
+            frozen = freeze_weight(quantizer, weight, name=base)
+            folded = fold_channel_factor(frozen, factor, axis=op.out_axis)
+            if folded is None:
+                return ("BatchNorm kept: a negative BN factor meets the lowest integer of a symmetric "
+                        "full range, whose negation does not fit")
+            new_weight = _integer_weight_node(gm, folded, f"{base}_weight", conv, self.name)
+        else:
+            shape = [-1] + [1] * (weight.dim() - 1)
+            w = (weight.detach().to(torch.float64) * factor.reshape(shape)).to(weight.dtype)
+            with graph.inserting_before(conv):
+                new_weight = graph.get_attr(_register_tensor(gm, f"{base}_weight_folded", w, parameter=True))
+            new_weight.meta.update({"shape": tuple(w.shape), "dtype": w.dtype, "inserted_by": self.name})
+        with graph.inserting_before(conv):
+            new_bias_node = graph.get_attr(_register_tensor(gm, f"{base}_bias_folded", new_bias, parameter=True))
+        new_bias_node.meta.update({"shape": tuple(new_bias.shape), "dtype": new_bias.dtype,
+                                   "inserted_by": self.name})
+
+        args = list(conv.args)
+        args[op.kind.weight_arg] = new_weight
+        if len(args) > 2 or "bias" not in conv.kwargs:
+            while len(args) < 3:
+                args.append(None)
+            args[2] = new_bias_node
+            conv.args = tuple(args)
+        else:
+            conv.args = tuple(args)
+            conv.kwargs = {**conv.kwargs, "bias": new_bias_node}
+        bn_node.replace_all_uses_with(conv)
+        graph.erase_node(bn_node)
+        if quantizer is not None and not weight_in.users:
+            graph.erase_node(weight_in)
+        return None
+
+
+class LowerQuantizers(Pass):
+    """Every FakeQuantizer becomes an export op: integer weights, or a frozen activation QDQ."""
+    name = "lower_quantizers"
+    lowering_order = QUANTIZER_LOWERING_ORDER
+    preserves_outputs = True
+
+    def __init__(self):
+        self.lowered: list[dict] = []
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        self.lowered = []
+        graph = gm.graph
+        for node in list(graph.nodes):
+            quantizer = _quantizer_of(gm, node)
+            if quantizer is None:
+                continue
+            source = node.args[0]
+            if not quantizer.enabled:
+                node.replace_all_uses_with(source)
+                graph.erase_node(node)
+                self.lowered.append({"quantizer": node.target, "as": "removed (disabled)"})
+                continue
+            weight = _tensor_attr(gm, source)
+            if weight is not None:
+                frozen = freeze_weight(quantizer, weight, name=node.target)
+                new = _integer_weight_node(gm, frozen, source.target.replace(".", "_"), node, self.name)
+                kind = f"{storage_dtype(frozen.quant_min, frozen.quant_max)} weight"
+            else:
+                new = self._activation(gm, quantizer, node)
+                kind = "QuantizeLinear/DequantizeLinear"
+            copy_meta(node, new, self.name)
+            name = node.name
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            new.name = name
+            self.lowered.append({"quantizer": name, "as": kind, "bits": quantizer.spec.bits,
+                                 "range": [quantizer.quant_min, quantizer.quant_max]})
+        if self.lowered:
+            drop_unused_tensors(gm)
+        return PassResult(gm, bool(self.lowered))
+
+    def _activation(self, gm, quantizer: FakeQuantizer, node: torch.fx.Node) -> torch.fx.Node:
+        qmin, qmax = quantizer.quant_min, quantizer.quant_max
+        dtype = storage_dtype(qmin, qmax)
+        scale = quantizer.effective_scale().detach().to(torch.float32).reshape(-1)
+        zero_point = quantizer.zero_point.detach().round()
+        if zero_point.min() < torch.iinfo(dtype).min or zero_point.max() > torch.iinfo(dtype).max:
+            raise PassError(f"{node.target}: zero point outside the {dtype} range, cannot export")
+        zero_point = zero_point.to(dtype).reshape(-1)
+        axis = quantizer.axis
+        if axis is None:
+            scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        elif axis < 0 and isinstance(node.meta.get("shape"), tuple):
+            axis += len(node.meta["shape"])
+        graph = gm.graph
+        with graph.inserting_before(node):
+            s = graph.get_attr(_register_tensor(gm, f"{node.target}_scale", scale))
+            zp = graph.get_attr(_register_tensor(gm, f"{node.target}_zero_point", zero_point))
+            return graph.call_function(_QUANTIZE_DEQUANTIZE, (node.args[0], s, zp, qmin, qmax, axis))
+
+
+def quantization_lowering_passes() -> list[Pass]:
+    """The lowering passes of quantization, for ``ControllerPart.lowering_passes()``."""
+    return [FoldBatchNorm(), LowerQuantizers()]
