@@ -20,7 +20,7 @@ import torch.nn as nn
 from . import ops
 from .errors import ConfigError
 
-__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer"]
+__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "range_to_qparams"]
 
 _MIN_SCALE = 1e-8
 
@@ -95,25 +95,11 @@ class FakeQuantizer(nn.Module):
     def set_range(self, low: torch.Tensor, high: torch.Tensor):
         """Set scale (and zero point) so that ``[low, high]`` (per channel or scalar) is covered.
 
-        Symmetric: ``scale = max(|low|, |high|) / qmax`` (unsigned: ``high / qmax``).
-        Asymmetric: the range is widened to include 0 (so zero is exact), then
-        ``scale = (high - low) / (qmax - qmin)`` and ``zp = qmin - round(low / scale)``.
+        The formula is ``range_to_qparams`` (below).
         """
         low = torch.as_tensor(low, dtype=torch.float32).reshape(-1).to(self.scale.device)
         high = torch.as_tensor(high, dtype=torch.float32).reshape(-1).to(self.scale.device)
-        qmin, qmax = self.spec.quant_range
-        if self.spec.mode == "symmetric":
-            if self.spec.signed:
-                scale = torch.maximum(low.abs(), high.abs()) / qmax
-            else:
-                scale = high.clamp_min(0) / qmax
-            zero_point = torch.zeros_like(scale)
-        else:
-            low, high = low.clamp_max(0), high.clamp_min(0)
-            scale = (high - low) / (qmax - qmin)
-            scale = scale.clamp_min(_MIN_SCALE)
-            zero_point = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
-        scale = scale.clamp_min(_MIN_SCALE)
+        scale, zero_point = range_to_qparams(self.spec, low, high)
         self.scale.data = scale.expand_as(self.scale.data).clone() if scale.numel() == 1 else scale.clone()
         self.zero_point.data = (zero_point.expand_as(self.zero_point.data).clone()
                                 if zero_point.numel() == 1 else zero_point.clone())
@@ -134,6 +120,28 @@ class FakeQuantizer(nn.Module):
         kind = f"per-channel(axis={s.axis})" if s.per_channel else "per-tensor"
         sign = "signed" if s.mode == "symmetric" and s.signed else "unsigned"
         return f"bits={s.bits}, {s.mode}, {sign}, {kind}, range=[{self.quant_min}, {self.quant_max}]"
+
+
+def range_to_qparams(spec: QuantSpec, low: torch.Tensor, high: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` covering ``[low, high]`` (tensors of any matching shape).
+
+    Symmetric: ``scale = max(|low|, |high|) / qmax`` (unsigned: ``high / qmax``).
+    Asymmetric: the range is widened to include 0 (so zero is exact), then
+    ``scale = (high - low) / (qmax - qmin)`` and ``zp = qmin - round(low / scale)``.
+    """
+    qmin, qmax = spec.quant_range
+    if spec.mode == "symmetric":
+        if spec.signed:
+            scale = torch.maximum(low.abs(), high.abs()) / qmax
+        else:
+            scale = high.clamp_min(0) / qmax
+        zero_point = torch.zeros_like(scale)
+    else:
+        low, high = low.clamp_max(0), high.clamp_min(0)
+        scale = ((high - low) / (qmax - qmin)).clamp_min(_MIN_SCALE)
+        zero_point = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
+    return scale.clamp_min(_MIN_SCALE), zero_point
 
 
 def is_quantizer(module: nn.Module) -> bool:

@@ -6,3 +6,6 @@ for JSON configs by their NNCF names.
 from .sparsity import ConstSparsity, MagnitudeSparsity, RBSparsity  # noqa: E402  (issue 5)
 
 __all__ = [*globals().get("__all__", []), "MagnitudeSparsity", "RBSparsity", "ConstSparsity"]
+from .quantization import Quantize  # noqa: E402  (issue 4)
+
+__all__ = [*__all__, "Quantize"]

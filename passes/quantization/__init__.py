@@ -1,1 +1,16 @@
-"""Quantization: the Quantize pass, its placement policy, range initialization, controller and lowering."""
+"""Quantization: the Quantize pass, its placement policy, range initialization, controller and lowering.
+
+- ``policy``: where quantizers go and with which ``QuantSpec`` (annotations in ``node.meta``);
+- ``quantize``: the ``Quantize`` pass (canonicalize, annotate, insert ``FakeQuantizer`` modules);
+- ``range_init``: range initializers and BatchNorm adaptation;
+- ``controller``: ``QuantizationController`` (initialize, statistics, state, export checks);
+- ``lowering``: the lowering passes for ``strip()`` / ``export_onnx()``.
+"""
+from .controller import QuantizationController, QuantizerInfo
+from .policy import DEVICE_RULES, QuantizationPlan, QuantizationPoint, annotations, plan_quantization
+from .quantize import QUANTIZATION_SCHEMA, Quantize, fold_batch_norms, insert_quantizers
+from .range_init import RANGE_TYPES, RangeInitConfig
+
+__all__ = ["Quantize", "QuantizationController", "QuantizerInfo", "plan_quantization", "annotations",
+           "QuantizationPlan", "QuantizationPoint", "DEVICE_RULES", "insert_quantizers", "fold_batch_norms",
+           "QUANTIZATION_SCHEMA", "RANGE_TYPES", "RangeInitConfig"]

@@ -1,0 +1,275 @@
+"""What the ``Quantize`` pass leaves for the training loop: range init, BN adaptation, statistics, state."""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.fx
+
+from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
+from fxcompress.data import CalibrationData, progress_bar
+from fxcompress.errors import CheckpointError, NotInitializedError
+from fxcompress.graph import get_attr_value
+from fxcompress.quantizers import FakeQuantizer
+
+from .range_init import RangeCollector, RangeInitConfig, adapt_batchnorm, weight_range
+
+__all__ = ["QuantizerInfo", "QuantizationScheduler", "QuantizationController"]
+
+
+@dataclass
+class QuantizerInfo:
+    """One inserted quantizer, as the controller knows it."""
+    name: str                        # module name on the GraphModule (conv1_weight_quantizer)
+    module: FakeQuantizer
+    group: str                       # "weights" | "activations"
+    scopes: tuple[str, ...]          # module paths it serves
+    serves: tuple[str, ...]          # names of the ops it serves
+    reasons: tuple[str, ...]         # why it is there ("conv input", "residual add input", ...)
+    range_init: RangeInitConfig
+    overflow_fix: bool = False
+    signed_fixed: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "weight" if self.group == "weights" else "activation"
+
+
+class QuantizationScheduler(Scheduler):
+    """Staged quantization (NNCF's ``weights_quant_start_epoch`` / ``activations_quant_start_epoch``).
+
+    Without start epochs it changes nothing: quantizers stay as they are.
+    """
+
+    def __init__(self, quantizers: list[QuantizerInfo], weights_start: int | None = None,
+                 activations_start: int | None = None):
+        super().__init__()
+        self.quantizers = quantizers
+        self.starts = {"weights": weights_start, "activations": activations_start}
+        self.update()
+
+    def update(self):
+        for q in self.quantizers:
+            start = self.starts.get(q.group)
+            if start is not None:
+                q.module.enabled = self.current_epoch >= start
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return 1
+
+
+class QuantizationController(ControllerPart):
+    algorithm = "quantization"
+
+    def __init__(self, quantizers: list[QuantizerInfo], skipped: list[dict], *, settings: dict | None = None,
+                 num_bn_adaptation_samples: int = 0, weights_start: int | None = None,
+                 activations_start: int | None = None):
+        super().__init__()
+        self.quantizers = list(quantizers)
+        self.skipped = list(skipped)
+        self.settings = dict(settings or {})
+        self.num_bn_adaptation_samples = int(num_bn_adaptation_samples)
+        self.scheduler = QuantizationScheduler(self.quantizers, weights_start, activations_start)
+        self.initialized = False        # initialize() ran (ranges loaded from a checkpoint count too)
+        self.bn_adapted = 0
+        self._distributed = False
+
+    # -- lookup ----------------------------------------------------------------
+    @property
+    def weight_quantizers(self) -> list[QuantizerInfo]:
+        return [q for q in self.quantizers if q.group == "weights"]
+
+    @property
+    def activation_quantizers(self) -> list[QuantizerInfo]:
+        return [q for q in self.quantizers if q.group == "activations"]
+
+    def __getitem__(self, name: str) -> QuantizerInfo:
+        for q in self.quantizers:
+            if q.name == name:
+                return q
+        raise KeyError(f"no quantizer named {name!r}; quantizers: {[q.name for q in self.quantizers][:8]}")
+
+    # -- initialization --------------------------------------------------------
+    def needs_data(self) -> bool:
+        return any(q.range_init.num_init_samples > 0 for q in self.activation_quantizers)
+
+    def initialize(self, ctx: InitContext):
+        self.init_weight_ranges(ctx.gm)
+        if self.needs_data():
+            if ctx.data is None:
+                raise ValueError("initialize: quantization needs a data loader to set activation ranges: "
+                                 "ctrl.initialize(loader)")
+            self.init_activation_ranges(ctx.gm, ctx.data)
+        if ctx.data is not None and self.num_bn_adaptation_samples > 0:
+            self.bn_adapted = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples)
+        if self._distributed:
+            self._average_across_ranks()
+        self.initialized = True
+
+    def _quantizer_nodes(self, gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
+        return {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+
+    @torch.no_grad()
+    def _weight_value(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
+        """The tensor a weight quantizer sees: the parameter through the transforms before it (masks)."""
+        chain, current = [], node.args[0]
+        while isinstance(current, torch.fx.Node) and current.op == "call_module":
+            chain.append(current)
+            current = current.args[0] if current.args else None
+        if not isinstance(current, torch.fx.Node) or current.op != "get_attr":
+            return None
+        value = get_attr_value(gm, current.target)
+        for transform in reversed(chain):
+            value = gm.get_submodule(transform.target)(value)
+        return value
+
+    @torch.no_grad()
+    def init_weight_ranges(self, gm: torch.fx.GraphModule):
+        """Weight ranges from the weights themselves (no data needed)."""
+        nodes = self._quantizer_nodes(gm)
+        for q in self.weight_quantizers:
+            node = nodes.get(q.name)
+            value = self._weight_value(gm, node) if node is not None else None
+            if value is None:
+                continue
+            low, high = weight_range(value, q.module.spec, q.range_init)
+            q.module.set_range(low, high)
+
+    @torch.no_grad()
+    def init_activation_ranges(self, gm: torch.nn.Module, data: CalibrationData):
+        """One pass over the data with all quantizers disabled, observing each activation quantizer's input."""
+        targets = [q for q in self.activation_quantizers if q.range_init.num_init_samples > 0]
+        collectors = {q.name: RangeCollector(q.range_init, q.module.spec, seed=i) for i, q in enumerate(targets)}
+        active = {q.name: True for q in targets}
+        enabled = {q.name: q.module.enabled for q in self.quantizers}
+        hooks = []
+        for q in targets:
+            def hook(module, args, name=q.name):
+                if active[name]:
+                    collectors[name].update(args[0])
+            hooks.append(q.module.register_forward_pre_hook(hook))
+        was_training = gm.training
+        total = max(q.range_init.num_init_samples for q in targets)
+        seen = batches = 0
+        try:
+            for q in self.quantizers:
+                q.module.enabled = False
+            gm.eval()
+            for args, kwargs in progress_bar(data.batches(total), "quantization: range init"):
+                for q in targets:
+                    active[q.name] = seen < q.range_init.num_init_samples
+                gm(*args, **kwargs)
+                seen += _batch_size(args, kwargs)
+                batches += 1
+        finally:
+            for h in hooks:
+                h.remove()
+            for q in self.quantizers:
+                q.module.enabled = enabled[q.name]
+            gm.train(was_training)
+        if batches == 0:
+            raise ValueError("initialize: the data loader yielded no batches")
+        unseen = []
+        for q in targets:
+            result = collectors[q.name].range()
+            if result is None:
+                unseen.append(q.name)
+                continue
+            q.module.set_range(*result)
+        if unseen:
+            warnings.warn(f"quantization: {len(unseen)} activation quantizers saw no data during range init "
+                          f"({', '.join(unseen[:5])}); their ranges stay unset", stacklevel=3)
+
+    def _average_across_ranks(self):
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        for q in self.quantizers:
+            scale = q.module.scale.data.clone()
+            dist.all_reduce(scale)
+            q.module.scale.data = scale / world
+            if q.module.spec.mode == "asymmetric":
+                zp = q.module.zero_point.data.clone()
+                dist.all_reduce(zp)
+                q.module.zero_point.data = torch.round(zp / world)
+
+    def distributed(self):
+        self._distributed = True
+
+    # -- export ----------------------------------------------------------------
+    def check_exportable(self):
+        missing = [q.name for q in self.quantizers if q.module.enabled and not bool(q.module.initialized)]
+        if missing:
+            shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+            raise NotInitializedError(
+                f"quantization: {len(missing)} quantizers have no range yet ({shown}); call "
+                "ctrl.initialize(data_loader) before export, or load a checkpoint saved after initialization "
+                "(fxcompress.load_state(gm, state_dict))")
+
+    def lowering_passes(self):
+        from .lowering import quantization_lowering_passes
+        return quantization_lowering_passes()
+
+    # -- statistics ------------------------------------------------------------
+    @torch.no_grad()
+    def _row(self, q: QuantizerInfo) -> dict:
+        m, s = q.module, q.module.spec
+        scale = m.effective_scale().detach().float()
+        zp = m.zero_point.detach().float().round()
+        low = ((m.quant_min - zp) * scale).min().item()
+        high = ((m.quant_max - zp) * scale).max().item()
+        return {"name": q.name, "kind": q.kind, "bits": 8 if q.overflow_fix else s.bits,
+                "effective_bits": s.bits, "mode": s.mode, "per_channel": s.per_channel,
+                "signed": s.mode == "symmetric" and s.signed, "narrow_range": s.narrow_range,
+                "range_low": low, "range_high": high, "initialized": bool(m.initialized),
+                "enabled": bool(m.enabled), "range_init": q.range_init.type, "consumers": ", ".join(q.serves)}
+
+    def statistics(self) -> StatisticsSection:
+        rows = [self._row(q) for q in self.quantizers]
+        bits = Counter(r["bits"] for r in rows)
+        summary: dict[str, Any] = {
+            "weight_quantizers": len(self.weight_quantizers),
+            "activation_quantizers": len(self.activation_quantizers),
+            "bits": {b: bits[b] for b in sorted(bits)},
+            "initialized": bool(rows) and all(r["initialized"] for r in rows),
+            "overflow_fix": sum(q.overflow_fix for q in self.quantizers),
+            "bn_adapted": self.bn_adapted,
+            **self.settings,
+        }
+        return StatisticsSection(self.algorithm, summary, rows, list(self.skipped))
+
+    # -- checkpoints -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "initialized": self.initialized,
+            "quantizers": {q.name: {"enabled": bool(q.module.enabled), "initialized": bool(q.module.initialized),
+                                    "bits": int(q.module.spec.bits), "signed": bool(q.module.spec.signed)}
+                           for q in self.quantizers},
+        }
+
+    def load_state_dict(self, state: dict):
+        for key in ("scheduler", "quantizers"):
+            if key not in state:
+                raise CheckpointError(f"quantization controller state lacks '{key}'")
+        names = [q.name for q in self.quantizers]
+        missing = [n for n in names if n not in state["quantizers"]]
+        unexpected = [n for n in state["quantizers"] if n not in names]
+        if missing or unexpected:
+            raise CheckpointError(f"quantization controller state does not match this model's quantizers: "
+                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for q in self.quantizers:
+            saved = state["quantizers"][q.name]
+            q.module.enabled = bool(saved["enabled"])
+            if int(saved.get("bits", q.module.spec.bits)) != q.module.spec.bits:
+                q.module.spec = replace(q.module.spec, bits=int(saved["bits"]))
+        self.initialized = bool(state.get("initialized", False))
+        self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,572 @@
+"""Where quantizers go and with which settings: a pure decision over the graph.
+
+``plan_quantization(gm, weighted, settings, selects)`` reads the graph (op kinds
+from ``fxcompress.optable``, shapes and dtypes from ``node.meta``) and writes its
+decision as annotations: ``node.meta["quantization_annotation"]`` on every node
+whose *output* is to be quantized, a list of ``QuantizationPoint`` (a tensor
+gets one quantizer per role, usually one in all). It changes nothing else;
+``quantize.insert_quantizers`` turns the annotations into ``FakeQuantizer``
+nodes. So the policy is testable on its own: trace, annotate, count.
+
+The rules (``DEVICE_RULES``, one declarative table per target device) say which
+inputs of which op kinds OpenVINO's plugin needs quantized to run the op in
+integers (../shared/OPENVINO.md):
+
+- weights of conv / transposed conv / linear (and 2-D parameters multiplied
+  by ``matmul``): per output channel on the weight's output axis (1 for
+  transposed convs; with groups that axis has ``out_channels / groups``
+  entries, which is what gets a scale each);
+- activation inputs of conv, linear, matmul (both operands), pooling (avg),
+  both inputs of residual adds, q/k/v of ``scaled_dot_product_attention``
+  (forced signed symmetric: OpenVINO's fused attention runs int8 only so);
+- the model inputs (``quantize_inputs``), the model outputs (``quantize_outputs``).
+
+A request for "input i of op X" is resolved to the tensor it really reads:
+the walk goes up through quantization-agnostic ops (max-pool, flatten,
+view/reshape, transpose/permute, dropout, contiguous, tensor slicing), whose
+output of a quantized tensor is still on the quantizer's grid, to the producer.
+All requests that reach the same producer share ONE quantizer, placed on the
+producer's output and feeding exactly the consumers that asked for it (other
+consumers keep the float tensor). A producer whose output is non-negative
+(ReLU-like, sigmoid, softmax) gets an unsigned quantizer; others signed.
+Integer and boolean tensors (token ids, masks) and constants (a parameter
+added as a bias) are never activation-quantized.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.fx
+
+from fxcompress.optable import kind_of, op_kind
+from fxcompress.quantizers import QuantSpec, is_quantizer
+from fxcompress.scopes import ScopeSet
+from fxcompress.weights import WeightedOp
+
+__all__ = ["ANNOTATION_KEY", "InputRule", "DeviceRules", "DEVICE_RULES", "GroupSettings", "Override",
+           "QuantizationSettings", "QuantizationPoint", "QuantizationPlan", "plan_quantization",
+           "annotations", "readable_name"]
+
+ANNOTATION_KEY = "quantization_annotation"
+
+
+# ---------------------------------------------------------------------------
+# The per-device table
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InputRule:
+    """Inputs of an op kind that must arrive quantized for the device to run it in integers.
+
+    ``inputs``: positional indices (a keyword argument of the same position is
+    found by ``names``). ``all_dynamic``: only when every listed input is a
+    float tensor computed from the model inputs (a residual add, not a bias
+    add; a product of two activations). ``symmetric_signed``: force signed
+    symmetric quantizers (attention q/k/v). ``skip_if_feeding``: op kinds whose
+    consumption of this op's output means the op runs in float anyway (an add
+    whose result only feeds LayerNorm: NNCF's transformer pattern).
+    """
+    inputs: tuple[int, ...]
+    reason: str
+    names: tuple[str, ...] = ()
+    all_dynamic: bool = False
+    symmetric_signed: bool = False
+    skip_if_feeding: frozenset = frozenset()
+
+
+@dataclass(frozen=True)
+class DeviceRules:
+    inputs: Mapping[str, InputRule]
+    # Kinds whose output of a quantized tensor stays on the same grid (NNCF: quantization-agnostic).
+    agnostic: frozenset
+    # Kinds whose output is never negative: unsigned quantizers after them.
+    nonnegative: frozenset
+    # The device may lack VNNI: 8-bit weights use 7 bits under overflow_fix.
+    overflow_fix: bool
+
+
+_NORMS = frozenset({"layer_norm", "group_norm"})
+_CPU_INPUTS = {
+    "conv": InputRule((0,), "conv input", ("input",)),
+    "conv_transpose": InputRule((0,), "transposed conv input", ("input",)),
+    "linear": InputRule((0,), "linear input", ("input",)),
+    "matmul": InputRule((0, 1), "matmul operand", ("input", "other"), all_dynamic=True,
+                        symmetric_signed=True),
+    "attention": InputRule((0, 1, 2), "attention q/k/v", ("query", "key", "value"), symmetric_signed=True),
+    "add": InputRule((0, 1), "residual add input", ("input", "other"), all_dynamic=True,
+                     skip_if_feeding=_NORMS),
+    "avg_pool": InputRule((0,), "pooling input", ("input",)),
+}
+_AGNOSTIC = frozenset({"max_pool", "flatten", "reshape", "transpose", "dropout", "identity"})
+_NONNEGATIVE = frozenset({"relu", "sigmoid", "softmax"})
+
+DEVICE_RULES: dict[str, DeviceRules] = {
+    "CPU": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=True),
+    "ANY": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=True),
+    "TRIAL": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=True),
+    # Sapphire Rapids has VNNI/AMX: no overflow issue.
+    "CPU_SPR": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=False),
+    "GPU": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=False),
+    "NPU": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=False),
+}
+
+
+# ---------------------------------------------------------------------------
+# Settings (resolved from the pass parameters)
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """Defaults of one quantizer group ("weights" or "activations") plus its own scopes."""
+    bits: int
+    mode: str
+    signed: bool | None          # None: decided by the placement (weights: signed)
+    per_channel: bool
+    narrow_range: bool
+    ignored_scopes: ScopeSet
+    target_scopes: ScopeSet
+
+    def selects(self, paths: tuple[str, ...]) -> bool:
+        paths = tuple(p for p in paths if p) or ("",)
+        if self.ignored_scopes and any(self.ignored_scopes.matches(p) for p in paths if p):
+            return False
+        return not self.target_scopes or any(self.target_scopes.matches(p) for p in paths if p)
+
+
+@dataclass(frozen=True)
+class Override:
+    """A ``scope_overrides`` entry: settings for the quantizers whose scopes it matches."""
+    pattern: str
+    scopes: ScopeSet
+    values: Mapping[str, Any]     # mode / bits / signed / per_channel / initializer
+
+
+@dataclass(frozen=True)
+class QuantizationSettings:
+    weights: GroupSettings
+    activations: GroupSettings
+    overrides: Mapping[str, tuple[Override, ...]]   # group -> overrides, in config order
+    device: str
+    rules: DeviceRules
+    overflow_fix: str            # "enable" | "disable" | "first_layer_only"
+    quantize_inputs: bool
+    quantize_outputs: bool
+
+    def override_for(self, group: str, scopes: tuple[str, ...]) -> dict:
+        """Merged values of the overrides matching any of ``scopes`` (later entries win)."""
+        merged: dict = {}
+        for o in self.overrides.get(group, ()):
+            if any(o.scopes.matches(s) for s in scopes if s):
+                merged.update(o.values)
+        return merged
+
+
+# ---------------------------------------------------------------------------
+# The decision
+# ---------------------------------------------------------------------------
+
+@dataclass
+class QuantizationPoint:
+    """One quantizer to insert on ``producer``'s output, feeding ``consumers``."""
+    group: str                       # "weights" | "activations"
+    producer: torch.fx.Node
+    consumers: list[torch.fx.Node]   # direct users of producer that get the quantized value
+    spec: QuantSpec
+    num_channels: int
+    name: str                        # base module name, e.g. "conv1_weight_quantizer"
+    scopes: tuple[str, ...]          # module paths it serves (consumers first, then the producer)
+    serves: list[torch.fx.Node]      # the ops that asked for it (ends of look-through paths)
+    reasons: list[str]
+    overflow_fix: bool = False
+    signed_fixed: bool = False       # signedness forced by config or attention
+    override: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.group} {self.spec.bits}-bit {self.spec.mode} "
+                f"{'per-channel' if self.spec.per_channel else 'per-tensor'} for "
+                f"{', '.join(readable_name(n) for n in self.serves)}")
+
+
+@dataclass
+class QuantizationPlan:
+    points: list[QuantizationPoint]
+    skipped: list[dict]
+
+    def count(self, group: str) -> int:
+        return sum(p.group == group for p in self.points)
+
+
+def annotations(gm: torch.fx.GraphModule) -> list[QuantizationPoint]:
+    """All points annotated on the graph, in graph order."""
+    return [p for n in gm.graph.nodes for p in n.meta.get(ANNOTATION_KEY, ())]
+
+
+def readable_name(node: torch.fx.Node, gm: torch.nn.Module | None = None) -> str:
+    """``conv1``, ``layer1_0_relu_1``, ``layer1_0_add``: module calls by their node name,
+    functions by enclosing module path + op kind."""
+    if node.op in ("call_module", "placeholder", "get_attr"):
+        return node.name
+    path = node.meta.get("module_path", "")
+    if path and node.name.startswith(path.replace(".", "_")):
+        return node.name  # a functionalized module call keeps the module's name (conv1)
+    kind = (kind_of(node, gm) if gm is not None else None) or node.name
+    return "_".join(p for p in (path.replace(".", "_"), kind) if p)
+
+
+def _is_float_tensor(node: torch.fx.Node) -> bool:
+    dtype = node.meta.get("dtype")
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    if "dtype" in node.meta:  # known non-tensor (None, tuple of outputs)
+        return False
+    return True  # no metadata: assume a float tensor
+
+
+def _is_tensor(node) -> bool:
+    return isinstance(node, torch.fx.Node) and isinstance(node.meta.get("dtype"), torch.dtype)
+
+
+def _dynamic_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes whose value depends on the model inputs (the rest are constants of the model)."""
+    dynamic: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in dynamic for a in node.all_input_nodes):
+            dynamic.add(node)
+    return dynamic
+
+
+def _input(node: torch.fx.Node, index: int, names: tuple[str, ...]):
+    if index < len(node.args):
+        return node.args[index]
+    if index < len(names):
+        return node.kwargs.get(names[index])
+    return None
+
+
+def _is_agnostic(node: torch.fx.Node, gm, rules: DeviceRules) -> bool:
+    if node.op == "call_function" and node.target is operator.getitem:
+        # Slicing a tensor keeps its grid; indexing a tuple (chunk/split outputs) is not a tensor op.
+        return bool(node.args) and _is_tensor(node.args[0])
+    return kind_of(node, gm) in rules.agnostic and bool(node.args) and _is_tensor(node.args[0])
+
+
+def _is_quantizer_node(node: torch.fx.Node, gm) -> bool:
+    return node.op == "call_module" and is_quantizer(gm.get_submodule(node.target))
+
+
+def _resolve(node: torch.fx.Node, consumer: torch.fx.Node, gm, rules: DeviceRules):
+    """Walk up from ``node`` (an input of ``consumer``) through agnostic ops.
+
+    Returns ``(producer, edge_user)``: the tensor to quantize and its user on the
+    path (the node whose input becomes the quantizer).
+    """
+    edge_user = consumer
+    while _is_agnostic(node, gm, rules) and not _is_quantizer_node(node, gm):
+        edge_user, node = node, node.args[0]
+    return node, edge_user
+
+
+@dataclass
+class _Request:
+    producer: torch.fx.Node
+    edge_users: list
+    serves: list
+    reasons: list
+    symmetric_signed: bool = False
+
+
+def _first_layer_ops(gm, weighted: list[WeightedOp]) -> set[torch.fx.Node]:
+    """Weighted ops with no weighted op upstream (NNCF: the first convolutions)."""
+    weighted_nodes = {op.node for op in weighted}
+    behind: set[torch.fx.Node] = set()  # nodes downstream of some weighted op
+    for node in gm.graph.nodes:
+        if any(a in behind or a in weighted_nodes for a in node.all_input_nodes):
+            behind.add(node)
+    return {n for n in weighted_nodes if n not in behind}
+
+
+def _weight_spec(settings: QuantizationSettings, override: dict, axis: int) -> QuantSpec:
+    w = settings.weights
+    mode = override.get("mode", w.mode)
+    signed = override.get("signed", True if w.signed is None else w.signed)
+    per_channel = override.get("per_channel", w.per_channel)
+    return QuantSpec(bits=override.get("bits", w.bits), mode=mode,
+                     signed=signed if mode == "symmetric" else False,
+                     per_channel=per_channel, axis=axis if per_channel else None,
+                     narrow_range=w.narrow_range and mode == "symmetric" and signed)
+
+
+def _activation_spec(settings: QuantizationSettings, override: dict, nonnegative: bool,
+                     force_symmetric_signed: bool, ndim: int) -> tuple[QuantSpec, bool]:
+    a = settings.activations
+    mode = a.mode
+    signed = a.signed
+    fixed = signed is not None
+    if force_symmetric_signed:
+        mode, signed, fixed = "symmetric", True, True
+    if "mode" in override:
+        mode = override["mode"]
+    if "signed" in override:
+        signed, fixed = override["signed"], True
+    if signed is None:
+        signed = not nonnegative
+    per_channel = override.get("per_channel", a.per_channel) and ndim >= 2
+    spec = QuantSpec(bits=override.get("bits", a.bits), mode=mode,
+                     signed=signed if mode == "symmetric" else False,
+                     per_channel=per_channel, axis=1 if per_channel else None, narrow_range=False)
+    return spec, fixed
+
+
+def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], settings: QuantizationSettings,
+                      selects: Callable[[str], bool]) -> QuantizationPlan:
+    """Decide the quantizers of ``gm`` and annotate them on the producer nodes.
+
+    ``weighted``: the graph's conv/linear ops in functional form
+    (``fxcompress.weights.weighted_ops``); ``selects(module_path)``: the pass's
+    ``ignored_scopes`` / ``target_scopes``.
+    """
+    rules = settings.rules
+    skipped: list[dict] = []
+    points: list[QuantizationPoint] = []
+    for node in gm.graph.nodes:
+        node.meta.pop(ANNOTATION_KEY, None)
+
+    # -- weights ----------------------------------------------------------------
+    first_layer = _first_layer_ops(gm, weighted) if settings.overflow_fix == "first_layer_only" else set()
+    weight_points: dict[torch.fx.Node, QuantizationPoint] = {}
+    for op in weighted:
+        path = op.module_path
+        name = readable_name(op.node, gm)
+        if not selects(path):
+            skipped.append({"scope": path or name, "reason": "excluded by ignored_scopes/target_scopes"})
+            continue
+        if not settings.weights.selects((path,)):
+            skipped.append({"scope": path or name, "reason": "excluded by weights.ignored_scopes/target_scopes"})
+            continue
+        source = op.weight_input
+        if op.weight_source is None:
+            skipped.append({"scope": path or name, "reason": "the weight is computed, not a parameter"})
+            continue
+        if _is_quantizer_node(source, gm):
+            skipped.append({"scope": path or name, "reason": "the weight is already quantized"})
+            continue
+        weight = op.weight(gm)
+        axis = op.out_axis
+        if source in weight_points:  # one parameter feeding several ops: one quantizer
+            point = weight_points[source]
+            if point.spec.axis not in (None, axis):
+                skipped.append({"scope": path or name,
+                                "reason": f"shared weight needs channel axis {axis}, its quantizer uses "
+                                          f"{point.spec.axis}"})
+                continue
+            point.consumers.append(op.node)
+            point.serves.append(op.node)
+            point.scopes = point.scopes + (path,)
+            continue
+        override = settings.override_for("weights", (path,))
+        spec = _weight_spec(settings, override, axis)
+        fix = (rules.overflow_fix and spec.bits == 8 and spec.mode == "symmetric"
+               and (settings.overflow_fix == "enable" or op.node in first_layer))
+        if fix:
+            spec = spec.with_bits(7)
+        point = QuantizationPoint(
+            "weights", source, [op.node], spec, int(weight.shape[axis]) if spec.per_channel else 1,
+            f"{name}_weight_quantizer", (path,), [op.node], [f"{op.kind.name} weight"],
+            overflow_fix=fix, signed_fixed=True, override=override)
+        weight_points[source] = point
+        points.append(point)
+
+    # -- activations --------------------------------------------------------------
+    dynamic = _dynamic_nodes(gm)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    requests: dict[torch.fx.Node, _Request] = {}
+    weighted_nodes = {op.node: op for op in weighted}
+
+    def request(producer, edge_user, served, reason, symmetric_signed=False):
+        req = requests.get(producer)
+        if req is None:
+            req = requests[producer] = _Request(producer, [], [], [])
+        if edge_user not in req.edge_users:
+            req.edge_users.append(edge_user)
+        if served not in req.serves:
+            req.serves.append(served)
+        if reason not in req.reasons:
+            req.reasons.append(reason)
+        req.symmetric_signed |= symmetric_signed
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if settings.quantize_inputs:
+        for ph in placeholders:
+            if not _is_float_tensor(ph):
+                skipped.append({"scope": ph.name, "reason": f"model input of dtype {ph.meta.get('dtype')} "
+                                                            "is not quantized"})
+                continue
+            for user in ph.users:
+                request(ph, user, user, "model input")
+
+    param_matmul_points: dict[torch.fx.Node, QuantizationPoint] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        if node.meta.get("inserted_by") or _is_quantizer_node(node, gm):
+            continue
+        kind = kind_of(node, gm)
+        rule = rules.inputs.get(kind)
+        if rule is None:
+            continue
+        path = node.meta.get("module_path", "")
+        label = readable_name(node, gm)
+        if not selects(path):
+            if node not in weighted_nodes:  # a weighted op's exclusion is already listed
+                skipped.append({"scope": path or label, "reason": f"{rule.reason}: excluded by "
+                                                                  "ignored_scopes/target_scopes"})
+            continue
+        if not settings.activations.selects((path,)):
+            skipped.append({"scope": path or label,
+                            "reason": f"{rule.reason}: excluded by activations.ignored_scopes/target_scopes"})
+            continue
+        inputs = [_input(node, i, rule.names) for i in rule.inputs]
+        if rule.all_dynamic:
+            # A matmul with a 2-D parameter operand: that operand is a weight (per channel).
+            if kind == "matmul" and len(inputs) == 2:
+                consts = [i for i, x in enumerate(inputs) if isinstance(x, torch.fx.Node) and x not in dynamic]
+                if len(consts) == 1 and _matmul_weight(gm, node, inputs, consts[0], settings, selects,
+                                                       param_matmul_points, points, skipped):
+                    inputs = [inputs[1 - consts[0]]]
+            if len(inputs) > 1 and not all(isinstance(x, torch.fx.Node) and x in dynamic and
+                                           _is_float_tensor(x) for x in inputs):
+                continue  # a bias add / scaling by a constant: not an integer op
+        if rule.skip_if_feeding and node.users and all(kind_of(u, gm) in rule.skip_if_feeding
+                                                       for u in node.users):
+            skipped.append({"scope": path or label,
+                            "reason": f"{rule.reason}: its result only feeds "
+                                      f"{'/'.join(sorted({kind_of(u, gm) for u in node.users}))}, "
+                                      "which runs in float"})
+            continue
+        for x in inputs:
+            if not isinstance(x, torch.fx.Node):
+                continue
+            producer, edge_user = _resolve(x, node, gm, rules)
+            if not _is_float_tensor(producer):
+                skipped.append({"scope": path or label, "reason": f"{rule.reason} '{producer.name}' has dtype "
+                                                                  f"{producer.meta.get('dtype')}: not quantized"})
+                continue
+            if producer not in dynamic:
+                skipped.append({"scope": path or label,
+                                "reason": f"{rule.reason} '{producer.name}' is a constant of the model"})
+                continue
+            if _is_quantizer_node(producer, gm):
+                continue  # already quantized (an earlier quantization pass)
+            if producer.op == "placeholder" and not settings.quantize_inputs:
+                skipped.append({"scope": path or label,
+                                "reason": f"{rule.reason} is model input '{producer.name}' and "
+                                          "quantize_inputs is false"})
+                continue
+            request(producer, edge_user, node, rule.reason, rule.symmetric_signed)
+
+    if settings.quantize_outputs:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        for x in output.all_input_nodes:
+            if _is_float_tensor(x) and x in dynamic and not _is_quantizer_node(x, gm):
+                request(x, output, output, "model output")
+
+    for req in sorted(requests.values(), key=lambda r: order[r.producer]):
+        points.append(_activation_point(gm, req, settings, order))
+
+    for point in points:
+        point.producer.meta.setdefault(ANNOTATION_KEY, []).append(point)
+    points.sort(key=lambda p: order[p.producer])
+    unique = list({(s["scope"], s["reason"]): s for s in skipped}.values())
+    return QuantizationPlan(points, unique)
+
+
+def _matmul_weight(gm, node, inputs, index, settings, selects, existing, points, skipped) -> bool:
+    """Quantize a 2-D parameter operand of a matmul as a weight; True when it was handled."""
+    operand = inputs[index]
+    source = operand
+    while source.meta.get("inserted_by") and source.args and isinstance(source.args[0], torch.fx.Node):
+        source = source.args[0]
+    if source.op != "get_attr" or not _is_float_tensor(operand):
+        return False
+    shape = operand.meta.get("shape")
+    if not isinstance(shape, tuple) or len(shape) != 2:
+        return False
+    if _is_quantizer_node(operand, gm):
+        return True
+    path = node.meta.get("module_path", "")
+    if not settings.weights.selects((path,)):
+        skipped.append({"scope": path or node.name, "reason": "matmul weight: excluded by weights scopes"})
+        return True
+    if operand in existing:
+        existing[operand].consumers.append(node)
+        existing[operand].serves.append(node)
+        return True
+    axis = 0 if index == 0 else 1  # [M, K] @ x: rows are outputs; x @ [K, N]: columns (OPENVINO.md: axis 1)
+    override = settings.override_for("weights", (path,))
+    spec = _weight_spec(settings, override, axis)
+    fix = settings.rules.overflow_fix and spec.bits == 8 and spec.mode == "symmetric" and \
+        settings.overflow_fix == "enable"
+    if fix:
+        spec = spec.with_bits(7)
+    point = QuantizationPoint("weights", operand, [node], spec, int(shape[axis]) if spec.per_channel else 1,
+                              f"{source.target.replace('.', '_')}_quantizer", (path,), [node],
+                              ["matmul weight"], overflow_fix=fix, signed_fixed=True, override=override)
+    existing[operand] = point
+    points.append(point)
+    return True
+
+
+# Kinds whose output is non-negative when their (first / every) tensor input is.
+_KEEPS_SIGN = frozenset({"max_pool", "avg_pool", "mean", "flatten", "reshape", "transpose", "dropout",
+                         "identity"})
+_ALL_INPUTS_NONNEG = frozenset({"cat", "add", "mul"})
+
+
+def _nonnegative(node, gm, rules: DeviceRules, memo: dict) -> bool:
+    """Whether ``node``'s output can never be negative (ReLU-like producers and what keeps their sign)."""
+    if node in memo:
+        return memo[node]
+    memo[node] = False
+    kind = op_kind(node, gm)
+    result = False
+    if kind is not None and (kind.name in rules.nonnegative or "relu_like" in kind.tags):
+        result = True
+    elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        result = _is_tensor(node.args[0]) and _nonnegative(node.args[0], gm, rules, memo)
+    elif kind is not None and kind.name in _KEEPS_SIGN:
+        result = bool(node.args) and isinstance(node.args[0], torch.fx.Node) and \
+            _nonnegative(node.args[0], gm, rules, memo)
+    elif kind is not None and kind.name in _ALL_INPUTS_NONNEG:
+        inputs = node.all_input_nodes
+        result = bool(inputs) and all(_nonnegative(x, gm, rules, memo) for x in inputs if _is_tensor(x))
+    memo[node] = result
+    return result
+
+
+def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: dict) -> QuantizationPoint:
+    producer = req.producer
+    rules = settings.rules
+    kind = op_kind(producer, gm)
+    nonnegative = _nonnegative(producer, gm, rules, {})
+    scopes = tuple(dict.fromkeys([s.meta.get("module_path", "") for s in req.serves if s.op != "output"]
+                                 + [producer.meta.get("module_path", "")]))
+    override = settings.override_for("activations", scopes)
+    shape = producer.meta.get("shape")
+    ndim = len(shape) if isinstance(shape, tuple) else 0
+    spec, fixed = _activation_spec(settings, override, nonnegative, req.symmetric_signed, ndim)
+    channels = int(shape[1]) if spec.per_channel else 1
+    # Edge users in graph order (the quantizer feeds them; other users keep the float tensor).
+    users = sorted(req.edge_users, key=lambda n: order[n])
+    if producer.op == "placeholder":
+        base = f"{producer.name}_input"
+    elif len(req.serves) == 1 and not (kind is not None and (kind.tags & {"activation", "relu_like"}
+                                                             or kind.name in rules.nonnegative)) \
+            and req.serves[0].op != "output":
+        base = f"{readable_name(req.serves[0], gm)}_input"
+    else:
+        base = f"{readable_name(producer, gm)}_output"
+    return QuantizationPoint("activations", producer, users, spec, channels, f"{base}_quantizer", scopes,
+                             list(req.serves), list(req.reasons), signed_fixed=fixed, override=override)

@@ -1,0 +1,371 @@
+"""The ``Quantize`` pass (NNCF's ``"algorithm": "quantization"``): annotate, then insert quantizers.
+
+``Quantize.call`` does three things in order:
+
+1. canonicalize: conv/linear module calls become their functional form
+   (``fxcompress.weights.weighted_ops``) so weight quantizers sit on the weight
+   edge after any masks of earlier passes; with ``fold_bn`` a BatchNorm after a
+   conv/linear is folded into it first (running statistics frozen);
+2. decide: ``policy.plan_quantization`` annotates the nodes whose outputs get a
+   quantizer (``node.meta["quantization_annotation"]``);
+3. do: ``insert_quantizers`` turns every annotation into one ``FakeQuantizer``
+   module (``conv1_weight_quantizer``, ``layer1_0_add_input_quantizer``) on the
+   producer's output feeding exactly the annotated consumers, and removes the
+   annotations.
+
+Weight ranges are set right away from the weights; activation ranges need data
+(``ctrl.initialize(loader)``). A model with nothing to quantize is left
+unchanged with a warning saying why.
+
+Metadata of an inserted quantizer node (on top of ``fxcompress.graph``'s rules):
+``meta["quantization"] = {"group", "serves", "reasons", "overflow_fix"}``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxcompress.algorithm import CompressionPass
+from fxcompress.config import register_algorithm
+from fxcompress.errors import ConfigError
+from fxcompress.graph import GraphSnapshot, add_module, copy_meta, get_attr_value, insert_on_output
+from fxcompress.optable import op_kind
+from fxcompress.pass_manager import PassContext, PassResult
+from fxcompress.patterns import Chain, Step
+from fxcompress.quantizers import FakeQuantizer
+from fxcompress.scopes import ScopeSet
+from fxcompress.weights import WEIGHTED_KINDS, weighted_ops
+
+from .controller import QuantizationController, QuantizerInfo
+from .policy import (ANNOTATION_KEY, DEVICE_RULES, GroupSettings, Override, QuantizationPlan,
+                     QuantizationSettings, plan_quantization, readable_name)
+from .range_init import RANGE_TYPES, RangeInitRules
+
+__all__ = ["Quantize", "QUANTIZATION_SCHEMA", "insert_quantizers", "fold_batch_norms"]
+
+# ---------------------------------------------------------------------------
+# Config schema (NNCF's nncf/config/schemata/algo/quantization.py names and defaults)
+# ---------------------------------------------------------------------------
+
+_SCOPES = {"type": "array", "items": {"type": "string", "minLength": 1}}
+_BITS = {"type": "integer", "minimum": 2, "maximum": 8}
+_PERCENT = {"type": "number", "minimum": 0, "maximum": 100}
+_RANGE_PROPERTIES = {
+    "num_init_samples": {"type": "integer", "minimum": 0},
+    "type": {"enum": list(RANGE_TYPES)},
+    "params": {"type": "object", "properties": {"min_percentile": _PERCENT, "max_percentile": _PERCENT},
+               "additionalProperties": False},
+    # Accepted next to "type" as well (NNCF nests them in "params").
+    "min_percentile": _PERCENT,
+    "max_percentile": _PERCENT,
+}
+_RANGE = {"type": "object", "properties": _RANGE_PROPERTIES, "additionalProperties": False}
+_RANGE_ITEM = {"type": "object", "additionalProperties": False, "properties": {
+    **_RANGE_PROPERTIES, "target_scopes": _SCOPES, "ignored_scopes": _SCOPES,
+    "target_quantizer_group": {"enum": ["weights", "activations"]}}}
+_QUANTIZER_PROPERTIES = {
+    "mode": {"enum": ["symmetric", "asymmetric"]},
+    "bits": _BITS,
+    "signed": {"type": "boolean"},
+    "per_channel": {"type": "boolean"},
+}
+_GROUP_PROPERTIES = {
+    **_QUANTIZER_PROPERTIES,
+    "ignored_scopes": _SCOPES,
+    "target_scopes": _SCOPES,
+    # NNCF's log-scale parametrization is not implemented: only its default is accepted.
+    "logarithm_scale": {"enum": [False]},
+}
+_OVERRIDE = {"type": "object", "additionalProperties": False, "properties": {
+    **_QUANTIZER_PROPERTIES,
+    "initializer": {"type": "object", "properties": {"range": _RANGE}, "additionalProperties": False}}}
+
+QUANTIZATION_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "bits": _BITS,
+        "weights": {"type": "object", "additionalProperties": False,
+                    "properties": {**_GROUP_PROPERTIES, "narrow_range": {"type": "boolean"}}},
+        "activations": {"type": "object", "additionalProperties": False, "properties": _GROUP_PROPERTIES},
+        "preset": {"enum": ["performance", "mixed"]},
+        "initializer": {"type": "object", "additionalProperties": False, "properties": {
+            "range": {"oneOf": [_RANGE, {"type": "array", "items": _RANGE_ITEM}]},
+            "batchnorm_adaptation": {"type": "object", "additionalProperties": False, "properties": {
+                "num_bn_adaptation_samples": {"type": "integer", "minimum": 0}}},
+        }},
+        "scope_overrides": {"type": "object", "additionalProperties": False, "properties": {
+            "weights": {"type": "object", "additionalProperties": _OVERRIDE},
+            "activations": {"type": "object", "additionalProperties": _OVERRIDE},
+        }},
+        "overflow_fix": {"enum": ["enable", "disable", "first_layer_only"]},
+        "quantize_inputs": {"type": "boolean"},
+        "quantize_outputs": {"type": "boolean"},
+        "fold_bn": {"type": "boolean"},
+        "learnable_ranges": {"type": "boolean"},
+        # NNCF's staged quantization ("params" block): quantizers switch on at these epochs.
+        "weights_quant_start_epoch": {"type": "integer", "minimum": 0},
+        "activations_quant_start_epoch": {"type": "integer", "minimum": 0},
+        # Deprecated in NNCF; the export is always standard QuantizeLinear/DequantizeLinear here.
+        "export_to_onnx_standard_ops": {"type": "boolean"},
+    },
+}
+
+NUM_BN_ADAPTATION_SAMPLES = 2000
+
+
+@register_algorithm
+class Quantize(CompressionPass):
+    """Quantization-aware training / post-training quantization for OpenVINO-style integer inference.
+
+    ``Quantize(bits=8, weights={...}, activations={...}, preset="performance",
+    target_device="ANY", initializer={"range": {...}, "batchnorm_adaptation": {...}},
+    scope_overrides={...}, overflow_fix="enable", quantize_inputs=True,
+    quantize_outputs=False, fold_bn=False, learnable_ranges=True,
+    ignored_scopes=[...], target_scopes=[...])``; the keys and defaults are
+    NNCF's (docs/quantization.md lists them).
+    """
+    algorithm = "quantization"
+    schema = QUANTIZATION_SCHEMA
+    defaults = {
+        "bits": 8, "preset": "performance", "target_device": "ANY", "overflow_fix": "enable",
+        "quantize_inputs": True, "quantize_outputs": False, "fold_bn": False, "learnable_ranges": True,
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        p = self.params
+        weights, activations = p.get("weights", {}), p.get("activations", {})
+        act_mode = activations.get("mode", "asymmetric" if p["preset"] == "mixed" else "symmetric")
+        self.settings = QuantizationSettings(
+            weights=GroupSettings(
+                bits=weights.get("bits", p["bits"]), mode=weights.get("mode", "symmetric"),
+                signed=weights.get("signed"), per_channel=weights.get("per_channel", True),
+                narrow_range=weights.get("narrow_range", True),
+                ignored_scopes=ScopeSet(weights.get("ignored_scopes"), "weights.ignored_scopes"),
+                target_scopes=ScopeSet(weights.get("target_scopes"), "weights.target_scopes")),
+            activations=GroupSettings(
+                bits=activations.get("bits", p["bits"]), mode=act_mode, signed=activations.get("signed"),
+                per_channel=activations.get("per_channel", False), narrow_range=False,
+                ignored_scopes=ScopeSet(activations.get("ignored_scopes"), "activations.ignored_scopes"),
+                target_scopes=ScopeSet(activations.get("target_scopes"), "activations.target_scopes")),
+            overrides={group: tuple(Override(pattern, ScopeSet([pattern], f"scope_overrides.{group}"), values)
+                                    for pattern, values in p.get("scope_overrides", {}).get(group, {}).items())
+                       for group in ("weights", "activations")},
+            device=p["target_device"], rules=DEVICE_RULES[p["target_device"]],
+            overflow_fix=p["overflow_fix"], quantize_inputs=p["quantize_inputs"],
+            quantize_outputs=p["quantize_outputs"])
+        initializer = p.get("initializer", {})
+        self.range_rules = RangeInitRules(initializer.get("range"))
+        self.num_bn_adaptation_samples = initializer.get("batchnorm_adaptation", {}).get(
+            "num_bn_adaptation_samples", NUM_BN_ADAPTATION_SAMPLES)
+
+    @classmethod
+    def check(cls, params: dict, prefix: str):
+        def check_quantizer(values: dict, path: str):
+            if values.get("mode") == "asymmetric" and values.get("signed") is True:
+                raise ConfigError(f"{path}.signed: an asymmetric quantizer is unsigned (it has a zero point); "
+                                  "drop 'signed' or use mode 'symmetric'", path=f"{path}.signed")
+
+        def check_range(values: dict, path: str):
+            merged = {**{k: values[k] for k in ("min_percentile", "max_percentile") if k in values},
+                      **values.get("params", {})}
+            low, high = merged.get("min_percentile", 0.1), merged.get("max_percentile", 99.9)
+            if low >= high:
+                raise ConfigError(f"{path}: min_percentile ({low}) must be below max_percentile ({high})",
+                                  path=f"{path}.min_percentile")
+
+        for group in ("weights", "activations"):
+            check_quantizer(params.get(group, {}), f"{prefix}.{group}")
+            for pattern, values in params.get("scope_overrides", {}).get(group, {}).items():
+                where = f"{prefix}.scope_overrides.{group}[{pattern!r}]"
+                check_quantizer(values, where)
+                if "range" in values.get("initializer", {}):
+                    check_range(values["initializer"]["range"], f"{where}.initializer.range")
+        ranges = params.get("initializer", {}).get("range")
+        if isinstance(ranges, dict):
+            check_range(ranges, f"{prefix}.initializer.range")
+        elif isinstance(ranges, list):
+            for i, item in enumerate(ranges):
+                check_range(item, f"{prefix}.initializer.range[{i}]")
+
+    # -- the pass ----------------------------------------------------------------
+    def _validate_all_scopes(self, gm: torch.fx.GraphModule):
+        self.validate_scopes(gm)
+        paths = [name for name, _ in gm.named_modules()] + [n.meta.get("module_path", "") for n in gm.graph.nodes]
+        scope_sets = [self.settings.weights.ignored_scopes, self.settings.weights.target_scopes,
+                      self.settings.activations.ignored_scopes, self.settings.activations.target_scopes]
+        scope_sets += [o.scopes for group in self.settings.overrides.values() for o in group]
+        scope_sets += self.range_rules.scope_sets()
+        for scopes in scope_sets:
+            scopes.validate(paths)
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        self._validate_all_scopes(gm)
+        snapshot = GraphSnapshot(gm)
+        folded = fold_batch_norms(gm, self.selects) if self.params["fold_bn"] else []
+        ops = weighted_ops(gm)
+        plan = plan_quantization(gm, ops, self.settings, self.selects)
+        skipped = plan.skipped + _unsupported_weighted(gm)
+        if not plan.points:
+            for node in gm.graph.nodes:
+                node.meta.pop(ANNOTATION_KEY, None)
+            snapshot.restore()
+            reasons = "; ".join(f"{s['scope']}: {s['reason']}" for s in skipped[:5])
+            warnings.warn(f"Quantize: nothing to quantize in {type(gm).__name__}: it has no conv, linear or "
+                          f"matmul layer with float inputs that the scopes select"
+                          + (f" (skipped {reasons})" if reasons else ""), stacklevel=2)
+            return PassResult(gm, False, controller=self._controller([], skipped, folded))
+        infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules)
+        controller = self._controller(infos, skipped, folded)
+        controller.init_weight_ranges(gm)
+        return PassResult(gm, True, controller=controller)
+
+    def _controller(self, infos, skipped, folded) -> QuantizationController:
+        settings = {"target_device": self.params["target_device"], "preset": self.params["preset"]}
+        if folded:
+            settings["folded_batch_norms"] = len(folded)
+        return QuantizationController(
+            infos, skipped, settings=settings, num_bn_adaptation_samples=self.num_bn_adaptation_samples,
+            weights_start=self.params.get("weights_quant_start_epoch"),
+            activations_start=self.params.get("activations_quant_start_epoch"))
+
+
+def _unsupported_weighted(gm: torch.fx.GraphModule) -> list[dict]:
+    """Conv/linear module calls that stayed modules (no exact functional form): not quantized."""
+    out = []
+    for node in gm.graph.nodes:
+        kind = op_kind(node, gm)
+        if node.op == "call_module" and kind is not None and kind.name in WEIGHTED_KINDS:
+            out.append({"scope": node.target, "reason": f"{kind.name} called in a form without an exact "
+                                                        "functional equivalent (e.g. output_size=, a subclass)"})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Graph surgery
+# ---------------------------------------------------------------------------
+
+def _insert(gm: torch.fx.GraphModule, producer: torch.fx.Node, users: list[torch.fx.Node], name: str,
+            inserted_by: str) -> torch.fx.Node:
+    if producer.op != "placeholder":
+        return insert_on_output(gm, producer, name, inserted_by, users=users)
+    # Keep the placeholders together at the top of the graph: insert after the last one.
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        new = gm.graph.call_module(name, (producer,))
+    copy_meta(producer, new, inserted_by)
+    for user in users:
+        user.replace_input_with(producer, new)
+    return new
+
+
+def insert_quantizers(gm: torch.fx.GraphModule, plan: QuantizationPlan, inserted_by: str,
+                      learnable: bool = True, range_rules: RangeInitRules | None = None) -> list[QuantizerInfo]:
+    """One ``FakeQuantizer`` per annotated point; the annotations are consumed."""
+    range_rules = range_rules or RangeInitRules(None)
+    infos = []
+    for point in plan.points:
+        quantizer = FakeQuantizer(point.spec, num_channels=point.num_channels, learnable=learnable)
+        device = _device_of(point.producer, gm)
+        if device is not None:
+            quantizer.to(device)
+        name = add_module(gm, point.name, quantizer)
+        node = _insert(gm, point.producer, point.consumers, name, inserted_by)
+        serves = tuple(readable_name(n, gm) if n.op != "output" else "output" for n in point.serves)
+        node.meta["quantization"] = {"group": point.group, "serves": list(serves), "reasons": list(point.reasons),
+                                     "overflow_fix": point.overflow_fix}
+        infos.append(QuantizerInfo(
+            name=name, module=quantizer, group=point.group, scopes=point.scopes, serves=serves,
+            reasons=tuple(point.reasons), range_init=range_rules.for_quantizer(point.group, point.scopes,
+                                                                              point.override),
+            overflow_fix=point.overflow_fix, signed_fixed=point.signed_fixed))
+    for node in gm.graph.nodes:
+        node.meta.pop(ANNOTATION_KEY, None)
+    gm.graph.lint()
+    gm.recompile()
+    return infos
+
+
+def _device_of(node: torch.fx.Node, gm: torch.fx.GraphModule):
+    if node.op == "get_attr":
+        value = get_attr_value(gm, node.target)
+        if isinstance(value, torch.Tensor):
+            return value.device
+    for p in gm.parameters():
+        return p.device
+    return None
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm folding at compile time (fold_bn=True)
+# ---------------------------------------------------------------------------
+
+_CONV_BN = Chain(Step("conv", "conv_transpose", "linear"), "batch_norm")
+
+
+@torch.no_grad()
+def fold_batch_norms(gm: torch.fx.GraphModule, selects=lambda path: True) -> list[str]:
+    """Fold ``conv/linear -> BatchNorm`` (running statistics) into the conv's weight and bias.
+
+    ``w' = w * f`` per output channel and ``b' = (b - mean) * f + beta`` with
+    ``f = gamma / sqrt(var + eps)``; new parameter tensors on the GraphModule's
+    own module copy (the user's model keeps its tensors). QAT then trains the
+    folded weights, and the weight quantizer sees what inference will use.
+    Returns the folded BatchNorm module paths.
+    """
+    ops = {op.node: op for op in weighted_ops(gm)}
+    bn_uses: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            bn_uses[node.target] = bn_uses.get(node.target, 0) + 1
+    folded = []
+    for match in list(_CONV_BN.find(gm)):
+        conv, bn_node = match.first, match.last
+        op = ops.get(conv)
+        if op is None or op.weight_source is None or bn_node.op != "call_module" or bn_uses[bn_node.target] != 1:
+            continue
+        bn = gm.get_submodule(bn_node.target)
+        if not bn.track_running_stats or bn.running_mean is None or not selects(op.module_path):
+            continue
+        if op.kind.name == "conv_transpose" and len(conv.args) > 6 and conv.args[6] != 1:
+            continue  # grouped transposed conv: output channels are not one weight axis
+        weight_target = op.weight_source.target
+        weight = get_attr_value(gm, weight_target)
+        factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+        shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
+        shape = [1] * weight.dim()
+        shape[op.out_axis] = -1
+        new_weight = weight * factor.reshape(shape)
+        bias_node = conv.args[2] if len(conv.args) > 2 else None
+        bias = get_attr_value(gm, bias_node.target) if isinstance(bias_node, torch.fx.Node) else None
+        new_bias = (bias * factor if bias is not None else 0) + shift
+        owner_path, _, weight_name = weight_target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        setattr(owner, weight_name, nn.Parameter(new_weight.detach().clone(), requires_grad=weight.requires_grad))
+        if isinstance(bias_node, torch.fx.Node) and bias_node.op == "get_attr":
+            b_path, _, b_name = bias_node.target.rpartition(".")
+            setattr(gm.get_submodule(b_path), b_name, nn.Parameter(new_bias.detach().clone()))
+        else:
+            name = "bias"
+            if getattr(owner, name, None) is not None:
+                name = "folded_bias"
+            owner.register_parameter(name, nn.Parameter(new_bias.detach().clone()))
+            with gm.graph.inserting_before(conv):
+                getter = gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
+            getter.meta["module_path"] = op.module_path
+            args = list(conv.args)
+            while len(args) < 3:
+                args.append(None)
+            args[2] = getter
+            conv.args = tuple(args)
+        bn_node.replace_all_uses_with(conv)
+        gm.graph.erase_node(bn_node)
+        gm.delete_submodule(bn_node.target)
+        folded.append(bn_node.target)
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+    return folded
