@@ -9,3 +9,12 @@ __all__ = [*globals().get("__all__", []), "MagnitudeSparsity", "RBSparsity", "Co
 from .quantization import Quantize  # noqa: E402  (issue 4)
 
 __all__ = [*__all__, "Quantize"]
+from .binarization import Binarization  # noqa: E402  (issue 7)
+
+__all__ = [*__all__, "Binarization"]
+from .mixed_precision import MixedPrecision  # noqa: E402  (issue 8)
+
+__all__ = [*__all__, "MixedPrecision"]
+from .pruning import FilterPruning  # noqa: E402  (issue 6)
+
+__all__ = [*__all__, "FilterPruning"]

@@ -657,7 +657,7 @@ class DataDependentGate(nn.Module):
 
 
 class ModelNeedingLeaf(nn.Module):
-    """conv-bn-relu, ``gate`` (a :class:`DataDependentGate`), conv-relu, adaptive
+    """conv-bn, ``gate`` (a :class:`DataDependentGate`), relu, conv-relu, adaptive
     avgpool, flatten, linear.  Trace it with ``DataDependentGate`` as a leaf
     (:attr:`leaf_modules`).
 
@@ -678,8 +678,9 @@ class ModelNeedingLeaf(nn.Module):
             self.fc = nn.Linear(16, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.bn1(self.conv1(x))
         x = self.gate(x)
+        x = torch.relu(x)
         x = self.conv2(x).relu()
         x = self.pool(x)
         x = x.flatten(1)

@@ -1,0 +1,156 @@
+"""Finding what mixed precision acts on: the weight quantizers of conv/linear layers and the
+activation quantizers that feed them, read from the graph alone.
+
+Mixed precision never imports the quantization pass (DESIGN.md: passes talk
+through the graph and ``node.meta``). A *quantized layer* is a conv, transposed
+conv or linear op whose weight edge (``fxcompress.weights``) passes through a
+``FakeQuantizer`` module; the quantizer's input is the weight as that quantizer
+sees it (the parameter, after any masks of earlier passes). Its *activation
+quantizer* is the ``FakeQuantizer`` reached from the op's data input through
+quantization-agnostic ops (max pool, flatten, reshape, transpose, dropout,
+identity), the same ops the quantization policy moves quantizers through. One
+weight quantizer read by several ops (a shared parameter) is one layer.
+
+``node.meta["quantization"]["overflow_fix"]`` (set by the quantization pass)
+marks 8-bit weight quantizers that use 7 bits against the overflow issue of
+CPUs without VNNI; mixed precision keeps that fix when it assigns 8 bits.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from fxcompress.graph import get_attr_value
+from fxcompress.optable import kind_of
+from fxcompress.quantizers import FakeQuantizer
+from fxcompress.weights import weighted_ops
+
+__all__ = ["QuantizedLayer", "find_quantized_layers", "quantizer_of", "weight_value", "layer_flops",
+           "nominal_bits", "effective_bits_for"]
+
+AGNOSTIC_KINDS = frozenset({"max_pool", "flatten", "reshape", "transpose", "dropout", "identity"})
+
+
+@dataclass
+class QuantizedLayer:
+    """One weight quantizer and what the bit-width choice needs to know about it."""
+    module_path: str                     # the conv/linear module (scopes match this)
+    weight_quantizer: str                # its module name on the GraphModule
+    weight_node: torch.fx.Node           # the call of the weight quantizer
+    module: FakeQuantizer
+    activation_quantizers: tuple[str, ...]   # names of the quantizers on the op's data input
+    flops: int                           # per sample, NNCF's count (selection.py)
+    params: int
+    overflow_fix: bool = False
+
+    @property
+    def group(self) -> str | None:
+        return self.activation_quantizers[0] if self.activation_quantizers else None
+
+
+def quantizer_of(gm: torch.fx.GraphModule, node) -> FakeQuantizer | None:
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FakeQuantizer):
+            return module
+    return None
+
+
+def _weight_quantizer_node(gm: torch.fx.GraphModule, edge) -> torch.fx.Node | None:
+    """The FakeQuantizer call on a weight edge (walking back through inserted transforms)."""
+    current = edge
+    while isinstance(current, torch.fx.Node) and current.op == "call_module" and current.args:
+        if quantizer_of(gm, current) is not None:
+            return current
+        if not current.meta.get("inserted_by"):
+            return None
+        current = current.args[0]
+    return None
+
+
+def _activation_quantizer_node(gm: torch.fx.GraphModule, data_input) -> torch.fx.Node | None:
+    current = data_input
+    while isinstance(current, torch.fx.Node):
+        if quantizer_of(gm, current) is not None:
+            return current
+        if kind_of(current, gm) not in AGNOSTIC_KINDS or not current.args:
+            return None
+        current = current.args[0]
+    return None
+
+
+@torch.no_grad()
+def weight_value(gm: torch.fx.GraphModule, quantizer_node: torch.fx.Node) -> torch.Tensor | None:
+    """The tensor the weight quantizer sees: its parameter through the modules before it (masks)."""
+    chain, current = [], quantizer_node.args[0]
+    while isinstance(current, torch.fx.Node) and current.op == "call_module" and current.args:
+        chain.append(current)
+        current = current.args[0]
+    if not isinstance(current, torch.fx.Node) or current.op != "get_attr":
+        return None
+    value = get_attr_value(gm, current.target)
+    if not isinstance(value, torch.Tensor):
+        return None
+    value = value.detach()
+    for transform in reversed(chain):
+        value = gm.get_submodule(transform.target)(value)
+    return value
+
+
+def layer_flops(kind: str, weight: torch.Tensor, node: torch.fx.Node) -> int:
+    """FLOPs per sample as NNCF counts them (``compute_FLOPs_hook``): 2 × multiply-accumulates."""
+    out_shape = node.meta.get("shape")
+    if kind in ("conv", "conv_transpose"):
+        spatial = math.prod(out_shape[2:]) if isinstance(out_shape, tuple) and len(out_shape) > 2 else 1
+        return 2 * weight.numel() * spatial
+    data = node.args[0] if node.args else None
+    in_shape = data.meta.get("shape") if isinstance(data, torch.fx.Node) else None
+    tokens = math.prod(in_shape[1:-1]) if isinstance(in_shape, tuple) and len(in_shape) > 2 else 1
+    return 2 * weight.numel() * tokens
+
+
+def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer], list[dict]]:
+    """Quantized conv/linear layers in execution order, and the weighted ops skipped (with why)."""
+    layers: dict[str, QuantizedLayer] = {}
+    skipped = []
+    for op in weighted_ops(gm):
+        qnode = _weight_quantizer_node(gm, op.weight_input)
+        if qnode is None:
+            skipped.append({"scope": op.module_path, "reason": "its weight is not quantized (no weight "
+                                                              "quantizer: put Quantize before MixedPrecision)"})
+            continue
+        weight = weight_value(gm, qnode)
+        if weight is None:
+            skipped.append({"scope": op.module_path, "reason": "its weight is computed in the graph, "
+                                                              "not a parameter"})
+            continue
+        act = _activation_quantizer_node(gm, op.node.args[0] if op.node.args else None)
+        flops = layer_flops(op.kind.name, weight, op.node)
+        if qnode.target in layers:  # a shared weight: one quantizer, several ops
+            layer = layers[qnode.target]
+            layer.flops += flops
+            if act is not None and act.target not in layer.activation_quantizers:
+                layer.activation_quantizers += (act.target,)
+            continue
+        info = qnode.meta.get("quantization", {})
+        layers[qnode.target] = QuantizedLayer(
+            module_path=op.module_path, weight_quantizer=qnode.target, weight_node=qnode,
+            module=gm.get_submodule(qnode.target),
+            activation_quantizers=(act.target,) if act is not None else (), flops=flops,
+            params=weight.numel(), overflow_fix=bool(info.get("overflow_fix", False)))
+    return list(layers.values()), skipped
+
+
+def nominal_bits(layer_or_fix, module: FakeQuantizer) -> int:
+    """The bit width a quantizer stands for (8 for an overflow-fixed 7-bit weight quantizer)."""
+    fix = layer_or_fix.overflow_fix if isinstance(layer_or_fix, QuantizedLayer) else bool(layer_or_fix)
+    bits = module.spec.bits
+    return 8 if fix and bits == 7 else bits
+
+
+def effective_bits_for(overflow_fix: bool, bits: int) -> int:
+    """What to set on a weight quantizer for a nominal width: 8 stays 7 under the overflow fix."""
+    return 7 if overflow_fix and bits == 8 else bits
