@@ -24,11 +24,7 @@ import math
 import torch
 import torch.nn as nn
 
-try:
-    from fxcompress.ops import apply_mask as _apply_mask
-except ImportError:  # TEMPORARY until the op library lands (fxcompress.ops is being written)
-    def _apply_mask(w, mask):
-        return w * mask
+from fxcompress import ops
 
 __all__ = ["SparsityMask", "BinaryMask", "RBMask", "straight_through_threshold", "RB_INIT_PROBABILITY"]
 
@@ -72,7 +68,7 @@ class BinaryMask(SparsityMask):
                                                      if weight.is_floating_point() else torch.float32))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _apply_mask(w, self.mask)
+        return ops.apply_mask(w, self.mask)
 
     def binary_mask(self) -> torch.Tensor:
         return self.mask
@@ -135,7 +131,7 @@ class RBMask(SparsityMask):
             mask = straight_through_threshold(torch.sigmoid(self._logits() + torch.log(u / (1.0 - u))))
         else:
             mask = self.keep_probability_mask()
-        return _apply_mask(w, mask.to(w.dtype))
+        return ops.apply_mask(w, mask.to(w.dtype))
 
     def extra_repr(self) -> str:
         return f"shape={tuple(self.logits.shape)}, frozen={self._frozen}"
