@@ -18,6 +18,3 @@ __all__ = [*__all__, "MixedPrecision"]
 from .pruning import FilterPruning  # noqa: E402  (issue 6)
 
 __all__ = [*__all__, "FilterPruning"]
-from .mixed_precision import MixedPrecision  # noqa: E402  (issue 8)
-
-__all__ = [*__all__, "MixedPrecision"]
