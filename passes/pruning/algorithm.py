@@ -1,0 +1,417 @@
+"""``FilterPruning`` (NNCF's ``"filter_pruning"``) and its controller part.
+
+The pass: functionalize convs/linears (``weighted_ops``), analyze channel
+dependencies (``dependency``), apply the user's policy (scopes,
+``prune_first_conv``, ``prune_downsample_convs``), insert ``ChannelMask``
+modules (weight and bias of every producer, BatchNorm outputs, consumer inputs
+not provably zero), annotate nodes for the fold, and hand a controller part the
+plan. The part sets masks for the scheduled level (recomputing importance at
+every epoch until the schedule freezes), reports statistics, checkpoints, and
+provides the fold pass for ``strip()`` / ``export_onnx()``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxcompress.algorithm import CompressionPass
+from fxcompress.config import register_algorithm
+from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
+from fxcompress.errors import CheckpointError, ConfigError
+from fxcompress.graph import GraphSnapshot, add_module, insert_before_input, insert_on_output
+from fxcompress.pass_manager import PassContext, PassResult
+from fxcompress.weights import weighted_ops
+
+from .cost import CostModel
+from .dependency import ChannelAnalysis, Group, analyze_channels
+from .fold import INSERTED_BY, FoldPrunedChannels
+from .importance import CRITERIA, class_importance, flops_weighted
+from .masks import ChannelMask
+from .schedule import SCHEDULE_NAMES, build_pruning_scheduler
+from .selection import PRUNING_QUOTA, Selector
+
+__all__ = ["FilterPruning", "FilterPruningController"]
+
+_FRACTION = {"type": "number", "minimum": 0}
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "pruning_init": _FRACTION,
+        "schedule": {"enum": list(SCHEDULE_NAMES)},
+        "pruning_target": _FRACTION,
+        "pruning_flops_target": _FRACTION,
+        "num_init_steps": {"type": "integer", "minimum": 0},
+        "pruning_steps": {"type": "integer", "minimum": 1},
+        "filter_importance": {"enum": list(CRITERIA)},
+        "weight_importance": {"enum": list(CRITERIA)},  # NNCF 1.x name of filter_importance
+        "interlayer_ranking_type": {"enum": ["unweighted_ranking", "flops_weighted_ranking", "learned_ranking"]},
+        "all_weights": {"type": "boolean"},
+        "prune_first_conv": {"type": "boolean"},
+        "prune_downsample_convs": {"type": "boolean"},
+        "prune_batch_norms": {"type": "boolean"},
+        "zero_grad": {"type": "boolean"},
+        "initializer": {
+            "type": "object",
+            "properties": {"batchnorm_adaptation": {
+                "type": "object",
+                "properties": {"num_bn_adaptation_samples": {"type": "integer", "minimum": 0}},
+                "additionalProperties": False}},
+            "additionalProperties": False,
+        },
+    },
+}
+
+DEFAULTS = {
+    "pruning_init": 0.0, "schedule": "exponential", "num_init_steps": 0, "pruning_steps": 100,
+    "filter_importance": "L2", "interlayer_ranking_type": "unweighted_ranking", "all_weights": False,
+    "prune_first_conv": False, "prune_downsample_convs": False, "prune_batch_norms": True, "zero_grad": True,
+}
+DEFAULT_PRUNING_TARGET = 0.5
+DEFAULT_BN_ADAPTATION_SAMPLES = 2000  # NNCF's default when the initializer block is given
+
+
+@register_algorithm
+class FilterPruning(CompressionPass):
+    """Prune whole filters (output channels) of convolutions, and everything tied to them.
+
+    ``FilterPruning(pruning_target=0.5)`` prunes half of the filters of every
+    prunable group; ``FilterPruning(pruning_flops_target=0.3)`` removes 30% of
+    the FLOPs. See docs/pruning.md for every key.
+    """
+    algorithm = "filter_pruning"
+    schema = SCHEMA
+    defaults = DEFAULTS
+
+    @classmethod
+    def check(cls, params: dict, prefix: str):
+        filters, flops = params.get("pruning_target"), params.get("pruning_flops_target")
+        if filters is not None and flops is not None:
+            raise ConfigError(f"{prefix}: give either pruning_target (fraction of filters) or "
+                              f"pruning_flops_target (fraction of FLOPs), not both", path=f"{prefix}.pruning_target")
+        for key, what in (("pruning_target", "filters"), ("pruning_flops_target", "FLOPs")):
+            value = params.get(key)
+            if value is not None and value >= 1.0:
+                raise ConfigError(f"{prefix}.{key}: {value} would remove all {what}; it is the fraction of {what} "
+                                  f"removed and must be below 1.0 (e.g. 0.5)", path=f"{prefix}.{key}")
+        target = flops if flops is not None else (filters if filters is not None else DEFAULT_PRUNING_TARGET)
+        if params["pruning_init"] > target:
+            raise ConfigError(f"{prefix}.pruning_init: {params['pruning_init']} is above the target {target}",
+                              path=f"{prefix}.pruning_init")
+        if params.get("weight_importance") and "filter_importance" in params and \
+                params["weight_importance"] != params["filter_importance"] and params["filter_importance"] != "L2":
+            raise ConfigError(f"{prefix}: weight_importance ({params['weight_importance']}) and filter_importance "
+                              f"({params['filter_importance']}) disagree; give filter_importance only",
+                              path=f"{prefix}.weight_importance")
+        if params["interlayer_ranking_type"] == "learned_ranking":
+            raise ConfigError(f"{prefix}.interlayer_ranking_type: 'learned_ranking' (LeGR) is not supported; "
+                              f"use 'unweighted_ranking' or 'flops_weighted_ranking'",
+                              path=f"{prefix}.interlayer_ranking_type")
+
+    # -- resolved options --------------------------------------------------------------------
+    @property
+    def target(self) -> tuple[str, float]:
+        if self.params.get("pruning_flops_target") is not None:
+            return "flops", float(self.params["pruning_flops_target"])
+        return "filters", float(self.params.get("pruning_target", DEFAULT_PRUNING_TARGET))
+
+    @property
+    def criterion(self) -> str:
+        legacy = self.params.get("weight_importance")  # NNCF 1.x name; filter_importance wins when set
+        return legacy if legacy and self.params["filter_importance"] == "L2" else self.params["filter_importance"]
+
+    # -- the pass ------------------------------------------------------------------------------
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        self.validate_scopes(gm)
+        if any("pruning_space" in n.meta for n in gm.graph.nodes):
+            raise ConfigError("FilterPruning: this model already went through a FilterPruning pass; "
+                              "use one per model", path="compression")
+        snapshot = GraphSnapshot(gm)
+        ops = weighted_ops(gm)
+        analysis = analyze_channels(gm, ops, prune_batch_norms=self.params["prune_batch_norms"])
+        self._apply_policy(analysis)
+        prunable = [g for g in analysis.groups if g.prunable]
+        if not prunable:
+            snapshot.restore()
+            why = "no convolution in the model" if not analysis.groups else \
+                f"all {len(analysis.groups)} channel groups are unprunable (see ctrl.statistics() 'skipped')"
+            warnings.warn(f"FilterPruning: nothing to prune: {why}", stacklevel=2)
+            return PassResult(gm, False, FilterPruningController(self, analysis, []))
+        cost = CostModel(analysis, gm)
+        selector = Selector(analysis, prunable, cost)
+        part = FilterPruningController(self, analysis, prunable, gm, cost, selector)
+        kind, target = self.target
+        if kind == "flops":
+            reachable = selector.max_flops_fraction(part.scores(), self.params["all_weights"])
+            if target > reachable + 1e-9:
+                raise ConfigError(
+                    f"FilterPruning.pruning_flops_target: {target:g} cannot be reached: pruning every prunable "
+                    f"group to its limit ({PRUNING_QUOTA:.0%} of its channels) removes at most {reachable:.4f} "
+                    f"of the FLOPs ({len(prunable)} of {len(analysis.groups)} channel groups are prunable; "
+                    f"prune_first_conv / prune_downsample_convs / ignored_scopes may free more)",
+                    path="FilterPruning.pruning_flops_target")
+        part.bind_masks(self._insert_masks(gm, analysis, prunable))
+        self._annotate(analysis, prunable)
+        part.start()
+        return PassResult(gm, True, part)
+
+    def _apply_policy(self, analysis: ChannelAnalysis):
+        p = self.params
+        for group in analysis.groups:
+            outside = [m.name for m in group.members if not self.selects(m.module_path)]
+            if outside:
+                group.reasons.append(f"{', '.join(outside)} excluded by ignored_scopes/target_scopes")
+            if not p["prune_first_conv"]:
+                first = [l.name for l in group.producers if l.first]
+                if first:
+                    group.reasons.append(f"contains the first convolution {', '.join(first)} "
+                                         f"(prune_first_conv is false)")
+            if not p["prune_downsample_convs"]:
+                down = [l.name for l in group.producers if l.downsampling]
+                if down:
+                    group.reasons.append(f"contains the downsampling convolution {', '.join(down)} "
+                                         f"(stride > 1; prune_downsample_convs is false)")
+
+    def _insert_masks(self, gm, analysis: ChannelAnalysis, groups: list[Group]) -> list:
+        candidate = np.zeros(analysis.num_classes, dtype=bool)
+        for g in groups:
+            candidate[g.classes] = True
+
+        def touched(space):
+            return space is not None and bool(candidate[analysis.classes_of(space)].any())
+
+        straight_through = not self.params["zero_grad"]
+        bindings = []
+
+        def device_of(layer):
+            return layer.node.meta.get("device") or next((t.device for t in gm.parameters()), None)
+
+        # consumer inputs the analysis cannot prove zero at pruned channels (first: they read the original edge)
+        by_input: dict[torch.fx.Node, tuple] = {}
+        for layer in analysis.layers.values():
+            space = layer.in_space
+            if touched(space) and not layer.depthwise and not space.zero:
+                x = layer.node.args[0]
+                by_input.setdefault(x, (space, []))[1].append(layer)
+        for x, (space, consumers) in by_input.items():
+            mask = ChannelMask(space.size, space.axis, space.ndim).to(device_of(consumers[0]))
+            name = add_module(gm, f"{consumers[0].name}_input_mask", mask)
+            insert_on_output(gm, x, name, INSERTED_BY, users=[c.node for c in consumers])
+            bindings.append((mask, space))
+        for layer in analysis.layers.values():
+            if not touched(layer.out_space):
+                continue
+            node, space = layer.node, layer.out_space
+            weight_input = node.args[1]
+            mask = ChannelMask(space.size, layer.out_axis, len(layer.weight_shape), straight_through)
+            mask = mask.to(device_of(layer))
+            name = add_module(gm, f"{layer.name}_weight_mask", mask)
+            insert_before_input(gm, node, weight_input, name, INSERTED_BY)
+            bindings.append((mask, space))
+            bias = node.args[2] if len(node.args) > 2 else None
+            if isinstance(bias, torch.fx.Node):
+                mask = ChannelMask(space.size, 0, 1, straight_through).to(device_of(layer))
+                name = add_module(gm, f"{layer.name}_bias_mask", mask)
+                insert_before_input(gm, node, bias, name, INSERTED_BY)
+                bindings.append((mask, space))
+        if self.params["prune_batch_norms"]:
+            for norm in analysis.norms:
+                if touched(norm.space):
+                    mask = ChannelMask(norm.space.size, 1, norm.space.ndim)
+                    mask = mask.to(next((t.device for t in gm.get_submodule(norm.module_path).parameters()),
+                                        torch.device("cpu")))
+                    name = add_module(gm, f"{norm.module_path}_output_mask", mask)
+                    insert_on_output(gm, norm.node, name, INSERTED_BY)
+                    bindings.append((mask, norm.space))
+        return bindings
+
+    @staticmethod
+    def _annotate(analysis: ChannelAnalysis, groups: list[Group]):
+        """What the fold needs, in node.meta: the channel class of every element that may shrink."""
+        candidate = np.zeros(analysis.num_classes, dtype=bool)
+        for g in groups:
+            candidate[g.classes] = True
+        for space in analysis.spaces:
+            classes = analysis.classes_of(space)
+            if candidate[classes].any():
+                space.node.meta["pruning_space"] = {"axis": space.axis, "classes": tuple(classes.tolist())}
+        for layer in analysis.layers.values():
+            if layer.in_space is not None and candidate[analysis.classes_of(layer.in_space)].any():
+                classes = analysis.classes_of(layer.in_space)
+                layer.node.meta["pruning_input"] = {"axis": layer.in_space.axis, "classes": tuple(classes.tolist())}
+        for node in analysis.reshapes:
+            if "pruning_space" in node.meta:
+                node.meta["pruning_reshape"] = True
+
+
+class FilterPruningController(ControllerPart):
+    """Masks for the scheduled level, statistics, checkpoints and the fold pass."""
+    algorithm = "filter_pruning"
+
+    def __init__(self, owner: FilterPruning, analysis: ChannelAnalysis, groups: list[Group], gm=None,
+                 cost: CostModel | None = None, selector: Selector | None = None):
+        super().__init__()
+        self.params = dict(owner.params)
+        self.target_kind, self.target = owner.target
+        self.criterion = owner.criterion
+        self.analysis = analysis
+        self.groups = groups
+        self.gm = gm
+        self.cost = cost
+        self.selector = selector
+        self.bindings: list[tuple[ChannelMask, object]] = []
+        self.pruned = np.zeros(analysis.num_classes, dtype=bool)
+        self.current_level = 0.0
+        self._applied: tuple | None = None
+        self._frozen = False
+        self._suspended = True
+        self._class_flops = None
+        p = self.params
+        self.scheduler = build_pruning_scheduler(p["schedule"], p["pruning_init"], self.target,
+                                                 p["num_init_steps"], p["pruning_steps"])
+        self.scheduler.on_update(self._on_schedule)
+        self.skipped = [{"scope": g.describe() or f"group {g.id}", "reason": "; ".join(g.reasons)}
+                        for g in analysis.groups if not g.prunable]
+
+    # -- masks -------------------------------------------------------------------------------
+    def bind_masks(self, bindings):
+        self.bindings = list(bindings)
+
+    def start(self):
+        """Apply the schedule's first level (called by the pass once the masks are in the graph)."""
+        self._suspended = False
+        self._on_schedule(self.scheduler)
+
+    def _on_schedule(self, scheduler):
+        if self._suspended or self._frozen or not self.groups:
+            return
+        key = (scheduler.current_epoch, float(scheduler.current_level))
+        if key == self._applied:
+            return
+        self.set_pruning_level(scheduler.current_level)
+        self._applied = key
+        if scheduler.frozen:
+            self._frozen = True
+
+    @property
+    def global_ranking(self) -> bool:
+        return bool(self.params["all_weights"])
+
+    def scores(self) -> np.ndarray:
+        """Importance per channel class from the current weights (normalized across layers when global)."""
+        scores = class_importance(self.analysis, self.gm, self.criterion, normalize=self.global_ranking)
+        if self.global_ranking and self.params["interlayer_ranking_type"] == "flops_weighted_ranking":
+            if self._class_flops is None:
+                flops = np.zeros(self.analysis.num_classes)
+                cands = self.selector.candidates
+                flops[cands] = self.cost.flops_per_class(cands)
+                self._class_flops = flops
+            scores = flops_weighted(scores, self._class_flops)
+        return scores
+
+    def set_pruning_level(self, level: float):
+        """Recompute the masks for ``level`` (fraction of filters, or of FLOPs with pruning_flops_target)."""
+        if not self.groups:
+            return
+        level = float(level)
+        if level <= 0:
+            pruned = np.zeros(self.analysis.num_classes, dtype=bool)
+        else:
+            scores = self.scores()
+            if self.target_kind == "flops":
+                pruned = self.selector.for_flops(level, scores, self.global_ranking)
+            elif self.global_ranking:
+                pruned = self.selector.global_(level, scores)
+            else:
+                pruned = self.selector.uniform(level, scores)
+        self._set_pruned(pruned)
+        self.current_level = level
+
+    def _set_pruned(self, pruned: np.ndarray):
+        self.pruned = pruned.copy()
+        for mask, space in self.bindings:
+            mask.set(torch.from_numpy(self.analysis.keep(space, self.pruned)))
+
+    # -- the training loop -----------------------------------------------------------------------
+    def initialize(self, ctx: InitContext):
+        init = self.params.get("initializer", {}).get("batchnorm_adaptation")
+        if init is None or ctx.data is None or not self.groups:
+            return
+        samples = init.get("num_bn_adaptation_samples", DEFAULT_BN_ADAPTATION_SAMPLES)
+        if samples > 0:
+            ctx.data.run(ctx.gm, samples, train=True, progress="filter pruning: BN adaptation")
+
+    def distributed(self):
+        """Make every rank use rank 0's masks."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or not self.groups:
+            return
+        flags = torch.from_numpy(self.pruned.astype(np.uint8))
+        device = next((m.mask.device for m, _ in self.bindings), torch.device("cpu"))
+        flags = flags.to(device)
+        torch.distributed.broadcast(flags, src=0)
+        self._set_pruned(flags.cpu().numpy().astype(bool))
+
+    # -- statistics -----------------------------------------------------------------------------
+    def statistics(self) -> StatisticsSection:
+        summary = {"pruning_level": float(self.current_level), "target": self.target,
+                   "target_kind": self.target_kind, "schedule": self.params["schedule"],
+                   "epoch": self.scheduler.current_epoch, "frozen": self._frozen,
+                   "groups": len(self.analysis.groups), "prunable_groups": len(self.groups)}
+        rows = []
+        if self.groups:
+            now, full = self.cost.evaluate(self.pruned), self.cost.full
+            filters = pruned_filters = 0
+            for g in self.groups:
+                k = int(self.pruned[g.classes].sum())
+                for layer in g.producers:
+                    kept = self.analysis.keep(layer.out_space, self.pruned)
+                    filters += kept.size
+                    pruned_filters += int((~kept).sum())
+                rows.append({"group": g.id, "producers": g.describe(), "channels": g.size, "pruned": k,
+                             "ratio": k / g.size})
+            summary.update({
+                "filters_pruned_ratio": pruned_filters / max(1, filters),
+                "flops_before": full.flops, "flops_after": now.flops,
+                "flops_pruned_ratio": 1 - now.flops / max(1, full.flops),
+                "params_before": full.params, "params_after": now.params,
+                "params_pruned_ratio": 1 - now.params / max(1, full.params),
+            })
+        return StatisticsSection(self.algorithm, summary, rows, [dict(s) for s in self.skipped])
+
+    def predicted_cost(self):
+        """(FLOPs, parameters) the folded model will have with the current masks."""
+        return self.cost.evaluate(self.pruned)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "num_classes": int(self.analysis.num_classes),
+                "pruned": [int(c) for c in np.nonzero(self.pruned)[0]], "level": float(self.current_level),
+                "applied": list(self._applied) if self._applied else None, "frozen": bool(self._frozen)}
+
+    def load_state_dict(self, state: dict):
+        for key in ("scheduler", "num_classes", "pruned", "level", "frozen"):
+            if key not in state:
+                raise CheckpointError(f"filter_pruning controller state lacks '{key}'")
+        if int(state["num_classes"]) != self.analysis.num_classes:
+            raise CheckpointError(f"filter_pruning checkpoint was saved for a model with {state['num_classes']} "
+                                  f"channel classes, this one has {self.analysis.num_classes}: not the same model")
+        self._suspended = True
+        try:
+            self.scheduler.load_state_dict(state["scheduler"])
+        finally:
+            self._suspended = False
+        pruned = np.zeros(self.analysis.num_classes, dtype=bool)
+        pruned[np.asarray(state["pruned"], dtype=np.int64)] = True
+        self._set_pruned(pruned)
+        self.current_level = float(state["level"])
+        self._applied = tuple(state["applied"]) if state.get("applied") else None
+        self._frozen = bool(state["frozen"])
+
+    # -- lowering -----------------------------------------------------------------------------------
+    def lowering_passes(self):
+        if not self.groups:
+            return []
+        return [FoldPrunedChannels(np.nonzero(self.pruned)[0].tolist())]

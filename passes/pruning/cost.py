@@ -1,0 +1,168 @@
+"""FLOPs and parameter counts: of any graph (``model_cost``) and of a pruning plan (``CostModel``).
+
+FLOPs are ``2 x`` the multiply-accumulates of convolutions, transposed
+convolutions and linear layers per sample (the batch dimension is not counted);
+other ops are not counted, as in NNCF's pruning statistics. Parameters are all
+parameters of the model except those of modules compression passes inserted
+(masks hold buffers only; quantizer scales are left out).
+
+``CostModel`` predicts both numbers for any set of pruned channel classes from
+the analysis alone, with the same per-layer formula ``model_cost`` applies to
+the real tensors of the folded model, so the tests can check prediction against
+the folded graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx
+
+from fxcompress.optable import op_kind
+
+from .dependency import ChannelAnalysis, Layer
+
+__all__ = ["Cost", "layer_macs", "model_cost", "compression_params", "CostModel"]
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: int
+    params: int
+
+
+def layer_macs(kind: str, weight_shape, spatial: int) -> int:
+    """Multiply-accumulates per sample of one layer with this weight shape.
+
+    conv ``[out, in/groups, *k]`` and transposed conv ``[in, out/groups, *k]``: the
+    product of the weight shape per position (``spatial`` = output positions for
+    a conv, input positions for a transposed conv); linear ``[out, in]``: per
+    leading position.
+    """
+    return int(math.prod(int(s) for s in weight_shape)) * int(spatial)
+
+
+def _spatial(kind: str, node: torch.fx.Node) -> int:
+    out_shape = node.meta.get("shape")
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    in_shape = x.meta.get("shape") if isinstance(x, torch.fx.Node) else None
+    if kind == "conv":
+        return math.prod(out_shape[2:])
+    if kind == "conv_transpose":
+        return math.prod(in_shape[2:])
+    return math.prod(out_shape[1:-1])
+
+
+def _inserted_prefixes(gm: torch.fx.GraphModule) -> tuple[str, ...]:
+    return tuple(f"{n.target}." for n in gm.graph.nodes
+                 if n.op == "call_module" and n.meta.get("inserted_by"))
+
+
+def compression_params(gm: torch.fx.GraphModule) -> int:
+    """Parameters of the model, without those of modules compression passes inserted."""
+    prefixes = _inserted_prefixes(gm)
+    return sum(p.numel() for name, p in gm.named_parameters() if not name.startswith(prefixes))
+
+
+def model_cost(gm: torch.fx.GraphModule) -> Cost:
+    """FLOPs and parameters of a graph as it is (module or functional convs and linears)."""
+    macs = 0
+    for node in gm.graph.nodes:
+        kind = op_kind(node, gm)
+        if kind is None or kind.name not in ("conv", "conv_transpose", "linear"):
+            continue
+        if node.op == "call_module":
+            shape = tuple(gm.get_submodule(node.target).weight.shape)
+        else:
+            w = node.args[kind.weight_arg] if len(node.args) > kind.weight_arg else node.kwargs.get("weight")
+            shape = w.meta.get("shape")
+        macs += layer_macs(kind.name, shape, _spatial(kind.name, node))
+    return Cost(2 * macs, compression_params(gm))
+
+
+class CostModel:
+    """Predicted FLOPs/parameters after removing the elements of the pruned classes."""
+
+    def __init__(self, analysis: ChannelAnalysis, gm: torch.fx.GraphModule):
+        self.analysis = analysis
+        self.sizes = np.array([s.size for s in analysis.spaces], dtype=np.int64)
+        self.layers = [l for l in analysis.layers.values() if l.weight_shape]
+        self.full_params = compression_params(gm)
+        self._norm_affine = {id(n): _affine(gm, n.module_path) for n in analysis.norms}
+        full = self.evaluate_kept(self.sizes)
+        self.full = Cost(full[0], self.full_params)
+        self._full_layer_params = full[1]
+
+    def removed_per_space(self, pruned: np.ndarray) -> np.ndarray:
+        a = self.analysis
+        return np.bincount(a.element_space[pruned[a.class_of]], minlength=len(self.sizes))
+
+    def new_weight_shape(self, layer: Layer, kept: np.ndarray) -> tuple[tuple, int]:
+        """The layer's weight shape and groups with ``kept`` elements per space."""
+        ws = list(layer.weight_shape)
+        out_k = int(kept[layer.out_space.index]) if layer.out_space is not None else None
+        in_k = int(kept[layer.in_space.index]) if layer.in_space is not None else None
+        groups = layer.groups
+        if layer.kind == "conv":
+            if out_k is not None:
+                ws[0] = out_k
+            if layer.depthwise:
+                groups = in_k if in_k is not None else groups
+            elif in_k is not None:
+                ws[1] = in_k // max(1, groups)
+        elif layer.kind == "conv_transpose":
+            if in_k is not None:
+                ws[0] = in_k
+            if out_k is not None:
+                ws[1] = out_k // max(1, groups)
+        else:
+            if in_k is not None:
+                ws[1] = in_k
+        return tuple(ws), groups
+
+    def evaluate_kept(self, kept: np.ndarray) -> tuple[int, int]:
+        """(FLOPs, parameters of the costed layers and norms) with ``kept`` elements per space."""
+        macs, params = 0, 0
+        for layer in self.layers:
+            ws, _ = self.new_weight_shape(layer, kept)
+            macs += layer_macs(layer.kind, ws, layer.spatial)
+            params += math.prod(ws)
+            if layer.bias_target is not None:
+                params += ws[layer.out_axis]
+        for norm in self.analysis.norms:
+            if self._norm_affine[id(norm)]:
+                params += 2 * int(kept[norm.space.index])
+        return 2 * macs, params
+
+    def evaluate(self, pruned: np.ndarray) -> Cost:
+        """FLOPs and parameters after pruning the classes flagged in ``pruned``."""
+        kept = self.sizes - self.removed_per_space(pruned)
+        flops, layer_params = self.evaluate_kept(kept)
+        return Cost(flops, self.full_params - (self._full_layer_params - layer_params))
+
+    def flops_per_class(self, classes: np.ndarray) -> np.ndarray:
+        """FLOPs saved by pruning each of ``classes`` alone (for FLOPs-weighted ranking)."""
+        out = np.zeros(len(classes), dtype=np.float64)
+        for i, c in enumerate(classes.tolist()):
+            spaces, counts = self.analysis.class_spaces[c]
+            kept = self.sizes.copy()
+            kept[spaces] -= counts
+            touched = set(spaces.tolist())
+            saved = 0
+            for layer in self.layers:
+                ins = layer.in_space.index if layer.in_space is not None else -1
+                outs = layer.out_space.index if layer.out_space is not None else -1
+                if ins in touched or outs in touched:
+                    full_ws, _ = self.new_weight_shape(layer, self.sizes)
+                    new_ws, _ = self.new_weight_shape(layer, kept)
+                    saved += layer_macs(layer.kind, full_ws, layer.spatial) - \
+                        layer_macs(layer.kind, new_ws, layer.spatial)
+            out[i] = 2 * saved
+        return out
+
+
+def _affine(gm, path: str) -> bool:
+    module = gm.get_submodule(path)
+    return getattr(module, "weight", None) is not None
