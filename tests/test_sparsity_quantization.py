@@ -69,3 +69,13 @@ def test_json_config_pipeline_matches_the_pass_list():
                                      example_inputs=(X,))
     assert g1.code == g2.code
     assert [p.algorithm for p in c1.parts] == ["magnitude_sparsity", "quantization"]
+
+
+def test_model_sparsity_counts_only_the_users_parameters():
+    ctrl, gm = compile_pipeline(RBSparsity(sparsity_init=0.3))
+    with torch.no_grad():
+        gm.conv2_weight_mask.logits[:4] = -1.0
+    stats = ctrl.statistics().to_dict()["rb_sparsity"]
+    n_model = sum(p.numel() for p in DigitsCNN(seed=0).parameters())
+    assert stats["masked_params"] == 4 * 16 * 9
+    assert stats["model_sparsity"] == pytest.approx(stats["masked_params"] / n_model)

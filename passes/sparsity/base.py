@@ -216,8 +216,7 @@ class SparsityController(ControllerPart):
             rows.append({"layer": layer.module_path, "mask": layer.mask_name, "shape": tuple(mask.shape),
                          "params": numel, "sparsity": zeros / numel if numel else 0.0,
                          **self.layer_statistics(layer)})
-        model_params = sum(p.numel() for name, p in self.gm.named_parameters()
-                           if not isinstance(self._owner(name), SparsityMask))
+        model_params = self._model_parameter_count()
         summary = {
             "sparsity": zeros_total / total if total else 0.0,
             "model_sparsity": zeros_total / model_params if model_params else 0.0,
@@ -231,9 +230,11 @@ class SparsityController(ControllerPart):
         }
         return StatisticsSection(self.algorithm, summary, rows, self.skipped)
 
-    def _owner(self, param_name: str):
-        path = param_name.rpartition(".")[0]
-        return self.gm.get_submodule(path) if path else self.gm
+    def _model_parameter_count(self) -> int:
+        """Parameters of the user's model: those of modules a compression pass inserted are left out."""
+        inserted = tuple(f"{n.target}." for n in self.gm.graph.nodes
+                         if n.op == "call_module" and n.meta.get("inserted_by"))
+        return sum(p.numel() for name, p in self.gm.named_parameters() if not name.startswith(inserted))
 
     def freeze(self):
         self.frozen = True
