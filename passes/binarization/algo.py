@@ -1,0 +1,358 @@
+"""The binarization pass (NNCF's ``"binarization"``) and its controller.
+
+``Binarization(mode="xnor")`` inserts, for every convolution it binarizes
+(``placement.decide``: all but first/last layers and excluded scopes):
+
+    conv2_weight -> conv2_weight_binarizer -> conv2d(conv2_input_binarizer(x), ...)
+
+one ``WeightBinarizer`` per weight parameter (on the weight edge, after
+masks of earlier passes) and one ``ActivationBinarizer`` per convolution (on
+its data input edge, as NNCF's pre-layer operation). Both start disabled: the
+controller's ``StagedBinarizationScheduler`` enables activations at
+``activations_quant_start_epoch`` and weights at ``weights_quant_start_epoch``.
+
+``ctrl.initialize(loader)`` sets every activation binarizer's ``S`` and ``T``
+from statistics of its float input (``initializer.range``, see
+``init.py``); without it, an enabled binarizer initializes from its first
+training batch (NNCF's behaviour). ``lowering_passes()`` returns
+``LowerBinarizers`` (``lowering.py``) for ``strip()`` / ``export_onnx()``.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from fxcompress.algorithm import CompressionPass
+from fxcompress.config import register_algorithm
+from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
+from fxcompress.errors import ConfigError, NotInitializedError
+from fxcompress.graph import add_module, get_attr_value, insert_before_input, insert_on_output
+from fxcompress.optable import op_kind
+from fxcompress.pass_manager import PassContext, PassResult
+from fxcompress.weights import weighted_ops
+
+from .init import RANGE_TYPES, THRESHOLD_TYPES, initialize_binarizers
+from .lowering import LowerBinarizers
+from .modules import BINARIZATION_MODES, ActivationBinarizer, WeightBinarizer
+from .placement import decide
+from .schedule import StagedBinarizationScheduler
+
+__all__ = ["Binarization", "BinarizationController", "BinarizedLayer"]
+
+_NUMBER = {"type": "number"}
+_EPOCH = {"type": "number", "minimum": 0}
+
+# NNCF's STAGED_QUANTIZATION_PARAMS (nncf/config/schemata/algo/quantization.py); in a JSON entry they sit
+# in its "params" block, which from_config_entry merges into the pass's keyword arguments.
+STAGED_PARAMS = {
+    "batch_multiplier": {"type": "number", "minimum": 1},
+    "activations_quant_start_epoch": _EPOCH,
+    "weights_quant_start_epoch": _EPOCH,
+    "lr_poly_drop_start_epoch": _EPOCH,
+    "lr_poly_drop_duration_epochs": {"type": "number", "exclusiveMinimum": 0},
+    "disable_wd_start_epoch": _EPOCH,
+    "base_lr": {"type": "number", "minimum": 0},
+    "base_wd": {"type": "number", "minimum": 0},
+}
+
+INITIALIZER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "range": {
+            "type": "object",
+            "properties": {
+                "num_init_samples": {"type": "integer", "minimum": 0},
+                "type": {"enum": list(RANGE_TYPES)},
+                "params": {"type": "object", "properties": {
+                    "min_percentile": {"type": "number", "minimum": 0, "maximum": 100},
+                    "max_percentile": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+                }, "additionalProperties": False},
+            },
+            "additionalProperties": False,
+        },
+        # fxcompress's own key (NNCF has none: its thresholds start at S / 2).
+        "threshold": {
+            "type": "object",
+            "properties": {"type": {"enum": list(THRESHOLD_TYPES)}},
+            "additionalProperties": False,
+        },
+        "batchnorm_adaptation": {
+            "type": "object",
+            "properties": {"num_bn_adaptation_samples": {"type": "integer", "minimum": 0}},
+            "additionalProperties": False,
+        },
+    },
+    "additionalProperties": False,
+}
+
+DEFAULT_INITIALIZER = {
+    "range": {"num_init_samples": 256, "type": "percentile", "params": {"max_percentile": 99.9}},
+    "threshold": {"type": "mean_matching"},
+    "batchnorm_adaptation": {"num_bn_adaptation_samples": 0},
+}
+DEFAULT_ACTIVATIONS_START = 1   # NNCF's ACTIVATIONS_QUANT_START_EPOCH
+
+
+def initializer_params(params: dict) -> dict:
+    """The ``initializer`` block with every default filled in."""
+    given = params.get("initializer") or {}
+    out = {}
+    for key, default in DEFAULT_INITIALIZER.items():
+        block = {**default, **given.get(key, {})}
+        if "params" in default:
+            block["params"] = {**default["params"], **given.get(key, {}).get("params", {})}
+        out[key] = block
+    return out
+
+
+def scheduler_from_params(params: dict) -> StagedBinarizationScheduler:
+    activations = params["activations_quant_start_epoch"]
+    weights = params.get("weights_quant_start_epoch")
+    return StagedBinarizationScheduler(
+        activations, activations + 1 if weights is None else weights,
+        lr_poly_drop_start_epoch=params.get("lr_poly_drop_start_epoch"),
+        lr_poly_drop_duration_epochs=params["lr_poly_drop_duration_epochs"],
+        disable_wd_start_epoch=params.get("disable_wd_start_epoch"),
+        base_lr=params["base_lr"], base_wd=params["base_wd"], batch_multiplier=params["batch_multiplier"])
+
+
+@dataclass
+class BinarizedLayer:
+    """One binarized convolution and the modules that binarize it."""
+    module_path: str                 # as in model.named_modules() (scopes match this)
+    weight_target: str               # the parameter, e.g. "conv2.weight"
+    weight_binarizer_name: str       # e.g. "conv2_weight_binarizer" (shared by convs reading one weight)
+    weight_binarizer: WeightBinarizer
+    activation_binarizer_name: str   # e.g. "conv2_input_binarizer"
+    activation_binarizer: ActivationBinarizer
+    macs: int | None                 # multiply-accumulates per sample (from the traced shapes)
+
+
+def _macs(node: torch.fx.Node, weight: torch.Tensor | None, out_axis: int = 0) -> int | None:
+    shape = node.meta.get("shape")
+    if weight is None or not isinstance(shape, (tuple, torch.Size)) or len(shape) < 2:
+        return None
+    per_output = weight.numel() // max(1, weight.shape[out_axis])
+    spatial = 1
+    for d in shape[1:]:
+        spatial *= int(d)
+    return spatial * per_output
+
+
+def _layers(gm: torch.fx.GraphModule):
+    """``(node, weight, out_axis)`` of every conv / transposed conv / linear, module or functional form."""
+    for node in gm.graph.nodes:
+        kind = op_kind(node, gm)
+        if kind is None or "weighted" not in kind.tags:
+            continue
+        weight = None
+        if node.op == "call_module":
+            weight = getattr(gm.get_submodule(node.target), "weight", None)
+        elif len(node.args) > kind.weight_arg:
+            source = node.args[kind.weight_arg]
+            while isinstance(source, torch.fx.Node) and source.meta.get("inserted_by") and source.args:
+                source = source.args[0]  # through masks and binarizers inserted by passes
+            if isinstance(source, torch.fx.Node) and source.op == "get_attr":
+                weight = get_attr_value(gm, source.target)
+        if isinstance(weight, torch.Tensor):
+            yield node, weight, kind.weight_out_axis
+
+
+def _input_channels(node: torch.fx.Node) -> int | None:
+    x = node.args[0]
+    shape = x.meta.get("shape") if isinstance(x, torch.fx.Node) else None
+    if isinstance(shape, (tuple, torch.Size)) and len(shape) >= 2:
+        return int(shape[1])
+    return None
+
+
+class BinarizationController(ControllerPart):
+    """Owns the binarizers of one binarization pass; the staged scheduler switches them."""
+    algorithm = "binarization"
+
+    def __init__(self, gm: torch.fx.GraphModule, layers: list[BinarizedLayer], skipped: list[dict],
+                 params: dict, total_macs: int | None):
+        super().__init__()
+        self.gm = gm
+        self.layers = list(layers)
+        self.skipped = list(skipped)
+        self.mode = params["mode"]
+        self.initializer = initializer_params(params)
+        self.total_macs = total_macs
+        self.initialized_from_data = False
+        self.scheduler = scheduler_from_params(params)
+        self.scheduler.on_update(self._apply_stage)
+
+    # -- stage -------------------------------------------------------------------------------
+    def _apply_stage(self, scheduler: StagedBinarizationScheduler):
+        self.set_binarization(activations=scheduler.activations_enabled, weights=scheduler.weights_enabled)
+
+    def set_binarization(self, *, activations: bool | None = None, weights: bool | None = None):
+        """Enable/disable the binarizers (the scheduler does this at its epochs; tests and users may too)."""
+        seen = set()
+        for layer in self.layers:
+            if activations is not None:
+                layer.activation_binarizer.enabled = bool(activations)
+            if weights is not None and id(layer.weight_binarizer) not in seen:
+                layer.weight_binarizer.enabled = bool(weights)
+                seen.add(id(layer.weight_binarizer))
+
+    @property
+    def stage(self) -> str:
+        return self.scheduler.stage
+
+    # -- initialization ---------------------------------------------------------------------------
+    def initialize(self, ctx: InitContext):
+        if ctx.data is None or not self.layers:
+            return
+        initialize_binarizers(ctx.gm, [layer.activation_binarizer for layer in self.layers], ctx.data,
+                              self.initializer)
+        self.initialized_from_data = True
+
+    def check_exportable(self):
+        missing = [layer.activation_binarizer_name for layer in self.layers
+                   if layer.activation_binarizer.enabled and not bool(layer.activation_binarizer.initialized)]
+        if missing:
+            raise NotInitializedError(
+                f"binarization: activation binarizers {missing} have no scale/threshold yet; call "
+                f"ctrl.initialize(loader) (or train a step) before export")
+
+    # -- statistics ------------------------------------------------------------------------------------
+    def statistics(self) -> StatisticsSection:
+        rows = []
+        for layer in self.layers:
+            act = layer.activation_binarizer
+            with torch.no_grad():
+                scale = float(act.scale()[0])
+                tau = act.relative_threshold()
+            rows.append({
+                "layer": layer.module_path,
+                "weight_binarizer": layer.weight_binarizer_name,
+                "activation_binarizer": layer.activation_binarizer_name,
+                "weights_binarized": layer.weight_binarizer.enabled,
+                "activations_binarized": act.enabled,
+                "scale": scale,
+                "threshold_mean": float(tau.mean()) * scale,
+                "relative_threshold_min": float(tau.min()),
+                "relative_threshold_max": float(tau.max()),
+                "initialized": bool(act.initialized),
+                "macs": layer.macs,
+            })
+        binarized_macs = sum(layer.macs or 0 for layer in self.layers)
+        s = self.scheduler
+        summary = {
+            "mode": self.mode,
+            "stage": s.stage,
+            "epoch": s.current_epoch,
+            "activations_binarized": s.activations_enabled,
+            "weights_binarized": s.weights_enabled,
+            "activations_quant_start_epoch": s.activations_quant_start_epoch,
+            "weights_quant_start_epoch": s.weights_quant_start_epoch,
+            "binarized_layers": len(self.layers),
+            "skipped_layers": len(self.skipped),
+            "binarized_mac_share": (binarized_macs / self.total_macs) if self.total_macs else None,
+            "lr_factor": s.lr_factor(),
+        }
+        return StatisticsSection(self.algorithm, summary, rows, self.skipped)
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        # Hidden parameters (log_scale, threshold) and `initialized` live in gm.state_dict();
+        # the stage is a function of the scheduler's counters.
+        return {"scheduler": self.scheduler.state_dict(), "initialized_from_data": self.initialized_from_data}
+
+    def load_state_dict(self, state: dict):
+        self.initialized_from_data = bool(state.get("initialized_from_data", False))
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def lowering_passes(self):
+        return [LowerBinarizers([layer.weight_binarizer_name for layer in self.layers],
+                                [layer.activation_binarizer_name for layer in self.layers])]
+
+    def compression_parameters(self) -> list[torch.nn.Parameter]:
+        """The hidden parameters (``log_scale``, ``threshold`` of every activation binarizer)."""
+        return [p for layer in self.layers for p in layer.activation_binarizer.parameters()]
+
+    def distributed(self):
+        """Scales and thresholds of rank 0 win, so all ranks binarize alike."""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for layer in self.layers:
+            act = layer.activation_binarizer
+            for tensor in (act.log_scale.data, act.threshold.data, act.initialized):
+                dist.broadcast(tensor, src=0)
+
+
+@register_algorithm
+class Binarization(CompressionPass):
+    """``Binarization(mode="xnor", activations_quant_start_epoch=1, weights_quant_start_epoch=2, ...)``."""
+    algorithm = "binarization"
+    schema = {"type": "object", "properties": {
+        "mode": {"enum": list(BINARIZATION_MODES)},
+        "initializer": INITIALIZER_SCHEMA,
+        **STAGED_PARAMS,
+        "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
+        # fxcompress's own key: NNCF configs list the first and last layers in ignored_scopes instead.
+        "binarize_first_last": {"type": "boolean"},
+    }}
+    defaults = {
+        "mode": "xnor",                       # NNCF's BINARIZATION_MODE
+        "batch_multiplier": 1,
+        "activations_quant_start_epoch": DEFAULT_ACTIVATIONS_START,
+        # weights_quant_start_epoch: activations_quant_start_epoch + 1 when not given (NNCF: 1 for both)
+        "lr_poly_drop_duration_epochs": 30,   # NNCF's LR_POLY_DURATION_EPOCHS
+        "base_lr": 1e-3,                      # NNCF's STAGED_QUANTIZATION_BASE_LR
+        "base_wd": 1e-5,                      # NNCF's STAGED_QUANTIZATION_BASE_WD
+        "binarize_first_last": False,
+    }
+
+    @classmethod
+    def check(cls, params: dict, prefix: str):
+        rng = initializer_params(params)["range"]
+        low, high = rng["params"].get("min_percentile"), rng["params"]["max_percentile"]
+        if low is not None and low >= high:
+            raise ConfigError(f"{prefix}.initializer.range.params.min_percentile: {low} is not below "
+                              f"max_percentile ({high})", path=f"{prefix}.initializer.range.params.min_percentile")
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        self.validate_scopes(gm)
+        code_before = gm.code
+        total_macs = sum(_macs(node, weight, axis) or 0 for node, weight, axis in _layers(gm)) or None
+        convs = weighted_ops(gm, kinds=("conv",))
+        decisions = decide(gm, convs, self.selects, self.params["binarize_first_last"])
+        skipped = [{"scope": d.op.module_path, "reason": d.reason} for d in decisions if not d.binarize]
+        layers: list[BinarizedLayer] = []
+        by_weight: dict[str, tuple[str, WeightBinarizer, torch.fx.Node]] = {}
+        multiplier = self.params.get("compression_lr_multiplier")
+        for decision in decisions:
+            if not decision.binarize:
+                continue
+            op = decision.op
+            channels = _input_channels(op.node)
+            if channels is None:
+                skipped.append({"scope": op.module_path, "reason": "the shape of its input is unknown"})
+                continue
+            target = op.weight_source.target
+            if target in by_weight:  # a weight read by several convs: one binarizer, as one mask
+                w_name, w_binarizer, w_node = by_weight[target]
+                op.node.replace_input_with(op.weight_input, w_node)
+            else:
+                w_binarizer = WeightBinarizer(self.params["mode"])
+                w_name = add_module(gm, f"{target}_binarizer", w_binarizer)
+                w_node = insert_on_output(gm, op.weight_input, w_name, self.name, users=[op.node])
+                by_weight[target] = (w_name, w_binarizer, w_node)
+            a_binarizer = ActivationBinarizer(channels, lr_multiplier=multiplier)
+            a_name = add_module(gm, f"{op.module_path or op.node.name}_input_binarizer", a_binarizer)
+            insert_before_input(gm, op.node, op.node.args[0], a_name, self.name)
+            layers.append(BinarizedLayer(op.module_path, target, w_name, w_binarizer, a_name, a_binarizer,
+                                         _macs(op.node, op.weight(gm), op.out_axis)))
+        controller = BinarizationController(gm, layers, skipped, self.params, total_macs)
+        if not layers:
+            reasons = "; ".join(f"{s['scope']}: {s['reason']}" for s in skipped) or "the model has no convolution"
+            warnings.warn(f"{self.name}: nothing to binarize ({reasons})", stacklevel=2)
+        # functionalizing module calls changes the code even when nothing is inserted
+        return PassResult(gm, modified=bool(layers) or gm.code != code_before, controller=controller)
