@@ -35,6 +35,7 @@ integer initializer, otherwise it warns.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Callable, Optional
@@ -189,6 +190,91 @@ def _optimize(program):
     onnx_fusions.fuse(program.model)
 
 
+def _store_quantized_constants(model) -> int:
+    """``QuantizeLinear`` on a constant (a slice of a parameter, folded by the optimizer) becomes the
+    integer constant itself, read by the ``DequantizeLinear``: the weight form. Same values (ONNX
+    QuantizeLinear: round half to even, saturate), and OpenVINO's low-precision transformations,
+    which failed on a Q/DQ of a constant feeding an Add, accept it. Returns how many were stored."""
+    import numpy as np
+    import onnx_ir as ir
+    graph = model.graph
+    taken = {v.name for n in graph for v in n.outputs} | set(graph.initializers)
+    stored = 0
+    for node in list(graph):
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        x, scale, zero_point = node.inputs[:3]
+        out = node.outputs[0]
+        if (any(v is None or v.const_value is None for v in (x, scale, zero_point))
+                or out.is_graph_output()):
+            continue
+        zp = zero_point.const_value.numpy()
+        if zp.dtype not in (np.int8, np.uint8):
+            continue
+        s = scale.const_value.numpy().astype(np.float32)
+        xv = x.const_value.numpy().astype(np.float32)
+        if s.ndim == 1 and s.size > 1:
+            attr = node.attributes.get("axis")
+            axis = (attr.value if attr is not None else 1) % xv.ndim
+            shape = [1] * xv.ndim
+            shape[axis] = -1
+            s, zp = s.reshape(shape), zp.reshape(shape)
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(xv / s) + zp.astype(np.float32), info.min, info.max).astype(zp.dtype)
+        name, i = f"{x.name}_quantized", 1
+        while name in taken:
+            name, i = f"{x.name}_quantized_{i}", i + 1
+        taken.add(name)
+        value = ir.Value(name=name, const_value=ir.tensor(q, name=name))
+        graph.register_initializer(value)
+        out.replace_all_uses_with(value)
+        graph.remove(node, safe=True)
+        stored += 1
+    if stored:
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+        RemoveUnusedNodesPass()(model)
+    return stored
+
+
+_TORCHLIB_REGISTRIES: dict = {}
+
+
+@contextlib.contextmanager
+def _reused_torchlib_registry():
+    """Build torch.onnx's table of ATen translations once per process instead of once per export.
+
+    ``ONNXRegistry.from_torchlib`` re-imports and re-wraps every torchlib function
+    (1.5-5 s on a 2-core machine, a third of a small model's export). For the
+    duration of one ``export_onnx`` call it is replaced by a version handing out
+    a fresh registry that copies a cached one (custom translations are then
+    registered into the copy, as before). Where the private API is not as
+    expected, nothing is replaced.
+    """
+    try:
+        from torch.onnx._internal.exporter import _registration
+        original = _registration.ONNXRegistry.__dict__["from_torchlib"]
+        build = original.__func__
+    except (ImportError, KeyError, AttributeError):
+        yield
+        return
+
+    def from_torchlib(cls, *args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in _TORCHLIB_REGISTRIES:
+            _TORCHLIB_REGISTRIES[key] = build(cls, *args, **kwargs)
+        cached = _TORCHLIB_REGISTRIES[key]
+        fresh = cls()
+        fresh.__dict__.update(cached.__dict__)
+        fresh.functions = {k: list(v) for k, v in cached.functions.items()}
+        return fresh
+
+    _registration.ONNXRegistry.from_torchlib = classmethod(from_torchlib)
+    try:
+        yield
+    finally:
+        _registration.ONNXRegistry.from_torchlib = original
+
+
 def _count_weight_dequantizations(module) -> int | None:
     if not isinstance(module, torch.fx.GraphModule):
         return None
@@ -215,19 +301,21 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
     module = module.eval()
     common = dict(dynamo=True, opset_version=opset_version, optimize=False,
                   custom_translation_table=onnx_translations() or None, verbose=False)
-    if dynamic_batch:
-        try:
-            program = torch.onnx.export(module, args, kwargs=kwargs or None,
-                                        dynamic_shapes=_dynamic_shapes(args, kwargs), **common)
-        except Exception as exc:  # noqa: BLE001 - retried with static shapes, and the user is told
-            warnings.warn(f"export with a dynamic batch dimension failed ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200]}); exporting with the example inputs' static shapes",
-                          stacklevel=2)
+    with _reused_torchlib_registry():
+        if dynamic_batch:
+            try:
+                program = torch.onnx.export(module, args, kwargs=kwargs or None,
+                                            dynamic_shapes=_dynamic_shapes(args, kwargs), **common)
+            except Exception as exc:  # noqa: BLE001 - retried with static shapes, and the user is told
+                warnings.warn(f"export with a dynamic batch dimension failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); exporting with the example inputs' "
+                              f"static shapes", stacklevel=2)
+                program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+        else:
             program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
-    else:
-        program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
     if optimize:
         _optimize(program)
+        _store_quantized_constants(program.model)
     program.save(path)
     expected = _count_weight_dequantizations(module)
     if expected:

@@ -278,7 +278,7 @@ class FoldBatchNorm(Pass):
         if bias_node is not None and bias is None:
             return "the conv bias is computed, not a parameter"
 
-        weight_in = op.weight_input
+        edge = weight_in = op.weight_input
         quantizer = _quantizer_of(gm, weight_in)
         if quantizer is not None and not quantizer.enabled:
             weight_in, quantizer = weight_in.args[0], None
@@ -329,8 +329,8 @@ class FoldBatchNorm(Pass):
             conv.kwargs = {**conv.kwargs, "bias": new_bias_node}
         bn_node.replace_all_uses_with(conv)
         graph.erase_node(bn_node)
-        if quantizer is not None and not weight_in.users:
-            graph.erase_node(weight_in)
+        if edge.op == "call_module" and not edge.users:  # the frozen (or disabled) weight quantizer
+            graph.erase_node(edge)
         return None
 
 
