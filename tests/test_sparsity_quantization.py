@@ -56,6 +56,10 @@ def test_exported_qdq_model_keeps_exactly_the_mask_zeros(tmp_path):
     gm.eval()
     want = gm(X).detach().numpy()
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    import openvino as ov
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    got_ov = compiled(X.numpy())[0]
+    assert np.abs(got_ov - want).max() < 0.05 * np.abs(want).max()
 
 
 def test_json_config_pipeline_matches_the_pass_list():
@@ -79,3 +83,10 @@ def test_model_sparsity_counts_only_the_users_parameters():
     n_model = sum(p.numel() for p in DigitsCNN(seed=0).parameters())
     assert stats["masked_params"] == 4 * 16 * 9
     assert stats["model_sparsity"] == pytest.approx(stats["masked_params"] / n_model)
+
+
+def test_sparsity_after_quantization_warns():
+    with pytest.warns(UserWarning, match="list the sparsity pass before quantization"):
+        compile_for_compression(DigitsCNN(seed=0).eval(),
+                                [Quantize(bits=8), MagnitudeSparsity(sparsity_init=0.5, sparsity_target=0.5)],
+                                example_inputs=(X,))

@@ -1,7 +1,6 @@
 """Sparsity in training on the digits CNN: accuracy, RB density, checkpoint resume (issue 5's must-shows)."""
 import io
 
-import numpy as np
 import onnx
 import pytest
 import torch

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 import torch.fx
 
@@ -20,6 +18,7 @@ from fxcompress.controller import ControllerPart, StatisticsSection
 from fxcompress.errors import ConfigError
 from fxcompress.graph import add_module, get_attr_value, insert_on_output
 from fxcompress.pass_manager import PassContext, PassResult
+from fxcompress.quantizers import is_quantizer
 from fxcompress.schedulers import (AdaptiveScheduler, ExponentialScheduler, LevelScheduler,
                                    MultiStepScheduler, PolynomialScheduler)
 from fxcompress.weights import weighted_ops
@@ -127,7 +126,6 @@ class SparseLayer:
 
 class SparsityPass(CompressionPass):
     """Inserts one mask module per selected conv/linear weight; subclasses make the masks and controller."""
-    abstract: ClassVar[bool] = True
 
     def make_mask(self, weight: torch.Tensor) -> SparsityMask:
         raise NotImplementedError
@@ -155,6 +153,7 @@ class SparsityPass(CompressionPass):
             if target in by_weight:
                 op.node.replace_input_with(op.weight_input, by_weight[target])
                 continue
+            self._warn_if_after_quantizer(gm, op)
             mask = self.make_mask(weight)
             name = add_module(gm, f"{target}_mask", mask)
             by_weight[target] = insert_on_output(gm, op.weight_input, name, self.name, users=[op.node])
@@ -165,6 +164,17 @@ class SparsityPass(CompressionPass):
             warnings.warn(f"{self.name}: nothing to sparsify ({reasons})", stacklevel=2)
         # functionalizing module calls changes the code even when no mask is inserted
         return PassResult(gm, modified=bool(layers) or gm.code != code_before, controller=controller)
+
+
+    def _warn_if_after_quantizer(self, gm: torch.fx.GraphModule, op):
+        node = op.weight_input
+        while node is not op.weight_source and node.meta.get("inserted_by"):
+            if node.op == "call_module" and is_quantizer(gm.get_submodule(node.target)):
+                warnings.warn(f"{self.name}: the mask of {op.module_path} goes after the weight quantizer "
+                              f"'{node.target}' (inserted by {node.meta['inserted_by']}), so that quantizer sees "
+                              f"unmasked weights; list the sparsity pass before quantization", stacklevel=3)
+                return
+            node = node.args[0]
 
 
 def _zeros(mask: torch.Tensor) -> int:
