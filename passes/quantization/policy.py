@@ -48,7 +48,7 @@ from fxcompress.weights import WeightedOp
 
 __all__ = ["ANNOTATION_KEY", "InputRule", "DeviceRules", "DEVICE_RULES", "GroupSettings", "Override",
            "QuantizationSettings", "QuantizationPoint", "QuantizationPlan", "plan_quantization",
-           "annotations", "readable_name"]
+           "annotations", "readable_name", "node_label"]
 
 ANNOTATION_KEY = "quantization_annotation"
 
@@ -64,8 +64,9 @@ class InputRule:
     ``inputs``: positional indices (a keyword argument of the same position is
     found by ``names``). ``all_dynamic``: only when every listed input is a
     float tensor computed from the model inputs (a residual add, not a bias
-    add; a product of two activations). ``symmetric_signed``: force signed
-    symmetric quantizers (attention q/k/v). ``skip_if_feeding``: op kinds whose
+    add; a product of two activations). ``symmetric``: force symmetric
+    quantizers; ``signed``: force signed ones (attention q/k/v: OpenVINO's
+    fused attention runs int8 only with signed symmetric q/k/v). ``skip_if_feeding``: op kinds whose
     consumption of this op's output means the op runs in float anyway (an add
     whose result only feeds LayerNorm: NNCF's transformer pattern).
     """
@@ -73,7 +74,8 @@ class InputRule:
     reason: str
     names: tuple[str, ...] = ()
     all_dynamic: bool = False
-    symmetric_signed: bool = False
+    symmetric: bool = False
+    signed: bool = False
     skip_if_feeding: frozenset = frozenset()
 
 
@@ -93,9 +95,9 @@ _CPU_INPUTS = {
     "conv": InputRule((0,), "conv input", ("input",)),
     "conv_transpose": InputRule((0,), "transposed conv input", ("input",)),
     "linear": InputRule((0,), "linear input", ("input",)),
-    "matmul": InputRule((0, 1), "matmul operand", ("input", "other"), all_dynamic=True,
-                        symmetric_signed=True),
-    "attention": InputRule((0, 1, 2), "attention q/k/v", ("query", "key", "value"), symmetric_signed=True),
+    "matmul": InputRule((0, 1), "matmul operand", ("input", "other"), all_dynamic=True, symmetric=True),
+    "attention": InputRule((0, 1, 2), "attention q/k/v", ("query", "key", "value"), symmetric=True,
+                           signed=True),
     "add": InputRule((0, 1), "residual add input", ("input", "other"), all_dynamic=True,
                      skip_if_feeding=_NORMS),
     "avg_pool": InputRule((0,), "pooling input", ("input",)),
@@ -187,7 +189,7 @@ class QuantizationPoint:
     def describe(self) -> str:
         return (f"{self.name}: {self.group} {self.spec.bits}-bit {self.spec.mode} "
                 f"{'per-channel' if self.spec.per_channel else 'per-tensor'} for "
-                f"{', '.join(readable_name(n) for n in self.serves)}")
+                f"{', '.join(node_label(n) for n in self.serves)}")
 
 
 @dataclass
@@ -205,15 +207,25 @@ def annotations(gm: torch.fx.GraphModule) -> list[QuantizationPoint]:
 
 
 def readable_name(node: torch.fx.Node, gm: torch.nn.Module | None = None) -> str:
-    """``conv1``, ``layer1_0_relu_1``, ``layer1_0_add``: module calls by their node name,
-    functions by enclosing module path + op kind."""
-    if node.op in ("call_module", "placeholder", "get_attr"):
+    """The base of quantizer module names: ``conv1``, ``layer1_0_relu_1`` (module calls by
+    their node name), ``layer1_0_add`` (functions by enclosing module path + op kind)."""
+    if node.op in ("call_module", "placeholder", "get_attr", "output"):
         return node.name
     path = node.meta.get("module_path", "")
     if path and node.name.startswith(path.replace(".", "_")):
         return node.name  # a functionalized module call keeps the module's name (conv1)
     kind = (kind_of(node, gm) if gm is not None else None) or node.name
     return "_".join(p for p in (path.replace(".", "_"), kind) if p)
+
+
+def node_label(node: torch.fx.Node) -> str:
+    """An unambiguous readable label of an op: ``conv1``, ``layer1_0_add_1`` (path + node name)."""
+    if node.op in ("call_module", "placeholder", "get_attr", "output"):
+        return node.name
+    path = node.meta.get("module_path", "").replace(".", "_")
+    if not path or node.name.startswith(path):
+        return node.name
+    return f"{path}_{node.name}"
 
 
 def _is_float_tensor(node: torch.fx.Node) -> bool:
@@ -230,12 +242,21 @@ def _is_tensor(node) -> bool:
 
 
 def _dynamic_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """Nodes whose value depends on the model inputs (the rest are constants of the model)."""
+    """Nodes whose values depend on the model inputs' values (the rest are constants of the model).
+
+    Shape queries (``x.size(1)``) do not make a result dynamic: ``pos_embedding[:x.size(1)]``
+    is a slice of a parameter.
+    """
     dynamic: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in dynamic for a in node.all_input_nodes):
+        if node.op == "placeholder" or any(a in dynamic and _carries_values(a) for a in node.all_input_nodes):
             dynamic.add(node)
     return dynamic
+
+
+def _carries_values(node: torch.fx.Node) -> bool:
+    """A tensor (or container of tensors), not a shape/int result."""
+    return node.meta.get("dtype", torch.float32) is not None
 
 
 def _input(node: torch.fx.Node, index: int, names: tuple[str, ...]):
@@ -251,6 +272,21 @@ def _is_agnostic(node: torch.fx.Node, gm, rules: DeviceRules) -> bool:
         # Slicing a tensor keeps its grid; indexing a tuple (chunk/split outputs) is not a tensor op.
         return bool(node.args) and _is_tensor(node.args[0])
     return kind_of(node, gm) in rules.agnostic and bool(node.args) and _is_tensor(node.args[0])
+
+
+def _only_feeds(node: torch.fx.Node, gm, kinds: frozenset, through: str) -> bool:
+    """Whether every path from ``node``'s output reaches an op of ``kinds``, passing only ops of kind ``through``."""
+    users = list(node.users)
+    if not users:
+        return False
+    for user in users:
+        kind = kind_of(user, gm)
+        if kind in kinds:
+            continue
+        if kind == through and _only_feeds(user, gm, kinds, through):
+            continue
+        return False
+    return True
 
 
 def _is_quantizer_node(node: torch.fx.Node, gm) -> bool:
@@ -275,7 +311,8 @@ class _Request:
     edge_users: list
     serves: list
     reasons: list
-    symmetric_signed: bool = False
+    symmetric: bool = False
+    signed: bool = False
 
 
 def _first_layer_ops(gm, weighted: list[WeightedOp]) -> set[torch.fx.Node]:
@@ -300,13 +337,13 @@ def _weight_spec(settings: QuantizationSettings, override: dict, axis: int) -> Q
 
 
 def _activation_spec(settings: QuantizationSettings, override: dict, nonnegative: bool,
-                     force_symmetric_signed: bool, ndim: int) -> tuple[QuantSpec, bool]:
+                     force_symmetric: bool, force_signed: bool, ndim: int) -> tuple[QuantSpec, bool]:
     a = settings.activations
-    mode = a.mode
+    mode = "symmetric" if force_symmetric else a.mode
     signed = a.signed
     fixed = signed is not None
-    if force_symmetric_signed:
-        mode, signed, fixed = "symmetric", True, True
+    if force_signed:
+        signed, fixed = True, True
     if "mode" in override:
         mode = override["mode"]
     if "signed" in override:
@@ -385,7 +422,7 @@ def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], sett
     requests: dict[torch.fx.Node, _Request] = {}
     weighted_nodes = {op.node: op for op in weighted}
 
-    def request(producer, edge_user, served, reason, symmetric_signed=False):
+    def request(producer, edge_user, served, reason, rule=None):
         req = requests.get(producer)
         if req is None:
             req = requests[producer] = _Request(producer, [], [], [])
@@ -395,7 +432,9 @@ def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], sett
             req.serves.append(served)
         if reason not in req.reasons:
             req.reasons.append(reason)
-        req.symmetric_signed |= symmetric_signed
+        if rule is not None:
+            req.symmetric |= rule.symmetric
+            req.signed |= rule.signed
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if settings.quantize_inputs:
@@ -405,6 +444,8 @@ def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], sett
                                                             "is not quantized"})
                 continue
             for user in ph.users:
+                if user.meta.get("dtype", torch.float32) is None:
+                    continue  # a shape query (x.size(1)) reads no values
                 request(ph, user, user, "model input")
 
     param_matmul_points: dict[torch.fx.Node, QuantizationPoint] = {}
@@ -418,7 +459,7 @@ def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], sett
         if rule is None:
             continue
         path = node.meta.get("module_path", "")
-        label = readable_name(node, gm)
+        label = node_label(node)
         if not selects(path):
             if node not in weighted_nodes:  # a weighted op's exclusion is already listed
                 skipped.append({"scope": path or label, "reason": f"{rule.reason}: excluded by "
@@ -436,15 +477,16 @@ def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], sett
                 if len(consts) == 1 and _matmul_weight(gm, node, inputs, consts[0], settings, selects,
                                                        param_matmul_points, points, skipped):
                     inputs = [inputs[1 - consts[0]]]
-            if len(inputs) > 1 and not all(isinstance(x, torch.fx.Node) and x in dynamic and
-                                           _is_float_tensor(x) for x in inputs):
+            resolved = [_resolve(x, node, gm, rules)[0] if isinstance(x, torch.fx.Node) else None
+                        for x in inputs]
+            if len(inputs) > 1 and not all(x is not None and x in dynamic and _is_float_tensor(x)
+                                           for x in resolved):
                 continue  # a bias add / scaling by a constant: not an integer op
-        if rule.skip_if_feeding and node.users and all(kind_of(u, gm) in rule.skip_if_feeding
-                                                       for u in node.users):
+        if rule.skip_if_feeding and _only_feeds(node, gm, rule.skip_if_feeding, kind):
             skipped.append({"scope": path or label,
                             "reason": f"{rule.reason}: its result only feeds "
-                                      f"{'/'.join(sorted({kind_of(u, gm) for u in node.users}))}, "
-                                      "which runs in float"})
+                                      f"{'/'.join(sorted(rule.skip_if_feeding))} (directly or through "
+                                      f"{kind}s), which run in float"})
             continue
         for x in inputs:
             if not isinstance(x, torch.fx.Node):
@@ -465,7 +507,7 @@ def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], sett
                                 "reason": f"{rule.reason} is model input '{producer.name}' and "
                                           "quantize_inputs is false"})
                 continue
-            request(producer, edge_user, node, rule.reason, rule.symmetric_signed)
+            request(producer, edge_user, node, rule.reason, rule)
 
     if settings.quantize_outputs:
         output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -556,7 +598,7 @@ def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: 
     override = settings.override_for("activations", scopes)
     shape = producer.meta.get("shape")
     ndim = len(shape) if isinstance(shape, tuple) else 0
-    spec, fixed = _activation_spec(settings, override, nonnegative, req.symmetric_signed, ndim)
+    spec, fixed = _activation_spec(settings, override, nonnegative, req.symmetric, req.signed, ndim)
     channels = int(shape[1]) if spec.per_channel else 1
     # Edge users in graph order (the quantizer feeds them; other users keep the float tensor).
     users = sorted(req.edge_users, key=lambda n: order[n])

@@ -29,7 +29,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxcompress.algorithm import CompressionPass
-from fxcompress.config import register_algorithm
+from fxcompress.config import algorithm_registry, register_algorithm
 from fxcompress.errors import ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, copy_meta, get_attr_value, insert_on_output
 from fxcompress.optable import op_kind
@@ -41,7 +41,7 @@ from fxcompress.weights import WEIGHTED_KINDS, weighted_ops
 
 from .controller import QuantizationController, QuantizerInfo
 from .policy import (ANNOTATION_KEY, DEVICE_RULES, GroupSettings, Override, QuantizationPlan,
-                     QuantizationSettings, plan_quantization, readable_name)
+                     QuantizationSettings, node_label, plan_quantization)
 from .range_init import RANGE_TYPES, RangeInitRules
 
 __all__ = ["Quantize", "QUANTIZATION_SCHEMA", "insert_quantizers", "fold_batch_norms"]
@@ -95,6 +95,8 @@ QUANTIZATION_SCHEMA = {
             "range": {"oneOf": [_RANGE, {"type": "array", "items": _RANGE_ITEM}]},
             "batchnorm_adaptation": {"type": "object", "additionalProperties": False, "properties": {
                 "num_bn_adaptation_samples": {"type": "integer", "minimum": 0}}},
+            # NNCF's mixed precision lives here; from_config_entry hands it to MixedPrecision (issue 8)
+            "precision": {"type": "object"},
         }},
         "scope_overrides": {"type": "object", "additionalProperties": False, "properties": {
             "weights": {"type": "object", "additionalProperties": _OVERRIDE},
@@ -184,12 +186,31 @@ class Quantize(CompressionPass):
                 check_quantizer(values, where)
                 if "range" in values.get("initializer", {}):
                     check_range(values["initializer"]["range"], f"{where}.initializer.range")
+        if "precision" in params.get("initializer", {}):  # only a config entry may nest it (issue 8)
+            raise ConfigError(f"{prefix}.initializer.precision: mixed precision is its own pass; use "
+                              "[Quantize(...), MixedPrecision(**precision)]", path=f"{prefix}.initializer.precision")
         ranges = params.get("initializer", {}).get("range")
         if isinstance(ranges, dict):
             check_range(ranges, f"{prefix}.initializer.range")
         elif isinstance(ranges, list):
             for i, item in enumerate(ranges):
                 check_range(item, f"{prefix}.initializer.range[{i}]")
+
+    @classmethod
+    def from_config_entry(cls, entry: dict, path: str, global_params: dict) -> list:
+        """NNCF's ``initializer.precision`` (issue 8) makes one entry two passes: Quantize, then MixedPrecision."""
+        initializer = entry.get("initializer")
+        if not isinstance(initializer, dict) or "precision" not in initializer:
+            return super().from_config_entry(entry, path, global_params)
+        precision = initializer["precision"]
+        if not isinstance(precision, dict):
+            raise ConfigError(f"{path}.initializer.precision: must be an object, got {type(precision).__name__}",
+                              path=f"{path}.initializer.precision")
+        rest = {k: v for k, v in initializer.items() if k != "precision"}
+        passes = super().from_config_entry({**entry, "initializer": rest}, path, global_params)
+        mixed_precision = algorithm_registry()["mixed_precision"]  # passes do not import each other
+        mixed_precision.validate(precision, prefix=f"{path}.initializer.precision")
+        return passes + [mixed_precision(**precision)]
 
     # -- the pass ----------------------------------------------------------------
     def _validate_all_scopes(self, gm: torch.fx.GraphModule):
@@ -274,7 +295,7 @@ def insert_quantizers(gm: torch.fx.GraphModule, plan: QuantizationPlan, inserted
             quantizer.to(device)
         name = add_module(gm, point.name, quantizer)
         node = _insert(gm, point.producer, point.consumers, name, inserted_by)
-        serves = tuple(readable_name(n, gm) if n.op != "output" else "output" for n in point.serves)
+        serves = tuple(node_label(n) for n in point.serves)
         node.meta["quantization"] = {"group": point.group, "serves": list(serves), "reasons": list(point.reasons),
                                      "overflow_fix": point.overflow_fix}
         infos.append(QuantizerInfo(
