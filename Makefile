@@ -22,7 +22,13 @@ $(VENV)/.stamp-install: $(VENV)/.stamp-torch pyproject.toml setup.py
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
-setup: $(VENV)/.stamp-install
+# The op library (csrc/, CMakeLists.txt) is rebuilt incrementally when its sources change.
+OPS_SOURCES := CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+$(VENV)/.stamp-ops: $(VENV)/.stamp-install $(OPS_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+setup: $(VENV)/.stamp-install $(VENV)/.stamp-ops
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
