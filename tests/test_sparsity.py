@@ -407,3 +407,22 @@ def test_bad_config_entries_name_the_json_path():
 def test_freeze_epoch_default_follows_a_late_target_epoch():
     ctrl, gm = compile_digits(MagnitudeSparsity(sparsity_target_epoch=150))
     assert ctrl.parts[0].scheduler.freeze_epoch == 150
+
+
+def test_batchnorm_adaptation_initializer():
+    model = DigitsCNN(seed=0).eval()
+    data = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    ctrl, gm = compile_for_compression(
+        model, [MagnitudeSparsity(sparsity_init=0.5, sparsity_target=0.5,
+                                  initializer={"batchnorm_adaptation": {"num_bn_adaptation_samples": 32}})],
+        example_inputs=(X,), copy=True)
+    with pytest.raises(ValueError, match="needs a data loader"):
+        ctrl.initialize()
+    momentum = gm.bn2.momentum
+    ctrl.initialize(data)
+    # bn1's statistics are the plain average over the first two batches (32 samples) of the sparse conv1
+    w = gm.conv1.weight * gm.conv1_weight_mask.mask
+    mean = torch.stack([nn.functional.conv2d(x, w, padding=1).mean(dim=(0, 2, 3)) for x in data[:2]]).mean(0)
+    assert torch.allclose(gm.bn1.running_mean, mean, atol=1e-5)
+    assert gm.bn2.momentum == momentum and not gm.training
+    assert ctrl.statistics().to_dict()["magnitude_sparsity"]["bn_adapted"]

@@ -21,7 +21,8 @@ from .base import (SCHEDULE_DEFAULTS, SCHEDULE_PARAMS, SparseLayer, SparsityCont
                    check_schedule_params, scheduler_from_params)
 from .masks import BinaryMask
 
-__all__ = ["MagnitudeSparsity", "MagnitudeSparsityController", "WEIGHT_IMPORTANCE", "magnitude_masks"]
+__all__ = ["MagnitudeSparsity", "MagnitudeSparsityController", "WEIGHT_IMPORTANCE", "magnitude_masks",
+           "adapt_batchnorm"]
 
 
 def _abs(w: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,42 @@ def magnitude_masks(weights: list[torch.Tensor], level: float, importance: str =
     return [m.reshape(w.shape).to(w.dtype) for m, w in zip(flat, weights)], thresholds
 
 
+DEFAULT_BN_ADAPTATION_SAMPLES = 2000  # NNCF's num_bn_adaptation_samples
+
+
+def adapt_batchnorm(gm: torch.nn.Module, data, num_samples: int) -> int:
+    """Re-estimate BatchNorm running statistics on ``num_samples`` inputs (other modules in eval).
+
+    Statistics are reset and accumulated as a plain average (``momentum=None``); the
+    modules' train/eval flags and momenta are restored. Returns the number of batches run.
+    """
+    norms = [m for m in gm.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    if not norms or num_samples <= 0:
+        return 0
+    modes = {m: m.training for m in gm.modules()}
+    momenta = [m.momentum for m in norms]
+    batches = 0
+    try:
+        gm.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for args, kwargs in data.batches(num_samples):
+                gm(*args, **kwargs)
+                batches += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        for m, mode in modes.items():
+            m.train(mode)
+    if batches == 0:
+        raise ValueError("initialize: the data loader yielded no batches for BatchNorm adaptation")
+    return batches
+
+
 class MagnitudeSparsityController(SparsityController):
     algorithm = "magnitude_sparsity"
 
@@ -72,10 +109,23 @@ class MagnitudeSparsityController(SparsityController):
         super().__init__(gm, layers, skipped, scheduler, target_level=scheduler.target_level)
         self.mode = params["sparsity_level_setting_mode"]
         self.importance = params["weight_importance"]
+        bn = params.get("initializer", {}).get("batchnorm_adaptation")
+        self.num_bn_adaptation_samples = (0 if bn is None
+                                          else bn.get("num_bn_adaptation_samples", DEFAULT_BN_ADAPTATION_SAMPLES))
+        self.bn_adapted = False
         self.applied_level: float | None = None
         self.thresholds: dict[str, float | None] = {}
         self.set_sparsity_level(scheduler.current_level)
         scheduler.on_update(self._follow_schedule)
+
+    def needs_data(self) -> bool:
+        return self.num_bn_adaptation_samples > 0
+
+    def initialize(self, ctx):
+        """BatchNorm adaptation to the sparsified weights, when ``initializer.batchnorm_adaptation`` asks."""
+        if self.num_bn_adaptation_samples > 0 and ctx.data is not None and self.layers:
+            adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples)
+            self.bn_adapted = True
 
     def _follow_schedule(self, scheduler):
         if self.frozen:
@@ -100,7 +150,8 @@ class MagnitudeSparsityController(SparsityController):
         return {"threshold": self.thresholds.get(layer.mask_name)}
 
     def summary_statistics(self) -> dict:
-        summary = {"schedule": self.scheduler.name, "mode": self.mode, "weight_importance": self.importance}
+        summary = {"schedule": self.scheduler.name, "mode": self.mode, "weight_importance": self.importance,
+                   "bn_adapted": self.bn_adapted}
         if self.mode == "global":
             summary["threshold"] = next(iter(self.thresholds.values()), None)
         return summary
@@ -124,6 +175,10 @@ class MagnitudeSparsity(SparsityPass):
     schema = {"type": "object", "properties": {
         **SCHEDULE_PARAMS,
         "weight_importance": {"enum": ["abs", "normed_abs"]},
+        # NNCF's GENERIC_INITIALIZER_SCHEMA: BatchNorm adaptation after the masks are set
+        "initializer": {"type": "object", "additionalProperties": False, "properties": {
+            "batchnorm_adaptation": {"type": "object", "additionalProperties": False, "properties": {
+                "num_bn_adaptation_samples": {"type": "integer", "minimum": 0}}}}},
     }}
     defaults = {**SCHEDULE_DEFAULTS, "schedule": "polynomial", "weight_importance": "normed_abs"}
 
