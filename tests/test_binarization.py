@@ -28,6 +28,15 @@ from fxcompress.testing.strategies import conv_nets
 X = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is as fast on an idle machine and far faster on a shared, loaded one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def compile_digits(*passes, model=None):
     model = model if model is not None else DigitsCNN(seed=0).eval()
     return compile_for_compression(model, list(passes), example_inputs=(X,))
@@ -556,6 +565,62 @@ def test_export_runs_in_onnxruntime_and_openvino_with_pytorch_outputs(tmp_path):
     np.testing.assert_allclose(openvino_infer(compiled, x)[0], want, rtol=1e-4, atol=1e-4)
 
 
+def test_integer_export_form_runs_binary_convs_as_u8_x_i8_in_openvino(tmp_path):
+    from fxcompress.runtime import (openvino_compile, openvino_compute_layers, openvino_infer, qdq_summary,
+                                    run_onnxruntime)
+    for mode in ("xnor", "dorefa"):
+        ctrl, gm = compile_digits(Binarization(mode=mode, activations_quant_start_epoch=0,
+                                               weights_quant_start_epoch=0, export_form="qdq"))
+        ctrl.initialize(digits_batches())
+        gm.eval()
+        path = ctrl.export_onnx(tmp_path / f"binary_{mode}.onnx")
+        summary = qdq_summary(path)
+        assert summary.integer_weights == 2 and summary.integer_weight_types == {"INT8": 2}
+        assert summary.activation_quantizers == 2 and not summary.custom_domain_ops
+        model = onnx.load(path)
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        for q in [inits[n.input[0]] for n in model.graph.node
+                  if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(0)).dtype == np.int8]:
+            assert set(np.unique(q)) <= {-1, 1}
+        x = torch.randn(9, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+        want = gm(x).detach().numpy()
+        np.testing.assert_allclose(run_onnxruntime(path, x)[0], want, rtol=1e-4, atol=1e-4)
+        compiled = openvino_compile(path, precision="f32")
+        np.testing.assert_allclose(openvino_infer(compiled, x)[0], want, rtol=1e-4, atol=1e-4)
+        layers = openvino_compute_layers(compiled)
+        assert len(layers.integer) == 2 and all(layer.input_types[:2] == ["u8", "i8"] for layer in layers.integer)
+
+
+def test_thresholds_are_exact_at_the_boundary(tmp_path):
+    """Inputs at T and 1-3 ulps around it: the Greater/Where form agrees with PyTorch in both runtimes,
+    the QDQ form in ONNX Runtime (QuantizeLinear divides by 2T; OpenVINO multiplies by a reciprocal)."""
+    from fxcompress.runtime import openvino_compile, openvino_infer, run_onnxruntime
+    channels = 8
+    model = nn.Conv2d(channels, 3, 1, bias=False).eval()
+    x0 = torch.zeros(1, channels, 1, 7)
+    for form in ("where", "qdq"):
+        ctrl, gm = compile_for_compression(model, [Binarization(binarize_first_last=True, export_form=form,
+                                                                activations_quant_start_epoch=0)],
+                                           example_inputs=(x0,))
+        (binarizer,) = binarizers(gm, ActivationBinarizer).values()
+        binarizer.set_scale_threshold(1.7320508, torch.linspace(0.1, 0.9, channels))
+        t = binarizer.absolute_threshold().numpy().astype(np.float32)
+        columns = [t]
+        for direction in (np.inf, -np.inf):
+            v = t.copy()
+            for _ in range(3):
+                v = np.nextafter(v, np.float32(direction))
+                columns.append(v)
+        x = torch.from_numpy(np.stack(columns, axis=1).reshape(1, channels, 1, 7))
+        gm.eval()
+        want = gm(x).detach().numpy()
+        path = ctrl.export_onnx(tmp_path / f"boundary_{form}.onnx", dynamic_batch=False)
+        np.testing.assert_allclose(run_onnxruntime(path, x)[0], want, rtol=1e-6, atol=1e-6)
+        if form == "where":
+            got = openvino_infer(openvino_compile(path, precision="f32"), x)[0]
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_strip_folds_binarized_weights_under_their_names():
     ctrl, gm = compile_digits(Binarization(activations_quant_start_epoch=0, weights_quant_start_epoch=0,
                                            mode="dorefa"))
@@ -611,6 +676,7 @@ def test_nncf_config_builds_the_same_graph_as_the_pass():
     (dict(initializer={"range": {"params": {"min_percentile": 99.95}}}), "initializer.range.params.min_percentile"),
     (dict(initializer={"threshold": {"type": "zero"}}), "initializer.threshold.type"),
     (dict(batch_multiplier=0.5), "batch_multiplier"),
+    (dict(export_form="fake_quantize"), "export_form"),
 ])
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as info:

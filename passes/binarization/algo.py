@@ -35,7 +35,7 @@ from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.weights import weighted_ops
 
 from .init import RANGE_TYPES, THRESHOLD_TYPES, initialize_binarizers
-from .lowering import LowerBinarizers
+from .lowering import EXPORT_FORMS, LowerBinarizers
 from .modules import BINARIZATION_MODES, ActivationBinarizer, WeightBinarizer
 from .placement import decide
 from .schedule import StagedBinarizationScheduler
@@ -180,6 +180,7 @@ class BinarizationController(ControllerPart):
         self.layers = list(layers)
         self.skipped = list(skipped)
         self.mode = params["mode"]
+        self.export_form = params["export_form"]
         self.initializer = initializer_params(params)
         self.total_macs = total_macs
         self.initialized_from_data = False
@@ -255,6 +256,7 @@ class BinarizationController(ControllerPart):
             "skipped_layers": len(self.skipped),
             "binarized_mac_share": (binarized_macs / self.total_macs) if self.total_macs else None,
             "lr_factor": s.lr_factor(),
+            "export_form": self.export_form,
         }
         return StatisticsSection(self.algorithm, summary, rows, self.skipped)
 
@@ -270,7 +272,7 @@ class BinarizationController(ControllerPart):
 
     def lowering_passes(self):
         return [LowerBinarizers([layer.weight_binarizer_name for layer in self.layers],
-                                [layer.activation_binarizer_name for layer in self.layers])]
+                                [layer.activation_binarizer_name for layer in self.layers], self.export_form)]
 
     def compression_parameters(self) -> list[torch.nn.Parameter]:
         """The hidden parameters (``log_scale``, ``threshold`` of every activation binarizer)."""
@@ -296,8 +298,10 @@ class Binarization(CompressionPass):
         "initializer": INITIALIZER_SCHEMA,
         **STAGED_PARAMS,
         "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
-        # fxcompress's own key: NNCF configs list the first and last layers in ignored_scopes instead.
+        # fxcompress's own keys: NNCF configs list the first and last layers in ignored_scopes instead;
+        # NNCF exports OpenVINO's FakeQuantize(levels=2), which ONNX Runtime cannot load.
         "binarize_first_last": {"type": "boolean"},
+        "export_form": {"enum": list(EXPORT_FORMS)},
     }}
     defaults = {
         "mode": "xnor",                       # NNCF's BINARIZATION_MODE
@@ -308,6 +312,7 @@ class Binarization(CompressionPass):
         "base_lr": 1e-3,                      # NNCF's STAGED_QUANTIZATION_BASE_LR
         "base_wd": 1e-5,                      # NNCF's STAGED_QUANTIZATION_BASE_WD
         "binarize_first_last": False,
+        "export_form": "where",
     }
 
     @classmethod
