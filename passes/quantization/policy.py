@@ -515,6 +515,8 @@ def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], sett
             if _is_float_tensor(x) and x in dynamic and not _is_quantizer_node(x, gm):
                 request(x, output, output, "model output")
 
+    if not points and all(set(r.reasons) <= {"model input", "model output"} for r in requests.values()):
+        requests.clear()  # nothing runs in integers: quantizing only inputs/outputs buys nothing
     for req in sorted(requests.values(), key=lambda r: order[r.producer]):
         points.append(_activation_point(gm, req, settings, order))
 
