@@ -357,7 +357,7 @@ class MixedPrecisionController(ControllerPart):
             "compression_ratio_target": self.params["compression_ratio"] if self.mode == "hawq" else None,
             "bits": {b: sum(1 for r in rows if r["bits"] == b) for b in sorted({r["bits"] for r in rows})},
             "candidate_bits": list(self.params["bits"]),
-            "layers": len(self.layers),
+            "num_layers": len(self.layers),
         }
         if self.selection is not None:
             s = self.selection

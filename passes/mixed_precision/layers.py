@@ -24,9 +24,9 @@ import torch
 import torch.fx
 
 from fxcompress.graph import get_attr_value
-from fxcompress.optable import kind_of
+from fxcompress.optable import kind_of, op_kind
 from fxcompress.quantizers import FakeQuantizer
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import WEIGHTED_KINDS
 
 __all__ = ["QuantizedLayer", "find_quantized_layers", "quantizer_of", "weight_value", "layer_flops",
            "nominal_bits", "effective_bits_for"]
@@ -116,19 +116,25 @@ def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer
     """Quantized conv/linear layers in execution order, and the weighted ops skipped (with why)."""
     layers: dict[str, QuantizedLayer] = {}
     skipped = []
-    for op in weighted_ops(gm):
-        qnode = _weight_quantizer_node(gm, op.weight_input)
+    for node in gm.graph.nodes:
+        kind = op_kind(node, gm)
+        if kind is None or kind.name not in WEIGHTED_KINDS:
+            continue
+        path = node.target if node.op == "call_module" else node.meta.get("module_path", node.name)
+        # Read only: Quantize put every layer it quantized into functional form (fxcompress.weights);
+        # a conv/linear still called as a module has no weight quantizer.
+        edge = node.args[kind.weight_arg] if node.op == "call_function" and len(node.args) > kind.weight_arg else None
+        qnode = _weight_quantizer_node(gm, edge)
         if qnode is None:
-            skipped.append({"scope": op.module_path, "reason": "its weight is not quantized (no weight "
-                                                              "quantizer: put Quantize before MixedPrecision)"})
+            skipped.append({"scope": path, "reason": "its weight is not quantized (no weight quantizer: "
+                                                     "put Quantize before MixedPrecision)"})
             continue
         weight = weight_value(gm, qnode)
         if weight is None:
-            skipped.append({"scope": op.module_path, "reason": "its weight is computed in the graph, "
-                                                              "not a parameter"})
+            skipped.append({"scope": path, "reason": "its weight is computed in the graph, not a parameter"})
             continue
-        act = _activation_quantizer_node(gm, op.node.args[0] if op.node.args else None)
-        flops = layer_flops(op.kind.name, weight, op.node)
+        act = _activation_quantizer_node(gm, node.args[0] if node.args else None)
+        flops = layer_flops(kind.name, weight, node)
         if qnode.target in layers:  # a shared weight: one quantizer, several ops
             layer = layers[qnode.target]
             layer.flops += flops
@@ -137,7 +143,7 @@ def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer
             continue
         info = qnode.meta.get("quantization", {})
         layers[qnode.target] = QuantizedLayer(
-            module_path=op.module_path, weight_quantizer=qnode.target, weight_node=qnode,
+            module_path=path, weight_quantizer=qnode.target, weight_node=qnode,
             module=gm.get_submodule(qnode.target),
             activation_quantizers=(act.target,) if act is not None else (), flops=flops,
             params=weight.numel(), overflow_fix=bool(info.get("overflow_fix", False)))
