@@ -147,8 +147,34 @@ def _dequantize_weight_onnx(q, scale, zero_point, quant_min: int, quant_max: int
     return op.DequantizeLinear(q, scale, zero_point, axis=axis)
 
 
+def _fake_quantize_onnx(x, scale, zero_point, quant_min: int, quant_max: int, axis=None):
+    """The training op itself (a graph exported without lowering): the same QDQ, zero point rounded.
+
+    Weights then reach the file as fp32 initializers behind a QuantizeLinear, which
+    ``export_onnx`` turns into integer initializers (``_store_quantized_constants``).
+    """
+    from onnxscript import opset21 as op
+    zp = op.Cast(op.Round(zero_point), to=_onnx_int_type(quant_min, quant_max).dtype)
+    if axis is None:  # per tensor: ONNX wants scalars
+        scalar = op.Constant(value_ints=[])
+        scale, zp = op.Reshape(scale, scalar), op.Reshape(zp, scalar)
+    return _qdq_onnx(x, scale, zp, quant_min, quant_max, axis)
+
+
 register_onnx_translation(torch.ops.fxcompress.quantize_dequantize.default, _qdq_onnx)
 register_onnx_translation(torch.ops.fxcompress.dequantize_weight.default, _dequantize_weight_onnx)
+
+
+def _register_training_op_translation():
+    try:
+        from . import ops  # noqa: F401  (defines torch.ops.fxcompress.fake_quantize)
+        target = torch.ops.fxcompress.fake_quantize.default
+    except (ImportError, AttributeError, RuntimeError):
+        return
+    register_onnx_translation(target, _fake_quantize_onnx)
+
+
+_register_training_op_translation()
 
 
 # ---------------------------------------------------------------------------
@@ -298,21 +324,12 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
     if not args and not kwargs:
         raise ValueError("export_onnx needs example inputs: compile with example_inputs=... or pass them here")
     path = os.fspath(path)
-    module = module.eval()
-    common = dict(dynamo=True, opset_version=opset_version, optimize=False,
-                  custom_translation_table=onnx_translations() or None, verbose=False)
-    with _reused_torchlib_registry():
-        if dynamic_batch:
-            try:
-                program = torch.onnx.export(module, args, kwargs=kwargs or None,
-                                            dynamic_shapes=_dynamic_shapes(args, kwargs), **common)
-            except Exception as exc:  # noqa: BLE001 - retried with static shapes, and the user is told
-                warnings.warn(f"export with a dynamic batch dimension failed ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); exporting with the example inputs' "
-                              f"static shapes", stacklevel=2)
-                program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
-        else:
-            program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+    was_training = module.training
+    module.eval()
+    try:
+        program = _export_program(module, args, kwargs, dynamic_batch, opset_version)
+    finally:
+        module.train(was_training)
     if optimize:
         _optimize(program)
         _store_quantized_constants(program.model)
@@ -326,3 +343,21 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
                           f"export as DequantizeLinear on an integer initializer (folded back to fp32?); "
                           f"OpenVINO runs those layers in floating point", stacklevel=2)
     return path
+
+
+def _export_program(module, args, kwargs, dynamic_batch: bool, opset_version: int):
+    common = dict(dynamo=True, opset_version=opset_version, optimize=False,
+                  custom_translation_table=onnx_translations() or None, verbose=False)
+    with _reused_torchlib_registry():
+        if dynamic_batch:
+            try:
+                program = torch.onnx.export(module, args, kwargs=kwargs or None,
+                                            dynamic_shapes=_dynamic_shapes(args, kwargs), **common)
+            except Exception as exc:  # noqa: BLE001 - retried with static shapes, and the user is told
+                warnings.warn(f"export with a dynamic batch dimension failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); exporting with the example inputs' "
+                              f"static shapes", stacklevel=3)
+                program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+        else:
+            program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+    return program

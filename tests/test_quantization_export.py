@@ -298,3 +298,24 @@ def test_export_warns_when_weights_are_folded_back(tmp_path, monkeypatch):
                         and all(v is not None and v.const_value is not None for v in node.inputs) else None)
     with pytest.warns(UserWarning, match="did not survive the export"):
         export_onnx(lowered, tmp_path / "m.onnx")
+
+
+def test_unlowered_graph_exports_the_same_qdq(tmp_path):
+    """Exporting the training graph itself (FakeQuantizers, no lowering) also gives QDQ with integer
+    weights: the fake_quantize op has a translation, and QuantizeLinear on a constant weight is stored as
+    the integer initializer."""
+    import onnxruntime as ort
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = quantize_graph(model, x)
+    path = export_onnx(gm, tmp_path / "unlowered.onnx")
+    summary = qdq_summary(path)
+    assert summary.integer_weights == 2 and summary.weight_quantize_ops == 0
+    assert summary.activation_quantizers == 2 and summary.custom_domain_ops == []
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(path, options)
+    with torch.no_grad():
+        expected = gm(x).numpy()
+    assert abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - expected).max() \
+        <= activation_step(gm)
