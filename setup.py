@@ -77,6 +77,9 @@ class BuildOps(build_ext):
         self._run([cmake, "--build", str(build_dir), "--parallel", jobs])
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(build_dir / "libfxcompress_ops.so", target)
+        # For in-place and editable builds setuptools then copies the library into
+        # the source tree, whose _lib/ folder is not in git (the library is ignored).
+        (ROOT / Path(*OPS_LIBRARY.split(".")[:-1])).mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def _build_dir() -> Path:
