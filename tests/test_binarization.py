@@ -313,7 +313,9 @@ def test_first_and_last_layers_stay_full_precision_unless_asked():
 class SharedConv(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem, self.shared, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.shared = nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
 
     def forward(self, x):
         x = F.relu(self.stem(x))
@@ -346,8 +348,9 @@ def test_disabled_binarizers_are_exact_identities_and_lowering_is_exact(case):
                                            example_inputs=case.example_inputs)
     assert_modules_agree(case.model, gm, case.example_inputs, atol=0, rtol=0)
     part = ctrl.parts[0]
-    for layer in part.layers:  # a data-like range: S = mean |x| of a random input, tau in (0.2, 0.8)
-        layer.activation_binarizer.set_scale_threshold(0.5, torch.rand(layer.activation_binarizer.num_channels) * 0.6 + 0.2)
+    for layer in part.layers:  # a data-like range: S = 0.5, tau in (0.2, 0.8)
+        act = layer.activation_binarizer
+        act.set_scale_threshold(0.5, torch.rand(act.num_channels) * 0.6 + 0.2)
     part.set_binarization(activations=True, weights=True)
     lowered = ctrl.lower()
     assert not binarizers(lowered, (WeightBinarizer, ActivationBinarizer))
@@ -634,7 +637,8 @@ def test_strip_folds_binarized_weights_under_their_names():
 
 # -- config ------------------------------------------------------------------------------------------------------
 
-NNCF_CONFIG = {  # NNCF's examples/torch/classification/configs/binarization/resnet18_imagenet_binarization_xnor.json shape
+# shaped as NNCF's examples/torch/classification/configs/binarization/resnet18_imagenet_binarization_xnor.json
+NNCF_CONFIG = {
     "input_info": {"sample_size": [1, 1, 8, 8]},
     "compression": {
         "algorithm": "binarization",
