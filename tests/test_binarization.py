@@ -518,6 +518,17 @@ def test_range_types(range_type, expected):
     assert torch.allclose(module.relative_threshold(), torch.full((16,), 0.5))
 
 
+def test_batchnorm_adaptation_reestimates_running_statistics_only():
+    ctrl, gm = compile_digits(Binarization(activations_quant_start_epoch=0, weights_quant_start_epoch=0,
+                                           initializer={"batchnorm_adaptation": {"num_bn_adaptation_samples": 32}}))
+    params = {k: v.detach().clone() for k, v in gm.named_parameters() if "binarizer" not in k}
+    before = gm.get_submodule("bn2").running_mean.clone()
+    ctrl.initialize(digits_batches(n=4, batch=16))
+    assert not torch.allclose(gm.get_submodule("bn2").running_mean, before)
+    assert all(torch.equal(v, dict(gm.named_parameters())[k]) for k, v in params.items())
+    assert gm.get_submodule("bn2").momentum == DigitsCNN().bn2.momentum
+
+
 def test_without_initialize_the_first_training_batch_sets_the_scale_as_nncf():
     ctrl, gm = compile_digits(Binarization(activations_quant_start_epoch=0))
     x, _ = digits_batches(n=1, batch=32)[0]
