@@ -161,7 +161,8 @@ class FilterPruning(CompressionPass):
     def _apply_policy(self, analysis: ChannelAnalysis):
         p = self.params
         for group in analysis.groups:
-            outside = [m.name for m in group.members if not self.selects(m.module_path)]
+            # as NNCF: a layer out of scope keeps its filters; its inputs follow the layers before it
+            outside = [p.name for p in group.producers if not self.selects(p.module_path)]
             if outside:
                 group.reasons.append(f"{', '.join(outside)} excluded by ignored_scopes/target_scopes")
             if not p["prune_first_conv"]:
@@ -197,7 +198,7 @@ class FilterPruning(CompressionPass):
                 x = layer.node.args[0]
                 by_input.setdefault(x, (space, []))[1].append(layer)
         for x, (space, consumers) in by_input.items():
-            mask = ChannelMask(space.size, space.axis, space.ndim).to(device_of(consumers[0]))
+            mask = ChannelMask(space.size, space.axis, space.ndim, straight_through).to(device_of(consumers[0]))
             name = add_module(gm, f"{consumers[0].name}_input_mask", mask)
             insert_on_output(gm, x, name, INSERTED_BY, users=[c.node for c in consumers])
             bindings.append((mask, space))
@@ -220,7 +221,7 @@ class FilterPruning(CompressionPass):
         if self.params["prune_batch_norms"]:
             for norm in analysis.norms:
                 if touched(norm.space):
-                    mask = ChannelMask(norm.space.size, 1, norm.space.ndim)
+                    mask = ChannelMask(norm.space.size, 1, norm.space.ndim, straight_through)
                     mask = mask.to(next((t.device for t in gm.get_submodule(norm.module_path).parameters()),
                                         torch.device("cpu")))
                     name = add_module(gm, f"{norm.module_path}_output_mask", mask)

@@ -79,13 +79,18 @@ def reshape_channel_map(in_shape: Sequence[int], axis: int, out_shape: Sequence[
             continue
         # Under the two conditions the other axes drop out: the reduced form is the
         # general one with o_k = 0 for k != j (sympy canonicalizes both the same way).
-        reduced = sympy.Mod(sympy.floor(o[j] * sympy.Rational(t, s)), channels)
-        if s * channels == t * n:
-            reduced = sympy.floor(o[j] * sympy.Rational(t, s))  # o_j < n: the Mod never wraps
+        ratio = sympy.Rational(t, s)
+        reduced = sympy.Mod(sympy.floor(o[j] * ratio), channels)
         general = channel.subs({o[k]: 0 for k in range(len(out_shape)) if k != j})
-        assert sympy.simplify(general - sympy.Mod(sympy.floor(o[j] * sympy.Rational(t, s)), channels)) == 0
-        evaluate = sympy.lambdify(o[j], reduced, modules="numpy")
-        index = np.asarray(evaluate(np.arange(n, dtype=np.int64)), dtype=np.float64).round().astype(np.int64)
-        index = np.broadcast_to(index, (n,)).copy()
+        assert sympy.simplify(general - reduced) == 0
+        if s * channels == t * n:
+            reduced = sympy.floor(o[j] * ratio)  # o_j < n: the Mod never wraps
+        # Evaluate in exact integer arithmetic (a float lambdify gets floor(98 * (1/49)) wrong),
+        # and check it against sympy's exact values at the first and last position of blocks.
+        index = (np.arange(n, dtype=np.int64) * int(ratio.p) // int(ratio.q)) % channels
+        edges = np.flatnonzero(np.diff(index) != 0)
+        probes = sorted({0, n - 1, *edges.tolist(), *(edges + 1).tolist()})[:64]
+        for v in probes:
+            assert int(reduced.subs(o[j], v)) == int(index[v]), (reduced, v)
         return ReshapeMap(j, index, str(reduced))
     return None

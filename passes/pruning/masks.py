@@ -7,9 +7,10 @@ beta are) and, where the analysis cannot prove pruned channels are already zero,
 before a consumer (``layer2_0_conv1_input_mask``). The original weights stay
 trainable parameters; the mask is a buffer, so it travels in ``gm.state_dict()``.
 
-``straight_through=True`` (``zero_grad: false`` in the config) keeps the forward
-value ``x * mask`` but passes the gradient unmasked, so pruned filters keep
-learning and can come back when the masks are recomputed at the next epoch.
+``straight_through=True`` (``zero_grad: false`` in the config, then on every
+mask of the model) keeps the forward value ``x * mask`` but passes the gradient
+unmasked, so pruned filters get the gradient the unmasked model would give them,
+keep learning, and can come back when the masks are recomputed at the next epoch.
 """
 from __future__ import annotations
 

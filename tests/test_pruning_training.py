@@ -1,0 +1,106 @@
+"""FilterPruning on real data: fine-tuning the Digits CNN, and pruning + quantization to an int8 OpenVINO model."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxcompress import compile_for_compression
+from fxcompress.passes import FilterPruning
+from fxcompress.passes.pruning import model_cost
+from fxcompress.testing import digits_loaders, evaluate_accuracy, seeded, train_digits_cnn
+
+PRUNE_HALF = dict(pruning_target=0.5, schedule="baseline", prune_first_conv=True)
+
+
+def fine_tune(ctrl, gm, loader, epochs: int, lr: float = 2e-3):
+    with seeded(0):
+        optimizer = torch.optim.Adam(gm.parameters(), lr=lr)
+        for _ in range(epochs):
+            gm.train()
+            for x, y in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(gm(x), y) + ctrl.loss()
+                loss.backward()
+                optimizer.step()
+                ctrl.scheduler.step()
+            ctrl.scheduler.epoch_step()
+    gm.eval()
+
+
+def test_digits_cnn_with_half_the_filters_pruned_and_fine_tuned_stays_within_1_5_percent():
+    model = train_digits_cnn()
+    train, test = digits_loaders(batch_size=64, seed=0)
+    fp32 = evaluate_accuracy(model, test)
+    ctrl, gm = compile_for_compression(model, [FilterPruning(**PRUNE_HALF)], model.example_input(), copy=True)
+    stats = ctrl.statistics()["filter_pruning"]
+    assert stats.summary["filters_pruned_ratio"] == 0.5
+    assert [row["ratio"] for row in stats.layers] == [0.5, 0.5, 0.5]
+    fine_tune(ctrl, gm, train, epochs=3)
+    pruned = evaluate_accuracy(gm, test)
+    folded = ctrl.strip()
+    assert evaluate_accuracy(folded, test) == pruned
+    assert pruned >= fp32 - 0.015, f"pruned {pruned:.4f} vs fp32 {fp32:.4f}"
+    # the folded model is physically half as wide
+    assert folded.conv1.weight.shape == (8, 1, 3, 3) and folded.conv2.weight.shape == (16, 8, 3, 3)
+    assert folded.conv3.weight.shape == (16, 16, 3, 3) and folded.fc.weight.shape == (10, 16 * 4 * 4)
+    assert model_cost(folded).params == stats.summary["params_after"]
+
+
+def _quantize_pass():
+    try:
+        from fxcompress.passes import Quantize
+    except ImportError as exc:  # pragma: no cover - the quantization issue has not landed
+        pytest.skip(f"needs the Quantize pass (passes/quantization, issue 4): {exc}")
+    return Quantize
+
+
+@pytest.mark.parametrize("order", ["prune_then_quantize", "quantize_then_prune"])
+def test_pruning_and_quantization_export_a_smaller_qdq_model_that_openvino_runs_in_int8(tmp_path, order):
+    Quantize = _quantize_pass()
+    pytest.importorskip("openvino")
+    from fxcompress.runtime import openvino_compile, openvino_compute_layers, openvino_infer, qdq_summary
+    model = train_digits_cnn()
+    train, test = digits_loaders(batch_size=64, seed=0)
+    fp32 = evaluate_accuracy(model, test)
+    x = model.example_input()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense_ctrl, _ = compile_for_compression(model, [Quantize(bits=8)], x, copy=True)
+        dense_ctrl.initialize(train)
+        dense_path = dense_ctrl.export_onnx(tmp_path / "dense_int8.onnx")
+
+        passes = [FilterPruning(**PRUNE_HALF), Quantize(bits=8)]
+        if order == "quantize_then_prune":
+            passes = passes[::-1]
+        ctrl, gm = compile_for_compression(model, passes, x, copy=True)
+        ctrl.initialize(train)
+        fine_tune(ctrl, gm, train, epochs=2, lr=1e-3)
+        path = ctrl.export_onnx(tmp_path / "pruned_int8.onnx")
+        lowered = ctrl.strip()
+
+    dense, pruned = qdq_summary(dense_path), qdq_summary(path)
+    assert pruned.integer_weights == dense.integer_weights == 4  # 3 convs + fc, int8 behind DequantizeLinear
+    # convs lose 3/4 of their weights (filters and inputs halved), the linear layer half of its inputs
+    assert pruned.integer_initializer_bytes < 0.35 * dense.integer_initializer_bytes
+    assert (tmp_path / "pruned_int8.onnx").stat().st_size < (tmp_path / "dense_int8.onnx").stat().st_size
+
+    compiled = openvino_compile(path, precision="f32")
+    report = openvino_compute_layers(compiled)
+    assert report.layers and not report.floating, str(report)
+
+    xs, ys = next(iter(test))
+    (ov_out,) = openvino_infer(compiled, xs)
+    with torch.no_grad():
+        torch_out = lowered(xs).numpy()
+    assert np.mean(ov_out.argmax(1) == torch_out.argmax(1)) >= 0.95
+    ov_correct = total = 0
+    for xs, ys in test:
+        (out,) = openvino_infer(compiled, xs)
+        ov_correct += int((out.argmax(1) == ys.numpy()).sum())
+        total += len(ys)
+    assert ov_correct / total >= fp32 - 0.03, f"OpenVINO int8 pruned {ov_correct / total:.4f} vs fp32 {fp32:.4f}"
