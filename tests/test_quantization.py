@@ -295,10 +295,10 @@ def test_overflow_fix_by_device_and_mode():
 
 
 def test_config_entry_and_pass_give_identical_graphs():
-    kw = dict(preset="mixed", weights={"bits": 4, "per_channel": True}, ignored_scopes=["layer1.0"],
+    kw = dict(preset="mixed", weights={"bits": 4, "per_channel": True}, ignored_scopes=["layer1"],
               initializer={"range": {"type": "min_max", "num_init_samples": 8}})
-    model = resnet18_like(num_classes=10, width=8)
-    x = torch.randn(2, 3, 32, 32)
+    case = build("resnet_tiny")
+    model, x = case.model, case.example_inputs[0]
     _, gm_pass = compile_q(model, (x,), **kw)
     config = Config.from_dict({"target_device": "CPU", "compression": {"algorithm": "quantization", **kw}})
     _, gm_cfg = compile_for_compression(model, config, example_inputs=(x,))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from fxcompress.data import CalibrationData, progress_bar
@@ -305,7 +306,13 @@ def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
     over ``num_samples`` samples. The running-statistics buffers are replaced by
     new tensors first, so a model sharing them with the user's is never written.
     """
-    bns = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    # Only BatchNorm modules the graph calls: a BatchNorm rewritten into F.batch_norm by another
+    # pass would not update its statistics in train mode, so it is left alone.
+    if isinstance(gm, torch.fx.GraphModule):
+        called = dict.fromkeys(gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module")
+    else:
+        called = dict.fromkeys(gm.modules())
+    bns = [m for m in called if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and m.running_mean is not None]
     if not bns or num_samples <= 0:
         return 0

