@@ -201,10 +201,12 @@ def _finetune_accuracy(gm, test, epochs=1, lr=1e-3):
 def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assignments(digits, tmp_path):
     """Same short fine-tune (1 epoch, Adam 1e-3) for every assignment; figures in benchmarks/RESULTS.md.
 
-    (a) budget 2.0: HAWQ's choice vs uniform 4-bit (ratio 2.0);
-    (b) budget 3.5: HAWQ's choice vs uniform 2-bit (the only uniform assignment meeting it) and vs every
-        assignment violating the trace order whose compression ratio is within 5% of HAWQ's.
+    (a) budget 2.0: HAWQ's choice vs uniform 4-bit (ratio 2.0), and vs 6 random assignments that violate
+        the trace order with a compression ratio within 5% of HAWQ's (their mean accuracy);
+    (b) budget 3.5: HAWQ's choice vs uniform 2-bit, the only uniform assignment meeting it.
     """
+    import random
+
     model, train, test = digits
     ctrl, gm = compile_digits(MixedPrecision(bits=[2, 4, 8], compression_ratio=2.0, num_data_points=128,
                                              iter_number=24, dump_init_precision_data=True, dump_dir=str(tmp_path)),
@@ -212,8 +214,6 @@ def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assi
     ctrl.initialize(train)
     part = part_of(ctrl)
     layers, flops, groups = part.layers, [l.flops for l in part.layers], [l.group for l in part.layers]
-    hawq_2 = part.current_bits()
-    assert compression_ratio(hawq_2, flops, groups) >= 2.0
     acc = {}
 
     def accuracy(bits):
@@ -221,7 +221,17 @@ def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assi
             acc[tuple(bits)] = _finetune_accuracy(_with_bits(gm, layers, bits), test)
         return acc[tuple(bits)]
 
+    # (a)
+    hawq_2 = part.current_bits()
+    ratio_2 = compression_ratio(hawq_2, flops, groups)
+    assert ratio_2 >= 2.0
     assert accuracy(hawq_2) >= accuracy([4, 4, 4, 4])
+    monotone = set(monotone_configurations(part.traces, [2, 4, 8]))
+    violating = [c for c in itertools.product([2, 4, 8], repeat=4)
+                 if c not in monotone and abs(compression_ratio(c, flops, groups) / ratio_2 - 1) <= 0.05]
+    sample = random.Random(0).sample(violating, 6)
+    mean_violating = sum(accuracy(c) for c in sample) / len(sample)
+    assert accuracy(hawq_2) >= mean_violating
 
     # (b) the same traces (dumped above) at a higher budget
     ctrl_b, gm_b = compile_digits(MixedPrecision(bits=[2, 4, 8], compression_ratio=3.5,
@@ -229,19 +239,13 @@ def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assi
                                   model=model)
     ctrl_b.initialize(calibration())
     hawq_35 = part_of(ctrl_b).current_bits()
-    ratio = compression_ratio(hawq_35, flops, groups)
-    assert ratio >= 3.5
+    ratio_35 = compression_ratio(hawq_35, flops, groups)
+    assert ratio_35 >= 3.5
     assert accuracy(hawq_35) >= accuracy([2, 2, 2, 2])
-    monotone = set(monotone_configurations(part.traces, [2, 4, 8]))
-    violating = [c for c in itertools.product([2, 4, 8], repeat=4)
-                 if c not in monotone and abs(compression_ratio(c, flops, groups) / ratio - 1) <= 0.05]
-    assert len(violating) >= 3
-    mean_violating = sum(accuracy(c) for c in violating) / len(violating)
-    assert accuracy(hawq_35) >= mean_violating
-    figures = {"traces": part.traces, "hawq_2.0": [hawq_2, acc[tuple(hawq_2)]], "uniform4": acc[(4, 4, 4, 4)],
-               "hawq_3.5": [hawq_35, ratio, acc[tuple(hawq_35)]], "uniform2": acc[(2, 2, 2, 2)],
-               "violating": [[c, compression_ratio(c, flops, groups), acc[c]] for c in violating]}
-    print(json.dumps(figures))
+    print(json.dumps({"traces": part.traces, "hawq_2.0": [hawq_2, ratio_2, acc[tuple(hawq_2)]],
+                      "uniform4": acc[(4, 4, 4, 4)], "hawq_3.5": [hawq_35, ratio_35, acc[tuple(hawq_35)]],
+                      "uniform2": acc[(2, 2, 2, 2)],
+                      "violating": [[c, compression_ratio(c, flops, groups), acc[c]] for c in sample]}))
 
 
 # -- manual mode -------------------------------------------------------------------------------------------

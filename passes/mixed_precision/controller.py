@@ -178,6 +178,11 @@ class MixedPrecisionController(ControllerPart):
             self.trace_estimate = self.estimate_traces(ctx.gm, ctx.data)
             self.traces = list(self.trace_estimate.traces)
         self._average_traces_across_ranks()
+        negative = [l.module_path for l, t in zip(self.layers, self.traces) if t < 0]
+        if negative:
+            warnings.warn(f"mixed precision: negative average Hessian trace for {', '.join(negative[:5])}: the model "
+                          f"is not near a minimum of the loss; HAWQ's sensitivities assume a trained model "
+                          f"(negative traces make fewer bits look better)", stacklevel=3)
         self.noise = self.quantization_noise(ctx.gm)
         p = self.params
         self.selection = select_bitwidths(
@@ -206,7 +211,8 @@ class MixedPrecisionController(ControllerPart):
         return out
 
     def estimate_traces(self, gm: torch.fx.GraphModule, data: CalibrationData,
-                        layers: list[QuantizedLayer] | None = None, progress: str | None = None) -> TraceEstimate:
+                        layers: list[QuantizedLayer] | None = None, progress: str | None = None,
+                        probes_per_pass: int = PROBES_PER_PASS) -> TraceEstimate:
         """Average Hessian traces of the layers' weights (all selected layers by default)."""
         layers = self.layers if layers is None else layers
         batches = self._batches(data)
@@ -228,7 +234,7 @@ class MixedPrecisionController(ControllerPart):
             generator = torch.Generator().manual_seed(int(self.params["seed"]))
             return estimate_average_traces(
                 [(loss_of(b), b.samples) for b in batches], deltas, iter_number=self.params["iter_number"],
-                tolerance=self.params["tolerance"], probes_per_pass=PROBES_PER_PASS, generator=generator,
+                tolerance=self.params["tolerance"], probes_per_pass=probes_per_pass, generator=generator,
                 progress=progress if progress is not None else "mixed precision: Hessian traces")
         finally:
             for h in hooks:
