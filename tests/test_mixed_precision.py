@@ -461,3 +461,31 @@ def test_mixed_bit_widths_survive_into_onnx_and_both_runtimes_read_them(tmp_path
     assert abs(out - expected).max() <= step
     ov = openvino_infer(openvino_compile(path, precision="f32"), x)[0]
     assert abs(ov - expected).max() <= 2 * step
+
+
+def test_traces_and_noise_see_the_masked_weights_after_sparsity():
+    from fxcompress.passes import MagnitudeSparsity
+
+    model = DigitsCNN(seed=0).eval()
+    ctrl, gm = compile_for_compression(model, [MagnitudeSparsity(sparsity_init=0.5), Quantize(bits=8, initializer=QUICK),
+                                               MixedPrecision(bits=[4, 8], compression_ratio=1.5, iter_number=3,
+                                                              num_data_points=64)],
+                                       example_inputs=(X,), copy=True)
+    part = part_of(ctrl)
+    assert [l.module_path for l in part.layers] == LAYERS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an untrained model may have negative traces
+        ctrl.initialize(calibration(64))
+    # the noise is that of the masked weight: zero where the mask is zero, so it equals the noise of w * mask
+    for layer, noise in zip(part.layers, part.noise):
+        mask = gm.get_submodule(f"{layer.module_path}_weight_mask").binary_mask()
+        assert bool((mask == 0).any())  # a global 50% level: every layer has zeros
+        w = getattr(gm, layer.module_path).weight.detach() * mask
+        with torch.no_grad():
+            expected = float(((copy.deepcopy(layer.module)(w) - w) ** 2).sum())
+        assert noise[nominal_bits_of(layer)] == pytest.approx(expected, rel=1e-5)
+
+
+def nominal_bits_of(layer):
+    bits = layer.module.spec.bits
+    return 8 if (layer.overflow_fix and bits == 7) else bits
