@@ -45,7 +45,7 @@ from fxcompress.scopes import ScopeSet
 
 from .hessian import TraceEstimate, estimate_average_traces
 from .layers import QuantizedLayer, effective_bits_for, nominal_bits, quantizer_of, weight_value
-from .selection import BASE_BITS, Selection, compression_ratio, select_bitwidths
+from .selection import Selection, compression_ratio, select_bitwidths
 
 __all__ = ["MixedPrecisionController", "default_criterion_fn", "default_target_fn", "PROBES_PER_PASS"]
 
