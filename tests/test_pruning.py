@@ -653,3 +653,15 @@ def test_statistics_layout():
     assert d["layers"][0] == {"group": 0, "producers": "conv1, layer1.conv2", "channels": 8, "pruned": 4,
                               "ratio": 0.5}
     assert "filter_pruning" in str(ctrl.statistics())
+
+
+def test_batchnorm_adaptation_initializer_runs_on_initialize():
+    case = build("resnet_tiny")
+    ctrl, gm = compile_quietly(case.model, [FilterPruning(
+        pruning_target=0.5, initializer={"batchnorm_adaptation": {"num_bn_adaptation_samples": 8}}, **AGGRESSIVE)],
+        case.example_inputs)
+    before = gm.layer1.bn1.running_mean.clone()
+    ctrl.initialize([(torch.randn(4, 3, 32, 32),) for _ in range(3)])
+    assert not torch.equal(gm.layer1.bn1.running_mean, before)
+    assert not gm.training
+    check_fold(ctrl, gm, case.example_inputs)
