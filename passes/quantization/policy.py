@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.fx
 
+from fxcompress.graph import get_attr_value
 from fxcompress.optable import kind_of, op_kind
 from fxcompress.quantizers import QuantSpec, is_quantizer
 from fxcompress.scopes import ScopeSet
@@ -365,202 +366,197 @@ def plan_quantization(gm: torch.fx.GraphModule, weighted: list[WeightedOp], sett
     (``fxcompress.weights.weighted_ops``); ``selects(module_path)``: the pass's
     ``ignored_scopes`` / ``target_scopes``.
     """
-    rules = settings.rules
-    skipped: list[dict] = []
-    points: list[QuantizationPoint] = []
     for node in gm.graph.nodes:
         node.meta.pop(ANNOTATION_KEY, None)
+    planner = _Planner(gm, settings, selects)
+    planner.weights(weighted)
+    planner.model_inputs()
+    planner.op_inputs({op.node for op in weighted})
+    planner.model_outputs()
+    return planner.finish()
 
-    # -- weights ----------------------------------------------------------------
-    first_layer = _first_layer_ops(gm, weighted) if settings.overflow_fix == "first_layer_only" else set()
-    weight_points: dict[torch.fx.Node, QuantizationPoint] = {}
-    for op in weighted:
-        path = op.module_path
-        name = readable_name(op.node, gm)
-        if not selects(path):
-            skipped.append({"scope": path or name, "reason": "excluded by ignored_scopes/target_scopes"})
-            continue
-        if not settings.weights.selects((path,)):
-            skipped.append({"scope": path or name, "reason": "excluded by weights.ignored_scopes/target_scopes"})
-            continue
-        source = op.weight_input
-        if op.weight_source is None:
-            skipped.append({"scope": path or name, "reason": "the weight is computed, not a parameter"})
-            continue
-        if _is_quantizer_node(source, gm):
-            skipped.append({"scope": path or name, "reason": "the weight is already quantized"})
-            continue
-        weight = op.weight(gm)
-        axis = op.out_axis
-        if source in weight_points:  # one parameter feeding several ops: one quantizer
-            point = weight_points[source]
+
+class _Planner:
+    """The state of one planning run: points decided, activation requests, what was skipped."""
+
+    def __init__(self, gm: torch.fx.GraphModule, settings: QuantizationSettings, selects: Callable[[str], bool]):
+        self.gm, self.settings, self.selects = gm, settings, selects
+        self.rules = settings.rules
+        self.points: list[QuantizationPoint] = []
+        self.skipped: list[dict] = []
+        self.requests: dict[torch.fx.Node, _Request] = {}
+        self.weight_points: dict[torch.fx.Node, QuantizationPoint] = {}
+        self.dynamic = _dynamic_nodes(gm)
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def skip(self, scope: str, reason: str):
+        self.skipped.append({"scope": scope, "reason": reason})
+
+    # -- weights ---------------------------------------------------------------
+    def weights(self, weighted: list[WeightedOp]):
+        first_layer = (_first_layer_ops(self.gm, weighted) if self.settings.overflow_fix == "first_layer_only"
+                       else set())
+        for op in weighted:
+            path = op.module_path
+            scope = path or readable_name(op.node, self.gm)
+            if not self.selects(path):
+                self.skip(scope, "excluded by ignored_scopes/target_scopes")
+            elif not self.settings.weights.selects((path,)):
+                self.skip(scope, "excluded by weights.ignored_scopes/target_scopes")
+            elif op.weight_source is None:
+                self.skip(scope, "the weight is computed, not a parameter")
+            elif _is_quantizer_node(op.weight_input, self.gm):
+                self.skip(scope, "the weight is already quantized")
+            else:
+                self.add_weight(op.weight_input, op.node, op.out_axis, path, readable_name(op.node, self.gm),
+                                f"{op.kind.name} weight", first_layer=op.node in first_layer)
+
+    def add_weight(self, source: torch.fx.Node, consumer: torch.fx.Node, axis: int, path: str, base: str,
+                   reason: str, first_layer: bool = False):
+        """One weight quantizer on ``source`` (shared by every op the same tensor feeds)."""
+        point = self.weight_points.get(source)
+        if point is not None:
             if point.spec.axis not in (None, axis):
-                skipped.append({"scope": path or name,
-                                "reason": f"shared weight needs channel axis {axis}, its quantizer uses "
-                                          f"{point.spec.axis}"})
-                continue
-            point.consumers.append(op.node)
-            point.serves.append(op.node)
+                self.skip(path or base, f"shared weight needs channel axis {axis}, its quantizer uses "
+                                        f"{point.spec.axis}")
+                return
+            point.consumers.append(consumer)
+            point.serves.append(consumer)
             point.scopes = point.scopes + (path,)
-            continue
-        override = settings.override_for("weights", (path,))
-        spec = _weight_spec(settings, override, axis)
-        fix = (rules.overflow_fix and spec.bits == 8 and spec.mode == "symmetric"
-               and (settings.overflow_fix == "enable" or op.node in first_layer))
+            return
+        override = self.settings.override_for("weights", (path,))
+        spec = _weight_spec(self.settings, override, axis)
+        fix = (self.rules.overflow_fix and spec.bits == 8 and spec.mode == "symmetric"
+               and (self.settings.overflow_fix == "enable" or first_layer))
         if fix:
             spec = spec.with_bits(7)
-        point = QuantizationPoint(
-            "weights", source, [op.node], spec, int(weight.shape[axis]) if spec.per_channel else 1,
-            f"{name}_weight_quantizer", (path,), [op.node], [f"{op.kind.name} weight"],
-            overflow_fix=fix, signed_fixed=True, override=override)
-        weight_points[source] = point
-        points.append(point)
+        shape = source.meta.get("shape")
+        if not isinstance(shape, tuple) and source.op == "get_attr":
+            shape = tuple(get_attr_value(self.gm, source.target).shape)
+        channels = int(shape[axis]) if spec.per_channel else 1
+        point = QuantizationPoint("weights", source, [consumer], spec, channels, f"{base}_weight_quantizer",
+                                  (path,), [consumer], [reason], overflow_fix=fix, signed_fixed=True,
+                                  override=override)
+        self.weight_points[source] = point
+        self.points.append(point)
 
-    # -- activations --------------------------------------------------------------
-    dynamic = _dynamic_nodes(gm)
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    requests: dict[torch.fx.Node, _Request] = {}
-    weighted_nodes = {op.node: op for op in weighted}
+    def matmul_weight(self, node: torch.fx.Node, operand: torch.fx.Node, index: int) -> bool:
+        """Quantize a 2-D parameter operand of a matmul as a weight; True when it was handled."""
+        source = operand
+        while source.meta.get("inserted_by") and source.args and isinstance(source.args[0], torch.fx.Node):
+            source = source.args[0]
+        shape = operand.meta.get("shape")
+        if source.op != "get_attr" or not _is_float_tensor(operand) or not isinstance(shape, tuple) \
+                or len(shape) != 2:
+            return False
+        if _is_quantizer_node(operand, self.gm):
+            return True
+        path = node.meta.get("module_path", "")
+        if not self.settings.weights.selects((path,)):
+            self.skip(path or node.name, "matmul weight: excluded by weights.ignored_scopes/target_scopes")
+            return True
+        # [M, K] @ x: rows are the outputs; x @ [K, N]: columns (OPENVINO.md: a [K, N] weight on axis 1)
+        self.add_weight(operand, node, 0 if index == 0 else 1, path, source.target.replace(".", "_"),
+                        "matmul weight")
+        self.weight_points[operand].name = f"{source.target.replace('.', '_')}_quantizer"
+        return True
 
-    def request(producer, edge_user, served, reason, rule=None):
-        req = requests.get(producer)
+    # -- activations -------------------------------------------------------------
+    def request(self, producer, edge_user, served, reason, rule: InputRule | None = None):
+        req = self.requests.get(producer)
         if req is None:
-            req = requests[producer] = _Request(producer, [], [], [])
-        if edge_user not in req.edge_users:
-            req.edge_users.append(edge_user)
-        if served not in req.serves:
-            req.serves.append(served)
-        if reason not in req.reasons:
-            req.reasons.append(reason)
+            req = self.requests[producer] = _Request(producer, [], [], [])
+        for items, item in ((req.edge_users, edge_user), (req.serves, served), (req.reasons, reason)):
+            if item not in items:
+                items.append(item)
         if rule is not None:
             req.symmetric |= rule.symmetric
             req.signed |= rule.signed
 
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if settings.quantize_inputs:
-        for ph in placeholders:
+    def model_inputs(self):
+        if not self.settings.quantize_inputs:
+            return
+        for ph in (n for n in self.gm.graph.nodes if n.op == "placeholder"):
             if not _is_float_tensor(ph):
-                skipped.append({"scope": ph.name, "reason": f"model input of dtype {ph.meta.get('dtype')} "
-                                                            "is not quantized"})
+                self.skip(ph.name, f"model input of dtype {ph.meta.get('dtype')} is not quantized")
                 continue
             for user in ph.users:
                 if user.meta.get("dtype", torch.float32) is None:
                     continue  # a shape query (x.size(1)) reads no values
-                request(ph, user, user, "model input")
+                self.request(ph, user, user, "model input")
 
-    param_matmul_points: dict[torch.fx.Node, QuantizationPoint] = {}
-    for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
-            continue
-        if node.meta.get("inserted_by") or _is_quantizer_node(node, gm):
-            continue
-        kind = kind_of(node, gm)
-        rule = rules.inputs.get(kind)
-        if rule is None:
-            continue
+    def op_inputs(self, weighted_nodes: set):
+        for node in self.gm.graph.nodes:
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            if node.meta.get("inserted_by") or _is_quantizer_node(node, self.gm):
+                continue
+            kind = kind_of(node, self.gm)
+            rule = self.rules.inputs.get(kind)
+            if rule is not None:
+                self.op_request(node, kind, rule, node in weighted_nodes)
+
+    def op_request(self, node: torch.fx.Node, kind: str, rule: InputRule, weighted: bool):
         path = node.meta.get("module_path", "")
-        label = node_label(node)
-        if not selects(path):
-            if node not in weighted_nodes:  # a weighted op's exclusion is already listed
-                skipped.append({"scope": path or label, "reason": f"{rule.reason}: excluded by "
-                                                                  "ignored_scopes/target_scopes"})
-            continue
-        if not settings.activations.selects((path,)):
-            skipped.append({"scope": path or label,
-                            "reason": f"{rule.reason}: excluded by activations.ignored_scopes/target_scopes"})
-            continue
+        scope = path or node_label(node)
+        if not self.selects(path):
+            if not weighted:  # a weighted op's exclusion is already listed
+                self.skip(scope, f"{rule.reason}: excluded by ignored_scopes/target_scopes")
+            return
+        if not self.settings.activations.selects((path,)):
+            self.skip(scope, f"{rule.reason}: excluded by activations.ignored_scopes/target_scopes")
+            return
         inputs = [_input(node, i, rule.names) for i in rule.inputs]
         if rule.all_dynamic:
-            # A matmul with a 2-D parameter operand: that operand is a weight (per channel).
             if kind == "matmul" and len(inputs) == 2:
-                consts = [i for i, x in enumerate(inputs) if isinstance(x, torch.fx.Node) and x not in dynamic]
-                if len(consts) == 1 and _matmul_weight(gm, node, inputs, consts[0], settings, selects,
-                                                       param_matmul_points, points, skipped):
+                consts = [i for i, x in enumerate(inputs) if isinstance(x, torch.fx.Node) and x not in self.dynamic]
+                if len(consts) == 1 and self.matmul_weight(node, inputs[consts[0]], consts[0]):
                     inputs = [inputs[1 - consts[0]]]
-            resolved = [_resolve(x, node, gm, rules)[0] if isinstance(x, torch.fx.Node) else None
+            resolved = [_resolve(x, node, self.gm, self.rules)[0] if isinstance(x, torch.fx.Node) else None
                         for x in inputs]
-            if len(inputs) > 1 and not all(x is not None and x in dynamic and _is_float_tensor(x)
+            if len(inputs) > 1 and not all(x is not None and x in self.dynamic and _is_float_tensor(x)
                                            for x in resolved):
-                continue  # a bias add / scaling by a constant: not an integer op
-        if rule.skip_if_feeding and _only_feeds(node, gm, rule.skip_if_feeding, kind):
-            skipped.append({"scope": path or label,
-                            "reason": f"{rule.reason}: its result only feeds "
-                                      f"{'/'.join(sorted(rule.skip_if_feeding))} (directly or through "
-                                      f"{kind}s), which run in float"})
-            continue
+                return  # a bias add / scaling by a constant: not an integer op
+        if rule.skip_if_feeding and _only_feeds(node, self.gm, rule.skip_if_feeding, kind):
+            self.skip(scope, f"{rule.reason}: its result only feeds {'/'.join(sorted(rule.skip_if_feeding))} "
+                             f"(directly or through {kind}s), which run in float")
+            return
         for x in inputs:
             if not isinstance(x, torch.fx.Node):
                 continue
-            producer, edge_user = _resolve(x, node, gm, rules)
+            producer, edge_user = _resolve(x, node, self.gm, self.rules)
             if not _is_float_tensor(producer):
-                skipped.append({"scope": path or label, "reason": f"{rule.reason} '{producer.name}' has dtype "
-                                                                  f"{producer.meta.get('dtype')}: not quantized"})
-                continue
-            if producer not in dynamic:
-                skipped.append({"scope": path or label,
-                                "reason": f"{rule.reason} '{producer.name}' is a constant of the model"})
-                continue
-            if _is_quantizer_node(producer, gm):
+                self.skip(scope, f"{rule.reason} '{producer.name}' has dtype {producer.meta.get('dtype')}: "
+                                 "not quantized")
+            elif producer not in self.dynamic:
+                self.skip(scope, f"{rule.reason} '{producer.name}' is a constant of the model")
+            elif _is_quantizer_node(producer, self.gm):
                 continue  # already quantized (an earlier quantization pass)
-            if producer.op == "placeholder" and not settings.quantize_inputs:
-                skipped.append({"scope": path or label,
-                                "reason": f"{rule.reason} is model input '{producer.name}' and "
-                                          "quantize_inputs is false"})
-                continue
-            request(producer, edge_user, node, rule.reason, rule)
+            elif producer.op == "placeholder" and not self.settings.quantize_inputs:
+                self.skip(scope, f"{rule.reason} is model input '{producer.name}' and quantize_inputs is false")
+            else:
+                self.request(producer, edge_user, node, rule.reason, rule)
 
-    if settings.quantize_outputs:
-        output = next(n for n in gm.graph.nodes if n.op == "output")
+    def model_outputs(self):
+        if not self.settings.quantize_outputs:
+            return
+        output = next(n for n in self.gm.graph.nodes if n.op == "output")
         for x in output.all_input_nodes:
-            if _is_float_tensor(x) and x in dynamic and not _is_quantizer_node(x, gm):
-                request(x, output, output, "model output")
+            if _is_float_tensor(x) and x in self.dynamic and not _is_quantizer_node(x, self.gm):
+                self.request(x, output, output, "model output")
 
-    if not points and all(set(r.reasons) <= {"model input", "model output"} for r in requests.values()):
-        requests.clear()  # nothing runs in integers: quantizing only inputs/outputs buys nothing
-    for req in sorted(requests.values(), key=lambda r: order[r.producer]):
-        points.append(_activation_point(gm, req, settings, order))
-
-    for point in points:
-        point.producer.meta.setdefault(ANNOTATION_KEY, []).append(point)
-    points.sort(key=lambda p: order[p.producer])
-    unique = list({(s["scope"], s["reason"]): s for s in skipped}.values())
-    return QuantizationPlan(points, unique)
-
-
-def _matmul_weight(gm, node, inputs, index, settings, selects, existing, points, skipped) -> bool:
-    """Quantize a 2-D parameter operand of a matmul as a weight; True when it was handled."""
-    operand = inputs[index]
-    source = operand
-    while source.meta.get("inserted_by") and source.args and isinstance(source.args[0], torch.fx.Node):
-        source = source.args[0]
-    if source.op != "get_attr" or not _is_float_tensor(operand):
-        return False
-    shape = operand.meta.get("shape")
-    if not isinstance(shape, tuple) or len(shape) != 2:
-        return False
-    if _is_quantizer_node(operand, gm):
-        return True
-    path = node.meta.get("module_path", "")
-    if not settings.weights.selects((path,)):
-        skipped.append({"scope": path or node.name, "reason": "matmul weight: excluded by weights scopes"})
-        return True
-    if operand in existing:
-        existing[operand].consumers.append(node)
-        existing[operand].serves.append(node)
-        return True
-    axis = 0 if index == 0 else 1  # [M, K] @ x: rows are outputs; x @ [K, N]: columns (OPENVINO.md: axis 1)
-    override = settings.override_for("weights", (path,))
-    spec = _weight_spec(settings, override, axis)
-    fix = settings.rules.overflow_fix and spec.bits == 8 and spec.mode == "symmetric" and \
-        settings.overflow_fix == "enable"
-    if fix:
-        spec = spec.with_bits(7)
-    point = QuantizationPoint("weights", operand, [node], spec, int(shape[axis]) if spec.per_channel else 1,
-                              f"{source.target.replace('.', '_')}_quantizer", (path,), [node],
-                              ["matmul weight"], overflow_fix=fix, signed_fixed=True, override=override)
-    existing[operand] = point
-    points.append(point)
-    return True
+    # -- result ------------------------------------------------------------------
+    def finish(self) -> QuantizationPlan:
+        requests = list(self.requests.values())
+        if not self.points and all(set(r.reasons) <= {"model input", "model output"} for r in requests):
+            requests = []  # nothing runs in integers: quantizing only inputs/outputs buys nothing
+        for req in sorted(requests, key=lambda r: self.order[r.producer]):
+            self.points.append(_activation_point(self.gm, req, self.settings, self.order))
+        self.points.sort(key=lambda p: self.order[p.producer])
+        for point in self.points:
+            point.producer.meta.setdefault(ANNOTATION_KEY, []).append(point)
+        unique = list({(s["scope"], s["reason"]): s for s in self.skipped}.values())
+        return QuantizationPlan(self.points, unique)
 
 
 # Kinds whose output is non-negative when their (first / every) tensor input is.
