@@ -40,6 +40,7 @@ import torch.nn as nn
 from fxcompress.errors import PassError
 from fxcompress.export import storage_dtype
 from fxcompress.graph import copy_meta, get_attr_value, unique_name
+from fxcompress.optable import kind_of
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 from fxcompress.patterns import Chain
 from fxcompress.quantizers import FakeQuantizer
@@ -250,7 +251,10 @@ class FoldBatchNorm(Pass):
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self.folded, self.skipped = [], []
+        module_convs = sum(1 for n in gm.graph.nodes if n.op == "call_module" and kind_of(n, gm) == "conv")
         convs = {op.node: op for op in weighted_ops(gm, kinds=("conv",))}
+        functionalized = module_convs != sum(1 for n in gm.graph.nodes
+                                             if n.op == "call_module" and kind_of(n, gm) == "conv")
         for match in list(self._CHAIN.find(gm)):
             conv, bn_node = match["conv"], match["batch_norm"]
             scope = bn_node.meta.get("module_path", bn_node.name)
@@ -261,7 +265,7 @@ class FoldBatchNorm(Pass):
                 self.folded.append({"scope": scope, "conv": conv.meta.get("module_path", conv.name)})
         if self.folded:
             drop_unused_tensors(gm)
-        return PassResult(gm, bool(self.folded))
+        return PassResult(gm, bool(self.folded) or functionalized)
 
     def _fold(self, gm, op, bn_node) -> str | None:
         """Fold one pair; returns why not, or None when folded."""
