@@ -11,6 +11,7 @@ import torch.fx
 
 from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
 from fxcompress.data import CalibrationData, progress_bar
+from fxcompress.distributed import average_across_ranks, is_distributed
 from fxcompress.errors import CheckpointError, NotInitializedError
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer
@@ -79,6 +80,7 @@ class QuantizationController(ControllerPart):
         self.scheduler = QuantizationScheduler(self.quantizers, weights_start, activations_start)
         self.initialized = False        # initialize() ran (ranges loaded from a checkpoint count too)
         self.bn_adapted = 0
+        self._adapted_bns: list = []
         self._distributed = False
 
     # -- lookup ----------------------------------------------------------------
@@ -107,8 +109,10 @@ class QuantizationController(ControllerPart):
                 raise ValueError("initialize: quantization needs a data loader to set activation ranges: "
                                  "ctrl.initialize(loader)")
             self.init_activation_ranges(ctx.gm, ctx.data)
+        self._adapted_bns = []
         if ctx.data is not None and self.num_bn_adaptation_samples > 0:
-            self.bn_adapted = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples)
+            self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples)
+        self.bn_adapted = len(self._adapted_bns)
         if self._distributed:
             self._average_across_ranks()
         self.initialized = True
@@ -188,21 +192,21 @@ class QuantizationController(ControllerPart):
                           f"({', '.join(unseen[:5])}); their ranges stay unset", stacklevel=3)
 
     def _average_across_ranks(self):
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
+        """Every rank gets the mean of the ranges the ranks found on their data shards."""
+        if not is_distributed():
             return
-        world = dist.get_world_size()
-        for q in self.quantizers:
-            scale = q.module.scale.data.clone()
-            dist.all_reduce(scale)
-            q.module.scale.data = scale / world
-            if q.module.spec.mode == "asymmetric":
-                zp = q.module.zero_point.data.clone()
-                dist.all_reduce(zp)
-                q.module.zero_point.data = torch.round(zp / world)
+        average_across_ranks([q.module.scale for q in self.quantizers])
+        asymmetric = [q.module.zero_point for q in self.quantizers if q.module.spec.mode == "asymmetric"]
+        average_across_ranks(asymmetric)
+        for zp in asymmetric:
+            zp.data.round_()
+        average_across_ranks([t for bn in self._adapted_bns for t in (bn.running_mean, bn.running_var)])
 
     def distributed(self):
+        """Ranges (and adapted BatchNorm statistics) are averaged over ranks after initialization."""
         self._distributed = True
+        if self.initialized:
+            self._average_across_ranks()
 
     # -- export ----------------------------------------------------------------
     def check_exportable(self):

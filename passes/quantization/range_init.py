@@ -298,8 +298,8 @@ def weight_range(weight: torch.Tensor, spec: QuantSpec, config: RangeInitConfig
 
 @torch.no_grad()
 def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
-                    progress: str | None = "quantization: BatchNorm adaptation") -> int:
-    """Re-estimate BatchNorm running statistics on the (quantized) model; returns the number of BN layers.
+                    progress: str | None = "quantization: BatchNorm adaptation") -> list[nn.Module]:
+    """Re-estimate BatchNorm running statistics on the (quantized) model; returns the BatchNorm layers.
 
     Only the BatchNorm layers run in train mode (dropout stays off); their
     statistics restart from zero with a cumulative average (``momentum=None``)
@@ -315,7 +315,7 @@ def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
     bns = [m for m in called if isinstance(m, nn.modules.batchnorm._BatchNorm)
            and m.track_running_stats and m.running_mean is not None]
     if not bns or num_samples <= 0:
-        return 0
+        return []
     was_training = gm.training
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
@@ -337,4 +337,4 @@ def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
         gm.train(was_training)
     if count == 0:
         raise ValueError("initialize: the data loader yielded no batches for BatchNorm adaptation")
-    return len(bns)
+    return bns
