@@ -5,13 +5,15 @@ Each measurement is one training step of the op: forward and backward with
 gradients for x, scale and zero point (torch.autograd.grad, so nothing
 accumulates into .grad). Per tensor and per channel (weights-like
 [256, N/256] along axis 0), on N = 1M and 16M float32 elements. Memory
-bandwidth is measured in the same run by a plain copy (dst.copy_(src)).
+bandwidth is measured in the same run by plain copies: dst.copy_(src) into a
+preallocated tensor (the bandwidth) and src.clone() (a copy that allocates its
+output, as every op here does; on CPU that includes faulting fresh pages in).
 
 Throughput in GB/s counts the bytes a fused implementation must move: the
 forward reads x and writes y, the backward reads grad and x and writes grad_x,
-so 5 * 4 * N bytes per step; the copy moves 2 * 4 * N. Methods run interleaved,
-round after round, and the median time per method is reported, which keeps the
-ratios meaningful on a shared, noisy machine.
+so 5 * 4 * N bytes per step; a copy moves 2 * 4 * N. Methods run interleaved,
+round after round, and the fastest round of each is reported: on a shared,
+noisy machine other processes only ever add time.
 
     .venv/bin/python benchmarks/kernels.py                 # CPU, markdown table
     .venv/bin/python benchmarks/kernels.py --device cuda   # on a GPU
@@ -21,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -72,11 +73,15 @@ def step_functions(x, scale, zero_point, grad, axis):
         reference.fake_quantize(x, scale, zero_point, QUANT_MIN, QUANT_MAX, axis)
         return reference.fake_quantize_backward(grad, x, scale, zero_point, QUANT_MIN, QUANT_MAX, axis)
 
-    return {"fxcompress": ours, "pytorch_learnable": pytorch, "reference": ref}
+    def ops_only():  # the two kernels without autograd: how close they get to the bandwidth
+        torch.ops.fxcompress.fake_quantize(x, scale, zero_point, QUANT_MIN, QUANT_MAX, axis)
+        return torch.ops.fxcompress.fake_quantize_backward(grad, x, scale, zero_point, QUANT_MIN, QUANT_MAX, axis)
+
+    return {"fxcompress": ours, "pytorch_learnable": pytorch, "reference": ref, "fxcompress_ops": ops_only}
 
 
 def time_interleaved(functions: dict, device: torch.device, rounds: int, min_seconds: float) -> dict:
-    """Median seconds per call of each function, measured round-robin."""
+    """Seconds per call of each function: the fastest of `rounds` round-robin samples."""
     for fn in functions.values():  # warm up (allocator, lazy init)
         fn()
     samples = {name: [] for name in functions}
@@ -91,7 +96,7 @@ def time_interleaved(functions: dict, device: torch.device, rounds: int, min_sec
                 if elapsed >= min_seconds:
                     break
             samples[name].append(elapsed / calls)
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return {name: min(times) for name, times in samples.items()}
 
 
 def run(device: torch.device, sizes: list[int], rounds: int, min_seconds: float) -> list[dict]:
@@ -99,14 +104,15 @@ def run(device: torch.device, sizes: list[int], rounds: int, min_seconds: float)
     for n in sizes:
         src = torch.randn(n, device=device)
         dst = torch.empty_like(src)
-        copy_time = time_interleaved({"copy": lambda: dst.copy_(src)}, device, rounds, min_seconds)["copy"]
-        bandwidth = 2 * 4 * n / copy_time / 1e9
+        copies = time_interleaved({"copy_": lambda: dst.copy_(src), "clone": src.clone}, device, rounds,
+                                  min_seconds)
+        bandwidth = {name: 2 * 4 * n / t / 1e9 for name, t in copies.items()}
         for per_channel in (False, True):
             times = time_interleaved(step_functions(*make_case(n, per_channel, device)), device, rounds, min_seconds)
             step_bytes = 5 * 4 * n
             rows.append({
                 "n": n, "kind": "per-channel (axis 0, 256 ch)" if per_channel else "per-tensor",
-                "copy_gbs": bandwidth, "times": times,
+                "copy_gbs": bandwidth["copy_"], "clone_gbs": bandwidth["clone"], "times": times,
                 "gbs": {name: step_bytes / t / 1e9 for name, t in times.items()},
                 "vs_pytorch": times["pytorch_learnable"] / times["fxcompress"],
                 "vs_reference": times["reference"] / times["fxcompress"],
@@ -126,15 +132,18 @@ def markdown(rows: list[dict], device: torch.device, command: str) -> str:
         f"fxcompress backend {ops.backend()}"
         + (f", CPU kernels {ops.backend_info().get('cpu_isa')}" if ops.backend() != "reference" else "") + ".",
         "",
-        "| elements | quantization | copy GB/s | fxcompress ms (GB/s) | PyTorch learnable ms (GB/s) "
-        "| reference ms (GB/s) | vs PyTorch | vs reference | fxcompress / copy bandwidth |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Step times in ms (GB/s in parentheses); the ratios are step-time ratios.",
+        "",
+        "| elements | quantization | fxcompress | PyTorch learnable | reference | **vs PyTorch** | vs reference "
+        "| fxcompress ops without autograd | copy_ GB/s | clone GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t, g = r["times"], r["gbs"]
         cells = [f"{t[k] * 1e3:.2f} ({g[k]:.1f})" for k in ("fxcompress", "pytorch_learnable", "reference")]
-        lines.append(f"| {size_label(r['n'])} | {r['kind']} | {r['copy_gbs']:.1f} | {' | '.join(cells)} "
-                     f"| {r['vs_pytorch']:.1f}x | {r['vs_reference']:.1f}x | {g['fxcompress'] / r['copy_gbs']:.2f} |")
+        lines.append(f"| {size_label(r['n'])} | {r['kind']} | {' | '.join(cells)} | **{r['vs_pytorch']:.1f}x** "
+                     f"| {r['vs_reference']:.1f}x | {t['fxcompress_ops'] * 1e3:.2f} ({g['fxcompress_ops']:.1f}) "
+                     f"| {r['copy_gbs']:.1f} | {r['clone_gbs']:.1f} |")
     return "\n".join(lines)
 
 
@@ -158,9 +167,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--sizes", default="1M,16M", help="comma-separated element counts (M = 2**20)")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per measurement")
     parser.add_argument("--min-seconds", type=float, default=0.2, help="minimum time per sample")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
