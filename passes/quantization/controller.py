@@ -230,7 +230,7 @@ class QuantizationController(ControllerPart):
         zp = m.zero_point.detach().float().round()
         low = ((m.quant_min - zp) * scale).min().item()
         high = ((m.quant_max - zp) * scale).max().item()
-        return {"name": q.name, "kind": q.kind, "bits": 8 if q.overflow_fix else s.bits,
+        return {"name": q.name, "kind": q.kind, "bits": 8 if q.overflow_fix and s.bits == 7 else s.bits,
                 "effective_bits": s.bits, "mode": s.mode, "per_channel": s.per_channel,
                 "signed": s.mode == "symmetric" and s.signed, "narrow_range": s.narrow_range,
                 "range_low": low, "range_high": high, "initialized": bool(m.initialized),
