@@ -2,8 +2,10 @@
 
 ``resnet18_like(1000, 64)`` (the real ResNet-18 topology), 224x224, batch 1. The
 dense model is exported as is; the pruned ones are compiled with
-``FilterPruning(pruning_flops_target=t, schedule="baseline", prune_downsample_convs=True)``
-for each target ``t`` (default 0.3 and 0.5), folded and exported with
+``FilterPruning(pruning_flops_target=t, schedule="baseline", prune_downsample_convs=True,
+round_to=r)`` for each target ``t`` (default 0.3 and 0.5) and ``r`` (default 1: any channel
+count, NNCF's behaviour; 16: counts kept multiples of 16, the channel block of OpenVINO's
+AVX-512 kernels), folded and exported with
 ``ctrl.export_onnx`` (the physically smaller graph). Every model is compiled by
 OpenVINO's CPU plugin with ``INFERENCE_PRECISION_HINT=f32``, LATENCY hint, one
 stream, static shape [1, 3, 224, 224], and timed interleaved in one run (round
@@ -46,7 +48,7 @@ def log(*args):
     print(*args, file=sys.stderr, flush=True)
 
 
-def build(folder: Path, size: int, targets: list[float]) -> dict:
+def build(folder: Path, size: int, targets: list[float], round_to: list[int]) -> dict:
     """{name: (onnx path, flops, params, predicted (flops, params) or None)}."""
     model = resnet18_like(num_classes=1000, width=64).eval()
     x = torch.randn(1, 3, size, size)
@@ -55,18 +57,20 @@ def build(folder: Path, size: int, targets: list[float]) -> dict:
     out = {"dense": (export_onnx(model, folder / "dense.onnx", example_inputs=(x,)), dense.flops, dense.params,
                      None)}
     for target in targets:
-        start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ctrl, _ = compile_for_compression(model, [FilterPruning(pruning_flops_target=target, schedule="baseline",
-                                                                    prune_downsample_convs=True)],
-                                              example_inputs=(x,), copy=True)
-            predicted = ctrl.parts[0].predicted_cost()
-            folded = model_cost(ctrl.strip())
-            path = ctrl.export_onnx(folder / f"pruned_{target}.onnx")
-        log(f"flops target {target}: compile + fold + export {time.perf_counter() - start:.1f}s")
-        out[f"pruned, FLOPs target {target:g}"] = (path, folded.flops, folded.params,
-                                                   (predicted.flops, predicted.params))
+        for r in round_to:
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ctrl, _ = compile_for_compression(
+                    model, [FilterPruning(pruning_flops_target=target, schedule="baseline",
+                                          prune_downsample_convs=True, round_to=r)],
+                    example_inputs=(x,), copy=True)
+                predicted = ctrl.parts[0].predicted_cost()
+                folded = model_cost(ctrl.strip())
+                path = ctrl.export_onnx(folder / f"pruned_{target}_{r}.onnx")
+            log(f"flops target {target}, round_to {r}: compile + fold + export {time.perf_counter() - start:.1f}s")
+            name = f"pruned, FLOPs target {target:g}" + (f", round_to {r}" if r > 1 else "")
+            out[name] = (path, folded.flops, folded.params, (predicted.flops, predicted.params))
     return out
 
 
@@ -103,6 +107,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--targets", type=float, nargs="+", default=[0.3, 0.5])
+    parser.add_argument("--round-to", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--per-round", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -111,7 +116,7 @@ def main():
     import openvino as ov
     log(f"OpenVINO {ov.__version__}, {args.threads} threads, f32 inference precision")
     with tempfile.TemporaryDirectory() as tmp:
-        models = build(Path(tmp), args.size, args.targets)
+        models = build(Path(tmp), args.size, args.targets, args.round_to)
         sizes = {k: os.path.getsize(v[0]) for k, v in models.items()}
         medians = measure(compile_all(models, args.size, args.threads), args.size, args.rounds, args.per_round)
     dense_flops, dense_params = models["dense"][1], models["dense"][2]

@@ -110,6 +110,7 @@ PRUNING_OPTIONS = st.fixed_dictionaries({
     "prune_batch_norms": st.booleans(),
     "filter_importance": st.sampled_from(["L1", "L2", "geometric_median"]),
     "interlayer_ranking_type": st.sampled_from(["unweighted_ranking", "flops_weighted_ranking"]),
+    "round_to": st.sampled_from([1, 1, 2]),
     "target": st.sampled_from([("pruning_target", 0.5), ("pruning_target", 0.3), ("pruning_flops_target", 0.2)]),
 })
 
@@ -499,6 +500,18 @@ def test_flops_target_is_reached_with_the_least_pruning():
         assert stats["target_kind"] == "flops" and stats["flops_pruned_ratio"] >= 0.4
         assert stats["flops_pruned_ratio"] < 0.55
         check_fold(ctrl, gm, case.example_inputs)
+
+
+def test_round_to_keeps_multiples_of_the_simd_width():
+    case = build("resnet18_like")  # width 8: groups of 8 .. 64 channels
+    for kwargs in ({"pruning_flops_target": 0.3}, {"pruning_target": 0.5, "all_weights": True}):
+        ctrl, gm = compile_quietly(case.model, [FilterPruning(round_to=8, **kwargs, **AGGRESSIVE)],
+                                   case.example_inputs)
+        rows = ctrl.statistics()["filter_pruning"].layers
+        kept = [r["channels"] - r["pruned"] for r in rows]
+        assert all(k % 8 == 0 for k in kept) and any(r["pruned"] for r in rows), kept
+        folded = check_fold(ctrl, gm, case.example_inputs)
+        assert all(p.shape[0] % 8 == 0 for n, p in folded.named_parameters() if n.endswith("conv1.weight"))
 
 
 def test_flops_weighted_ranking_prefers_expensive_channels():

@@ -21,7 +21,7 @@ from fxcompress.algorithm import CompressionPass
 from fxcompress.config import register_algorithm
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.errors import CheckpointError, ConfigError
-from fxcompress.graph import GraphSnapshot, add_module, insert_before_input, insert_on_output
+from fxcompress.graph import GraphSnapshot, add_module, get_attr_value, insert_before_input, insert_on_output
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.weights import weighted_ops
 
@@ -54,6 +54,7 @@ SCHEMA = {
         "prune_downsample_convs": {"type": "boolean"},
         "prune_batch_norms": {"type": "boolean"},
         "zero_grad": {"type": "boolean"},
+        "round_to": {"type": "integer", "minimum": 1},  # fxcompress: keep multiples of this many channels
         "initializer": {
             "type": "object",
             "properties": {"batchnorm_adaptation": {
@@ -69,6 +70,7 @@ DEFAULTS = {
     "pruning_init": 0.0, "schedule": "exponential", "num_init_steps": 0, "pruning_steps": 100,
     "filter_importance": "L2", "interlayer_ranking_type": "unweighted_ranking", "all_weights": False,
     "prune_first_conv": False, "prune_downsample_convs": False, "prune_batch_norms": True, "zero_grad": True,
+    "round_to": 1,
 }
 DEFAULT_PRUNING_TARGET = 0.5
 DEFAULT_BN_ADAPTATION_SAMPLES = 2000  # NNCF's default when the initializer block is given
@@ -141,7 +143,7 @@ class FilterPruning(CompressionPass):
             warnings.warn(f"FilterPruning: nothing to prune: {why}", stacklevel=2)
             return PassResult(gm, False, FilterPruningController(self, analysis, []))
         cost = CostModel(analysis, gm)
-        selector = Selector(analysis, prunable, cost)
+        selector = Selector(analysis, prunable, cost, round_to=self.params["round_to"])
         part = FilterPruningController(self, analysis, prunable, gm, cost, selector)
         kind, target = self.target
         if kind == "flops":
@@ -188,7 +190,9 @@ class FilterPruning(CompressionPass):
         bindings = []
 
         def device_of(layer):
-            return layer.node.meta.get("device") or next((t.device for t in gm.parameters()), None)
+            if layer.weight_target is not None:
+                return get_attr_value(gm, layer.weight_target).device
+            return next((t.device for t in gm.parameters()), torch.device("cpu"))
 
         # consumer inputs the analysis cannot prove zero at pruned channels (first: they read the original edge)
         by_input: dict[torch.fx.Node, tuple] = {}

@@ -5,7 +5,10 @@ Limits that hold in every mode:
 - at most ``floor(quota * n)`` of a group's ``n`` channels are pruned (NNCF's
   pruning quota, 0.9), so a group never disappears;
 - no tensor loses all its channels (a class is skipped when pruning it would
-  empty a space: e.g. one branch of a concat that a residual ties to a group).
+  empty a space: e.g. one branch of a concat that a residual ties to a group);
+- with ``round_to = r > 1`` a group keeps a multiple of ``r`` channels (its
+  count rounded up; a group smaller than ``r`` is not pruned), so the smaller
+  layers stay aligned to the runtime's SIMD blocks (Torch-Pruning's ``round_to``).
 
 Modes:
 
@@ -35,10 +38,11 @@ PRUNING_QUOTA = 0.9
 
 class Selector:
     def __init__(self, analysis: ChannelAnalysis, groups: list[Group], cost: CostModel,
-                 quota: float = PRUNING_QUOTA):
+                 quota: float = PRUNING_QUOTA, round_to: int = 1):
         self.analysis = analysis
         self.groups = groups
         self.cost = cost
+        self.round_to = max(1, int(round_to))
         self.limit = {g.id: int(math.floor(quota * g.size + 1e-9)) for g in groups}
         self.candidates = np.concatenate([g.classes for g in groups]) if groups else np.zeros(0, np.int64)
 
@@ -72,16 +76,36 @@ class Selector:
         return self.candidates[np.argsort(scores[self.candidates], kind="stable")]
 
     # -- modes ---------------------------------------------------------------------------------
+    def _rounded(self, size: int, pruned: int) -> int:
+        """How many of ``size`` channels to prune so that a multiple of ``round_to`` stays (at most ``pruned``)."""
+        r = self.round_to
+        if r == 1:
+            return pruned
+        return max(0, size - min(size, -(-(size - pruned) // r) * r))
+
+    def _round_groups(self, pruned: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Give back the most important pruned channels of each group until it keeps a multiple of round_to."""
+        if self.round_to == 1:
+            return pruned
+        pruned = pruned.copy()
+        for g in self.groups:
+            taken = g.classes[pruned[g.classes]]
+            excess = len(taken) - self._rounded(g.size, len(taken))
+            if excess > 0:
+                pruned[taken[np.argsort(-scores[taken], kind="stable")[:excess]]] = False
+        return pruned
+
     def uniform(self, level: float, scores: np.ndarray) -> np.ndarray:
-        per_group = {g.id: min(int(round(level * g.size)), self.limit[g.id]) for g in self.groups}
-        return self._take(self._group_order(scores), per_group)
+        per_group = {g.id: self._rounded(g.size, min(int(round(level * g.size)), self.limit[g.id]))
+                     for g in self.groups}
+        return self._round_groups(self._take(self._group_order(scores), per_group), scores)
 
     def global_(self, level: float, scores: np.ndarray) -> np.ndarray:
-        count = int(round(level * len(self.candidates)))
-        return self._take(self._global_order(scores), dict(self.limit), max_total=count)
+        return self.global_count(int(round(level * len(self.candidates))), scores)
 
     def global_count(self, count: int, scores: np.ndarray) -> np.ndarray:
-        return self._take(self._global_order(scores), dict(self.limit), max_total=count)
+        pruned = self._take(self._global_order(scores), dict(self.limit), max_total=count)
+        return self._round_groups(pruned, scores)
 
     def max_flops_fraction(self, scores: np.ndarray, global_ranking: bool) -> float:
         """The largest fraction of FLOPs the prunable groups can remove."""
