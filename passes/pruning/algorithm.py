@@ -164,7 +164,7 @@ class FilterPruning(CompressionPass):
         p = self.params
         for group in analysis.groups:
             # as NNCF: a layer out of scope keeps its filters; its inputs follow the layers before it
-            outside = [p.name for p in group.producers if not self.selects(p.module_path)]
+            outside = [layer.name for layer in group.producers if not self.selects(layer.module_path)]
             if outside:
                 group.reasons.append(f"{', '.join(outside)} excluded by ignored_scopes/target_scopes")
             if not p["prune_first_conv"]:

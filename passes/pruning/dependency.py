@@ -41,7 +41,6 @@ This module decides; it does not touch the graph (``FilterPruning`` does).
 from __future__ import annotations
 
 import math
-import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -157,15 +156,6 @@ class Group:
     @property
     def prunable(self) -> bool:
         return not self.reasons
-
-    @property
-    def members(self) -> list[Layer]:
-        seen, out = set(), []
-        for layer in self.producers + self.consumers:
-            if id(layer) not in seen:
-                seen.add(id(layer))
-                out.append(layer)
-        return out
 
     def describe(self) -> str:
         return ", ".join(p.name for p in self.producers)
