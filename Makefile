@@ -8,7 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-PYTEST_ARGS ?=
+# Two workers for the 2-core CI machine (each test process uses one torch thread).
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup build test test-slow demo bench clean
 
