@@ -42,7 +42,7 @@ demo: setup
 	$(PY) examples/digits_demo.py
 
 bench: setup
-	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
+	for f in benchmarks/kernels.py benchmarks/bench_*.py; do $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf build dist *.egg-info $(VENV)

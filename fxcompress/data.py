@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["batch_to_inputs", "CalibrationData"]
+__all__ = ["batch_to_inputs", "CalibrationData", "to_device", "count_samples", "progress_bar"]
 
 
 def batch_to_inputs(batch: Any, input_fn: Callable | None = None,
@@ -49,22 +49,24 @@ def batch_to_inputs(batch: Any, input_fn: Callable | None = None,
         "pass input_fn=lambda batch: <model inputs> to say how")
 
 
-def _batch_size(args: tuple, kwargs: dict) -> int:
+def count_samples(args: tuple, kwargs: dict) -> int:
+    """The batch size of model inputs: the first dimension of the first tensor (1 if none)."""
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
+            return int(value.shape[0])
     return 1
 
 
-def _to_device(value, device):
+def to_device(value, device):
+    """``value`` (a tensor or nested tuples/lists/dicts of them) moved to ``device`` (None: unchanged)."""
     if device is None:
         return value
     if isinstance(value, torch.Tensor):
         return value.to(device)
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
+        return type(value)(to_device(v, device) for v in value)
     if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
+        return {k: to_device(v, device) for k, v in value.items()}
     return value
 
 
@@ -85,9 +87,9 @@ class CalibrationData:
         seen = 0
         for batch in self.loader:
             args, kwargs = batch_to_inputs(batch, self.input_fn, self.accepted_kwargs)
-            args, kwargs = _to_device(args, self.device), _to_device(kwargs, self.device)
+            args, kwargs = to_device(args, self.device), to_device(kwargs, self.device)
             yield args, kwargs
-            seen += _batch_size(args, kwargs)
+            seen += count_samples(args, kwargs)
             if num_samples is not None and seen >= num_samples:
                 return
 

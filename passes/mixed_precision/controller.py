@@ -38,7 +38,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
-from fxcompress.data import CalibrationData, batch_to_inputs
+from fxcompress.data import CalibrationData, batch_to_inputs, count_samples, to_device
 from fxcompress.errors import CheckpointError, ConfigError, NotInitializedError, ScopeError
 from fxcompress.quantizers import FakeQuantizer
 from fxcompress.scopes import ScopeSet
@@ -78,25 +78,6 @@ class _Batch:
     kwargs: dict
     target: Any
     samples: int
-
-
-def _to_device(value, device):
-    if device is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(v, device) for v in value)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    return value
-
-
-def _samples(args: tuple, kwargs: dict) -> int:
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    return 1
 
 
 class MixedPrecisionController(ControllerPart):
@@ -200,9 +181,9 @@ class MixedPrecisionController(ControllerPart):
         for batch in data.loader:
             args, kwargs = batch_to_inputs(batch, data.input_fn, data.accepted_kwargs)
             target = self.target_fn(batch)
-            args, kwargs = _to_device(args, data.device), _to_device(kwargs, data.device)
-            n = _samples(args, kwargs)
-            out.append(_Batch(args, kwargs, _to_device(target, data.device), n))
+            args, kwargs = to_device(args, data.device), to_device(kwargs, data.device)
+            n = count_samples(args, kwargs)
+            out.append(_Batch(args, kwargs, to_device(target, data.device), n))
             seen += n
             if seen >= self.params["num_data_points"]:
                 break

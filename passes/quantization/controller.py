@@ -10,7 +10,7 @@ import torch
 import torch.fx
 
 from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
-from fxcompress.data import CalibrationData, progress_bar
+from fxcompress.data import CalibrationData, count_samples, progress_bar
 from fxcompress.distributed import average_across_ranks, is_distributed
 from fxcompress.errors import CheckpointError, NotInitializedError
 from fxcompress.graph import get_attr_value
@@ -57,13 +57,6 @@ class QuantizationScheduler(Scheduler):
             start = self.starts.get(q.group)
             if start is not None:
                 q.module.enabled = self.current_epoch >= start
-
-
-def _batch_size(args: tuple, kwargs: dict) -> int:
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    return 1
 
 
 class QuantizationController(ControllerPart):
@@ -170,7 +163,7 @@ class QuantizationController(ControllerPart):
                 for q in targets:
                     active[q.name] = seen < q.range_init.num_init_samples
                 gm(*args, **kwargs)
-                seen += _batch_size(args, kwargs)
+                seen += count_samples(args, kwargs)
                 batches += 1
         finally:
             for h in hooks:
