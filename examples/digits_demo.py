@@ -85,8 +85,8 @@ def main():
 
     section("2. 50% magnitude sparsity + int8 quantization")
     ctrl, gm = compile_for_compression(model, [
-        MagnitudeSparsity(sparsity_init=0.5, sparsity_target=0.5, schedule="multistep",
-                          multistep_steps=[], multistep_sparsity_levels=[0.5]),
+        MagnitudeSparsity(sparsity_init=0.25, sparsity_target=0.5, sparsity_target_epoch=max(1, args.epochs - 1),
+                          sparsity_freeze_epoch=args.epochs),
         Quantize(bits=8)], example_inputs=example)
     print(ctrl.summary())
     print("\nWhat the passes changed in the graph:\n")
@@ -103,7 +103,7 @@ def main():
     print(f"\nexported {path} ({size / 1024:.1f} KiB); accuracy of the exported model: {onnx_accuracy(path, test_loader)}")
 
     section("3. filter pruning: 50% of the filters, removed physically")
-    ctrl, gm = compile_for_compression(model, [FilterPruning(pruning_init=0.5, pruning_target=0.5)],
+    ctrl, gm = compile_for_compression(model, [FilterPruning(pruning_target=0.5, schedule="baseline", prune_first_conv=True)],
                                        example_inputs=example)
     ctrl.initialize(train_loader)
     fine_tune(gm, ctrl, train_loader, args.epochs)
