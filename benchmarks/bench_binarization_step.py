@@ -21,22 +21,13 @@ Prints a Markdown table (the RESULTS.md section is pasted from it).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from fxcompress import compile_for_compression
 from fxcompress.passes import Binarization
-from fxcompress.testing import DigitsCNN, ResNetTiny
-
-
-def build(model_name: str):
-    if model_name == "digits":
-        return DigitsCNN(seed=0), torch.randn(64, 1, 8, 8), 10
-    return ResNetTiny(num_classes=10, width=16, seed=0), torch.randn(32, 3, 32, 32), 10
+from timing import interleaved_medians, training_model, training_step
 
 
 CONFIGS = {
@@ -50,37 +41,12 @@ CONFIGS = {
 }
 
 
-def setup(name: str, model_name: str, device: str):
-    model, x, classes = build(model_name)
-    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    model, x, y = model.to(device), x.to(device), y.to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ctrl, gm = compile_for_compression(model, CONFIGS[name](), example_inputs=(x,), copy=True)
-        ctrl.initialize([(x, y)])
-    gm.train()
-    opt = torch.optim.Adam(gm.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(gm(x), y) + ctrl.loss()
-        loss.backward()
-        opt.step()
-        ctrl.scheduler.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for _ in range(3):  # warm-up
-        step()
-    return step
-
-
 def openvino_latency(args):
     import os
     import tempfile
 
     from fxcompress.runtime import openvino_compile, openvino_compute_layers
-    model, x, _ = build(args.model)
+    model, x, _ = training_model(args.model)
     model.eval()
     configs = {"fp32": [], "binary, export_form=where": [Binarization(activations_quant_start_epoch=0,
                                                                         weights_quant_start_epoch=0)],
@@ -103,23 +69,14 @@ def openvino_latency(args):
                 report = openvino_compute_layers(compiled)
                 integer[key] = f"{len(report.integer)}/{len(report.layers)}"
     data = x.numpy()
-    times = {key: [] for key in requests}
-    for request in requests.values():
-        for _ in range(5):
-            request.infer([data])
-    for _ in range(args.rounds):
-        for key, request in requests.items():
-            start = time.perf_counter()
-            for _ in range(args.steps * 4):
-                request.infer([data])
-            times[key].append((time.perf_counter() - start) / (args.steps * 4))
+    times = interleaved_medians({key: (lambda r=request: r.infer([data])) for key, request in requests.items()},
+                                args.rounds, args.steps * 4, warmup=5)
     print(f"model: {args.model}, batch {x.shape[0]}, OpenVINO CPU latency hint, {args.threads} thread(s), "
           f"{args.rounds} rounds, interleaved medians")
     print("| model | precision | integer convs/FC | ms / inference | vs fp32, same precision |")
     print("|---|---|---|---|---|")
     for key in requests:
-        base = statistics.median(times[("fp32", key[1])])
-        t = statistics.median(times[key])
+        base, t = times[("fp32", key[1])], times[key]
         print(f"| {key[0]} | {key[1]} | {integer[key]} | {t * 1e3:.2f} | {base / t:.2f}x faster |")
 
 
@@ -137,21 +94,15 @@ def main():
     if args.openvino:
         return openvino_latency(args)
     from fxcompress import ops
-    steps = {name: setup(name, args.model, args.device) for name in CONFIGS}
-    times = {name: [] for name in CONFIGS}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - start) / args.steps)
-    base = statistics.median(times["fp32"])
+    steps = {name: training_step(make(), args.model, args.device) for name, make in CONFIGS.items()}
+    times = interleaved_medians(steps, args.rounds, args.steps, warmup=3)
+    base = times["fp32"]
     print(f"model: {args.model}, {args.rounds} rounds x {args.steps} steps, {args.threads} thread(s), "
           f"{args.device}, op library: {ops.backend()}, interleaved medians")
     print("| configuration | ms / step | vs fp32 step |")
     print("|---|---|---|")
     for name in CONFIGS:
-        t = statistics.median(times[name])
+        t = times[name]
         print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f}x |")
 
 

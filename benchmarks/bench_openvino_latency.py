@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from fxcompress.export import export_onnx  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
 from fxcompress.runtime import openvino_compute_layers  # noqa: E402
 from fxcompress.testing import resnet18_like  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 
 def log(*args):
@@ -110,17 +110,8 @@ def compile_all(models: dict, batch: int, size: int, threads: int) -> dict:
 def measure(compiled: dict, batch: int, size: int, rounds: int, per_round: int) -> dict:
     data = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
     requests = {k: c.create_infer_request() for k, c in compiled.items()}
-    for r in requests.values():  # warm-up
-        for _ in range(2):
-            r.infer([data])
-    times = {k: [] for k in requests}
-    for _ in range(rounds):
-        for key, request in requests.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                request.infer([data])
-                times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved_medians({k: (lambda r=r: r.infer([data])) for k, r in requests.items()}, rounds, per_round,
+                               warmup=2)
 
 
 def main():

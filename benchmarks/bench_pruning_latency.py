@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from fxcompress.export import export_onnx  # noqa: E402
 from fxcompress.passes import FilterPruning  # noqa: E402
 from fxcompress.passes.pruning import model_cost  # noqa: E402
 from fxcompress.testing import resnet18_like  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 
 def log(*args):
@@ -90,17 +90,8 @@ def compile_all(models: dict, size: int, threads: int) -> dict:
 def measure(compiled: dict, size: int, rounds: int, per_round: int) -> dict:
     data = np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
     requests = {k: c.create_infer_request() for k, c in compiled.items()}
-    for request in requests.values():  # warm-up
-        for _ in range(3):
-            request.infer([data])
-    times = {k: [] for k in requests}
-    for _ in range(rounds):
-        for key, request in requests.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                request.infer([data])
-                times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved_medians({k: (lambda r=r: r.infer([data])) for k, r in requests.items()}, rounds, per_round,
+                               warmup=3)
 
 
 def main():

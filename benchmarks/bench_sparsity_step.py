@@ -12,22 +12,11 @@ Prints a Markdown table (the RESULTS.md section is pasted from it).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-import warnings
 
 import torch
-import torch.nn.functional as F
 
-from fxcompress import compile_for_compression
 from fxcompress.passes import MagnitudeSparsity, Quantize, RBSparsity
-from fxcompress.testing import DigitsCNN, ResNetTiny
-
-
-def build(model_name: str):
-    if model_name == "digits":
-        return DigitsCNN(seed=0), torch.randn(64, 1, 8, 8), 10
-    return ResNetTiny(num_classes=10, width=16, seed=0), torch.randn(32, 3, 32, 32), 10
+from timing import interleaved_medians, training_step
 
 
 CONFIGS = {
@@ -44,31 +33,6 @@ CONFIGS = {
 }
 
 
-def setup(name: str, model_name: str, device: str):
-    model, x, classes = build(model_name)
-    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    model, x, y = model.to(device), x.to(device), y.to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ctrl, gm = compile_for_compression(model, CONFIGS[name](), example_inputs=(x,), copy=True)
-        ctrl.initialize([(x, y)])
-    gm.train()
-    opt = torch.optim.Adam(gm.parameters(), lr=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(gm(x), y) + ctrl.loss()
-        loss.backward()
-        opt.step()
-        ctrl.scheduler.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for _ in range(3):  # warm-up
-        step()
-    return step
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["resnet_tiny", "digits"], default="resnet_tiny")
@@ -79,22 +43,15 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    steps = {name: setup(name, args.model, args.device) for name in CONFIGS}
-    times = {name: [] for name in CONFIGS}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            times[name].append((time.perf_counter() - start) / args.steps)
-    base = statistics.median(times["fp32"])
-    quant = statistics.median(times["int8 (quantization only)"])
+    steps = {name: training_step(make(), args.model, args.device) for name, make in CONFIGS.items()}
+    times = interleaved_medians(steps, args.rounds, args.steps, warmup=3)
+    base, quant = times["fp32"], times["int8 (quantization only)"]
     print(f"model: {args.model}, {args.rounds} rounds x {args.steps} steps, {args.threads} thread(s), "
           f"{args.device}, interleaved medians")
     print("| configuration | ms / step | vs fp32 step | vs int8-only step |")
     print("|---|---|---|---|")
     for name in CONFIGS:
-        t = statistics.median(times[name])
+        t = times[name]
         print(f"| {name} | {t * 1e3:.1f} | {t / base:.2f}x | {t / quant:.2f}x |")
 
 

@@ -1,0 +1,64 @@
+"""Timing helpers shared by the benchmark scripts.
+
+Configurations are timed interleaved (round robin over several rounds) and compared by
+their medians, so load on the shared machine hits every configuration alike; ratios are
+taken within one run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fxcompress import compile_for_compression
+from fxcompress.testing import DigitsCNN, ResNetTiny
+
+
+def interleaved_medians(calls: dict, rounds: int, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each zero-argument callable, timed round robin."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            times[name].append((time.perf_counter() - start) / repeats)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def training_model(model_name: str):
+    """(model, input batch, number of classes) of the small training-step benchmarks."""
+    if model_name == "digits":
+        return DigitsCNN(seed=0), torch.randn(64, 1, 8, 8), 10
+    return ResNetTiny(num_classes=10, width=16, seed=0), torch.randn(32, 3, 32, 32), 10
+
+
+def training_step(passes: list, model_name: str, device: str) -> Callable[[], None]:
+    """One step of the user's loop on a compiled model: forward, ctrl.loss(), backward, Adam, scheduler."""
+    model, x, classes = training_model(model_name)
+    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, gm = compile_for_compression(model, passes, example_inputs=(x,), copy=True)
+        ctrl.initialize([(x, y)])
+    gm.train()
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(gm(x), y) + ctrl.loss()
+        loss.backward()
+        opt.step()
+        ctrl.scheduler.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return step
