@@ -8,8 +8,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
-# Two workers for the 2-core CI machine (each test process uses one torch thread).
-PYTEST_ARGS ?= -n 2
+# Two workers for the 2-core CI machine (each test process uses one torch thread); each test
+# file runs whole, in order, on one worker, so module-scoped fixtures see the same history every run.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: setup build test test-slow demo bench clean
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 
 from fxcompress import PassError, compile_for_compression, trace
 from fxcompress import inspect as fx_inspect
-from fxcompress.pass_manager import PassContext, PassManager, PassResult, Pass
+from fxcompress.pass_manager import Pass, PassContext, PassManager
 from fxcompress.testing import models as zoo
 from fxcompress.testing import strategies
 from fxcompress.testing.asserts import assert_modules_agree

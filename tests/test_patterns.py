@@ -1,5 +1,4 @@
 """Pattern matching treats module, functional and method forms alike."""
-import operator
 
 import pytest
 import torch

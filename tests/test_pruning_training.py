@@ -6,29 +6,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fxcompress import compile_for_compression
 from fxcompress.passes import FilterPruning
 from fxcompress.passes.pruning import model_cost
 from fxcompress.testing import digits_loaders, evaluate_accuracy, seeded, train_digits_cnn
+from training import fine_tune
 
 PRUNE_HALF = dict(pruning_target=0.5, schedule="baseline", prune_first_conv=True)
-
-
-def fine_tune(ctrl, gm, loader, epochs: int, lr: float = 2e-3):
-    with seeded(0):
-        optimizer = torch.optim.Adam(gm.parameters(), lr=lr)
-        for _ in range(epochs):
-            gm.train()
-            for x, y in loader:
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(gm(x), y) + ctrl.loss()
-                loss.backward()
-                optimizer.step()
-                ctrl.scheduler.step()
-            ctrl.scheduler.epoch_step()
-    gm.eval()
 
 
 def test_digits_cnn_with_half_the_filters_pruned_and_fine_tuned_stays_within_1_5_percent():
@@ -39,7 +24,8 @@ def test_digits_cnn_with_half_the_filters_pruned_and_fine_tuned_stays_within_1_5
     stats = ctrl.statistics()["filter_pruning"]
     assert stats.summary["filters_pruned_ratio"] == 0.5
     assert [row["ratio"] for row in stats.layers] == [0.5, 0.5, 0.5]
-    fine_tune(ctrl, gm, train, epochs=3)
+    with seeded(0):
+        fine_tune(ctrl, gm, train, epochs=3, lr=2e-3)
     pruned = evaluate_accuracy(gm, test)
     folded = ctrl.strip()
     assert evaluate_accuracy(folded, test) == pruned
@@ -88,7 +74,8 @@ def test_pruning_and_quantization_export_a_smaller_qdq_model_that_openvino_runs_
             passes = passes[::-1]
         ctrl, gm = compile_for_compression(model, passes, model.example_input(), copy=True)
         ctrl.initialize(train)
-        fine_tune(ctrl, gm, train, epochs=2, lr=1e-3)
+        with seeded(0):
+            fine_tune(ctrl, gm, train, epochs=2, lr=1e-3)
         path = ctrl.export_onnx(tmp_path / "pruned_int8.onnx")
         lowered = ctrl.strip()
 

@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fxcompress import compile_for_compression
 from fxcompress.passes import Quantize
 from fxcompress.testing import digits_loaders, evaluate_accuracy, train_digits_cnn
+from training import fine_tune
 
 
 @pytest.fixture(scope="module")
@@ -30,27 +30,14 @@ def _quantize(model, train, **kw):
     return ctrl, gm
 
 
-def _qat_epoch(ctrl, gm, train, lr=3e-4):
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(gm.parameters(), lr=lr)
-    gm.train()
-    for x, y in train:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(gm(x), y) + ctrl.loss()
-        loss.backward()
-        opt.step()
-        ctrl.scheduler.step()
-    ctrl.scheduler.epoch_step()
-    gm.eval()
-
-
 def test_digits_int8_post_training_and_one_epoch_of_qat(digits):
     model, train, test, fp32 = digits
     assert fp32 > 0.95
     ctrl, gm = _quantize(model, train)
     ptq = evaluate_accuracy(gm, test)
     assert ptq >= fp32 - 0.005, f"post-training int8 {ptq:.4f} vs fp32 {fp32:.4f}"
-    _qat_epoch(ctrl, gm, train)
+    torch.manual_seed(0)
+    fine_tune(ctrl, gm, train, epochs=1, lr=3e-4)
     qat = evaluate_accuracy(gm, test)
     assert qat >= ptq, f"one epoch of QAT {qat:.4f} vs post-training {ptq:.4f} (fp32 {fp32:.4f})"
     ctrl.parts[0].check_exportable()
@@ -61,7 +48,8 @@ def test_digits_4bit_weights_with_qat(digits):
     model, train, test, fp32 = digits
     ctrl, gm = _quantize(model, train, weights={"bits": 4})
     assert {q.module.spec.bits for q in ctrl.parts[0].weight_quantizers} == {4}
-    _qat_epoch(ctrl, gm, train)
+    torch.manual_seed(0)
+    fine_tune(ctrl, gm, train, epochs=1, lr=3e-4)
     acc = evaluate_accuracy(gm, test)
     assert acc >= fp32 - 0.02, f"4-bit weights + QAT {acc:.4f} vs fp32 {fp32:.4f}"
     print(f"digits: fp32 {fp32:.4f}, 4-bit weights / 8-bit activations after 1 epoch of QAT {acc:.4f}")

@@ -10,6 +10,7 @@ import fxcompress
 from fxcompress import compile_for_compression
 from fxcompress.passes import MagnitudeSparsity, Quantize, RBSparsity
 from fxcompress.testing import digits_loaders, evaluate_accuracy, train_digits_cnn
+from training import fine_tune
 
 
 @pytest.fixture(scope="module")
@@ -17,20 +18,6 @@ def digits():
     model = train_digits_cnn()
     train, test = digits_loaders(batch_size=64, seed=0)
     return model, train, test, evaluate_accuracy(model, test)
-
-
-def fine_tune(ctrl, gm, train, epochs, groups=None, lr=1e-3, betas=(0.9, 0.999)):
-    opt = torch.optim.Adam(groups if groups is not None else gm.parameters(), lr=lr, betas=betas)
-    for _ in range(epochs):
-        gm.train()
-        for x, y in train:
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(gm(x), y) + ctrl.loss()
-            loss.backward()
-            opt.step()
-            ctrl.scheduler.step()
-        ctrl.scheduler.epoch_step()
-    gm.eval()
 
 
 def magnitude_50(**kw):
@@ -90,7 +77,7 @@ def test_rb_sparsity_reaches_its_target_density(digits):
     densities = []
     for epoch in range(3):
         fine_tune(ctrl, gm, train, epochs=1, betas=(0.5, 0.999),
-                  groups=[{"params": weights, "lr": 1e-3}, {"params": logits, "lr": 0.1}])
+                  params=[{"params": weights, "lr": 1e-3}, {"params": logits, "lr": 0.1}])
         densities.append(1 - ctrl.statistics().to_dict()["rb_sparsity"]["sparsity"])
     stats = ctrl.statistics().to_dict()["rb_sparsity"]
     assert stats["frozen"] and stats["current_target"] == pytest.approx(0.5)
