@@ -27,7 +27,7 @@ import torch
 
 from fxcompress import compile_for_compression
 from fxcompress.passes import Binarization
-from timing import interleaved_medians, training_model, training_step
+from timing import interleaved_medians, time_training_steps, training_model, training_step_arguments
 
 
 CONFIGS = {
@@ -82,11 +82,7 @@ def openvino_latency(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["resnet_tiny", "digits"], default="resnet_tiny")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5, help="steps timed per configuration per round")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    training_step_arguments(parser)
     parser.add_argument("--openvino", action="store_true", help="exported-model inference latency instead")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -94,8 +90,7 @@ def main():
     if args.openvino:
         return openvino_latency(args)
     from fxcompress import ops
-    steps = {name: training_step(make(), args.model, args.device) for name, make in CONFIGS.items()}
-    times = interleaved_medians(steps, args.rounds, args.steps, warmup=3)
+    times = time_training_steps(CONFIGS, args)
     base = times["fp32"]
     print(f"model: {args.model}, {args.rounds} rounds x {args.steps} steps, {args.threads} thread(s), "
           f"{args.device}, op library: {ops.backend()}, interleaved medians")

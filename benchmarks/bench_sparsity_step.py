@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 
 from fxcompress.passes import MagnitudeSparsity, Quantize, RBSparsity
-from timing import interleaved_medians, training_step
+from timing import time_training_steps, training_step_arguments
 
 
 CONFIGS = {
@@ -35,16 +34,9 @@ CONFIGS = {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["resnet_tiny", "digits"], default="resnet_tiny")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=5, help="steps timed per configuration per round")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    training_step_arguments(parser)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    steps = {name: training_step(make(), args.model, args.device) for name, make in CONFIGS.items()}
-    times = interleaved_medians(steps, args.rounds, args.steps, warmup=3)
+    times = time_training_steps(CONFIGS, args)
     base, quant = times["fp32"], times["int8 (quantization only)"]
     print(f"model: {args.model}, {args.rounds} rounds x {args.steps} steps, {args.threads} thread(s), "
           f"{args.device}, interleaved medians")

@@ -62,3 +62,21 @@ def training_step(passes: list, model_name: str, device: str) -> Callable[[], No
             torch.cuda.synchronize()
 
     return step
+
+
+def training_step_arguments(parser):
+    """The command-line options every training-step benchmark takes."""
+    parser.add_argument("--model", choices=["resnet_tiny", "digits"], default="resnet_tiny")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=5, help="steps timed per configuration per round")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def time_training_steps(configs: dict, args) -> dict:
+    """Median seconds per training step of each configuration (name -> pass factory), interleaved."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    steps = {name: training_step(make(), args.model, args.device) for name, make in configs.items()}
+    return interleaved_medians(steps, args.rounds, args.steps, warmup=3)
