@@ -24,7 +24,7 @@ results come back in the input's dtype. The module knows nothing of graphs or
 algorithms.
 
 Environment: ``FXCOMPRESS_OPS_BACKEND=reference`` forces the reference kernels,
-``=compiled`` makes a missing library an ImportError; ``FXCOMPRESS_CPU_ISA=baseline``
+``=compiled`` makes a missing library (or one built against another torch) an ImportError; ``FXCOMPRESS_CPU_ISA=baseline``
 makes the compiled library skip its AVX2 kernels.
 """
 from __future__ import annotations
@@ -58,13 +58,13 @@ def backend() -> str:
 
 def backend_info() -> dict:
     """Details for diagnostics: backend, why the reference is used, the library
-    path, the CPU instruction set in use and how the library was built."""
+    path, the CPU instruction set in use and how the library was built (its
+    build record: torch and CUDA versions, CUDA kernels, and ``fallback_reason``
+    when setup.py built the CPU kernels only because the CUDA build failed)."""
     info = {"backend": backend(), "reason": _state.reason, "library_path": _state.library_path}
     if _state.backend == "compiled":
-        import json
-
         info["cpu_isa"] = torch.ops.fxcompress._cpu_isa()
-        info["build"] = json.loads(torch.ops.fxcompress._build_info())
+        info["build"] = dict(_state.build)
     return info
 
 

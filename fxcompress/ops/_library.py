@@ -10,9 +10,14 @@ Import once, at ``import fxcompress.ops``:
    build of the library.
 2. The compiled library (``_lib/libfxcompress_ops.so``, built by setup.py /
    CMakeLists.txt) defines the schemas with TORCH_LIBRARY and the CPU (and CUDA)
-   kernels with TORCH_LIBRARY_IMPL. If it is missing or fails to load, the same
-   schemas are defined here and the reference registered as their CPU and CUDA
-   kernels, with one warning saying why and how to build the library.
+   kernels with TORCH_LIBRARY_IMPL. Before it is loaded, its build record
+   (``libfxcompress_ops.json`` next to it) is checked: a library built against
+   another torch (version or CUDA version) is never loaded, since C++ built
+   against another libtorch is undefined behaviour. If it is missing, was
+   built against another torch, or fails to load, the same schemas are
+   defined here and the reference registered as their CPU and CUDA kernels,
+   with one warning saying why and how to rebuild (setup.py leaves
+   ``_lib/build_failure.json`` when the build failed at install time).
 3. Either way, fake kernels (register_fake) and autograd (register_autograd)
    are registered here, so the ops trace through torch.fx, torch.compile,
    torch.export and torch.onnx.export(dynamo=True) under the same names.
@@ -21,6 +26,7 @@ Nothing here knows about graphs or compression algorithms.
 """
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -35,6 +41,10 @@ NAMESPACE = "fxcompress"
 BACKEND_ENV = "FXCOMPRESS_OPS_BACKEND"
 LIBRARY_ENV = "FXCOMPRESS_OPS_LIBRARY"  # another build of the library (a path), for development
 LIBRARY_PATH = Path(os.environ.get(LIBRARY_ENV) or Path(__file__).resolve().parent / "_lib" / "libfxcompress_ops.so")
+# Written next to the library by CMakeLists.txt / setup.py (same names there).
+BUILD_RECORD_PATH = LIBRARY_PATH.with_suffix(".json")      # the torch / CUDA it was built against
+FAILURE_RECORD_PATH = LIBRARY_PATH.parent / "build_failure.json"  # why the install built no library
+REBUILD_COMMAND = "pip install --no-build-isolation -e ."
 
 # The op set; csrc/torch/cpu_ops.cpp defines the same schemas (a test compares).
 SCHEMAS = {
@@ -63,8 +73,9 @@ REFERENCE_KERNELS = {
 # Device types that get the reference kernel wherever the library has none.
 _REFERENCE_DEVICES = ("CPU", "CUDA")
 
-_BUILD_HINT = ("Build it with `make setup` or `pip install --no-build-isolation -e .` (needs a C++ compiler "
-               "and CMake); meanwhile the pure-PyTorch reference kernels are used (same results, slower).")
+_REBUILD_HINT = (f"Rebuild it with `{REBUILD_COMMAND}` in the source tree or `make setup` (needs a C++ compiler "
+                 f"and CMake)")
+_BUILD_HINT = f"{_REBUILD_HINT}; meanwhile the pure-PyTorch reference kernels are used (same results, slower)."
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,11 @@ class LoadResult:
     compiled_devices: tuple[str, ...]
     reason: Optional[str]
     library_path: Optional[str]
+    build: Optional[dict] = None  # the loaded library's build record
+
+
+class LibraryNotLoaded(Exception):
+    """The compiled library is not (or cannot be) loaded; the message says why."""
 
 
 class OpsFallbackWarning(UserWarning):
@@ -98,10 +114,45 @@ def _has_schema(name: str) -> bool:
         return False
 
 
-def _load_compiled() -> None:
+def _describe_torch(version: str, cuda: str) -> str:
+    return f"torch {version} ({f'CUDA {cuda}' if cuda else 'no CUDA'})"
+
+
+def _checked_build_record() -> dict:
+    """The library's build record, if it was built against the running torch;
+    else LibraryNotLoaded. Reads files only: the library itself is not opened."""
     if not LIBRARY_PATH.exists():
-        raise OSError(f"{LIBRARY_PATH} does not exist")
-    torch.ops.load_library(str(LIBRARY_PATH))
+        if FAILURE_RECORD_PATH.exists():
+            try:
+                failure = json.loads(FAILURE_RECORD_PATH.read_text())
+                why = f"{failure['reason']} (build logs: {', '.join(failure['logs'])})"
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                why = f"see {FAILURE_RECORD_PATH} (unreadable: {e})"
+            raise LibraryNotLoaded(f"the op library could not be built when fxcompress was installed: {why}")
+        raise LibraryNotLoaded(f"the compiled op library failed to load ({LIBRARY_PATH} does not exist)")
+    try:
+        record = json.loads(BUILD_RECORD_PATH.read_text())
+        built = (record["torch_version"], record["torch_cuda"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LibraryNotLoaded(f"the op library at {LIBRARY_PATH} is not loaded: its build record {BUILD_RECORD_PATH} "
+                               f"is missing or unreadable ({type(e).__name__}: {e}), so the torch it was built "
+                               f"against is unknown (a build by an older fxcompress?)") from e
+    running = (str(torch.__version__), torch.version.cuda or "")
+    if built != running:
+        raise LibraryNotLoaded(f"the op library at {LIBRARY_PATH} was built against {_describe_torch(*built)} but "
+                               f"this process runs {_describe_torch(*running)}; it is not loaded, since C++ built "
+                               f"against another libtorch is undefined behaviour")
+    return record
+
+
+def _load_compiled() -> dict:
+    """Checks the build record, then loads the library; returns the record."""
+    record = _checked_build_record()
+    try:
+        torch.ops.load_library(str(LIBRARY_PATH))
+    except (OSError, RuntimeError) as e:
+        raise LibraryNotLoaded(f"the compiled op library failed to load ({e})") from e
+    return record
 
 
 def _define_missing_ops() -> list[str]:
@@ -146,17 +197,16 @@ def load() -> LoadResult:
                       OpsFallbackWarning, stacklevel=2)
         requested = "auto"
 
-    reason = None
+    reason, record = None, None
     if requested == "reference":
         reason = f"{BACKEND_ENV}=reference"
     else:
         try:
-            _load_compiled()
-        except (OSError, RuntimeError) as e:
+            record = _load_compiled()
+        except LibraryNotLoaded as e:
             if requested == "compiled":
-                raise ImportError(f"fxcompress: {BACKEND_ENV}=compiled but the op library failed to load: {e}. "
-                                  f"{_BUILD_HINT.split(';')[0]}.") from e
-            reason = f"the compiled op library failed to load ({e})"
+                raise ImportError(f"fxcompress: {BACKEND_ENV}=compiled but {e}. {_REBUILD_HINT}.") from e
+            reason = str(e)
 
     loaded = reason is None
     missing = _define_missing_ops()
@@ -173,10 +223,16 @@ def load() -> LoadResult:
         warnings.warn(f"fxcompress.ops: {reason}. {hint}", OpsFallbackWarning, stacklevel=2)
     elif mismatched := _schema_mismatches():
         warnings.warn(f"fxcompress.ops: the op library at {LIBRARY_PATH} is older than this code "
-                      f"({'; '.join(mismatched)}). {_BUILD_HINT.split(';')[0]}.", OpsFallbackWarning, stacklevel=2)
+                      f"({'; '.join(mismatched)}). {_REBUILD_HINT}.", OpsFallbackWarning, stacklevel=2)
+    elif torch.version.cuda and "fallback_reason" in record and "cuda" not in compiled_devices:
+        # setup.py built the CPU kernels only because the CUDA build failed; pip
+        # hides its warning, so it is repeated here, where CUDA tensors pay for it.
+        warnings.warn(f"fxcompress.ops: the op library has CPU kernels only: its CUDA build failed "
+                      f"({record['fallback_reason']}); CUDA tensors use the pure-PyTorch reference kernels. "
+                      f"{_REBUILD_HINT} once that is fixed.", OpsFallbackWarning, stacklevel=2)
     _result = LoadResult(backend="compiled" if loaded and not missing else "reference",
                          compiled_devices=compiled_devices, reason=reason,
-                         library_path=str(LIBRARY_PATH) if loaded else None)
+                         library_path=str(LIBRARY_PATH) if loaded else None, build=record if loaded else None)
     return _result
 
 
