@@ -78,19 +78,16 @@ def _tool(name: str):
 
 def _first_error(lines: list[str], limit: int = 400) -> str:
     """The first error of a CMake run, on one line: the message of the first
-    `CMake Error`, else the first compiler/linker error line, else the last line."""
+    `CMake Error` (its indented lines), else the first compiler/linker error
+    line, else the last line."""
     for i, line in enumerate(lines):
         if line.startswith("CMake Error"):
-            message = [line.strip().rstrip(":")]
+            message = [line.strip()]
             for follow in lines[i + 1:]:
-                if not follow.strip():
-                    if len(message) > 1:
-                        break
-                    continue
-                if follow.startswith(("CMake ", "-- ")):
+                if follow.strip() and not follow[0].isspace():
                     break
                 message.append(follow.strip())
-            return _shorten(" ".join(message), limit)
+            return _shorten(" ".join(part for part in message if part).rstrip(":"), limit)
     for line in lines:
         if re.search(r"\berror\b|\bfatal\b|FAILED:", line, re.IGNORECASE):
             return _shorten(line.strip(), limit)
@@ -150,7 +147,8 @@ class BuildOps(build_ext):
             return
         # No library: the package works with its reference kernels and says why at import.
         ext.optional = True  # setuptools then has no library to copy into the source tree
-        why = "; then, CPU kernels only: ".join(f.why for f in failures)
+        full, cpu = failures
+        why = f"{full.why} (the CPU-only fallback: {'the same error' if cpu.why == full.why else cpu.why})"
         (lib_dir / FAILURE_RECORD).write_text(json.dumps(
             {"reason": why, "logs": [str(f.log) for f in failures]}, indent=1) + "\n")
         _warn(f"fxcompress: the op library could not be built: {why}. fxcompress is installed with its "

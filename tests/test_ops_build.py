@@ -1,6 +1,7 @@
 """The op library's build and loading: which backend is in use, the fallback to
-the reference (forced, or with the library missing), the CPU instruction-set
-dispatch, schema agreement between C++ and Python, and the CUDA compile check.
+the reference (forced, with the library missing, or built against another
+torch), the CPU instruction-set dispatch, schema agreement between C++ and
+Python, and the CUDA compile check. setup.py's build fallbacks: test_ops_install.py.
 
 Subprocesses get a fresh interpreter, since the library loads once per process.
 """
@@ -45,24 +46,28 @@ _COMPUTE = textwrap.dedent("""
 """)
 
 # A fresh interpreter: imports fxcompress.ops twice, records its fallback
-# warnings (there must be one at most), computes, saves everything.
+# warnings (there must be one at most), whether the library file is mapped into
+# the process (loaded), computes, saves everything.
 _PROBE = _COMPUTE + textwrap.dedent("""
-    import sys, warnings
+    import os, sys, warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import fxcompress.ops as ops
         import fxcompress.ops  # a second import warns no more
-        from fxcompress.ops import OpsFallbackWarning
+        from fxcompress.ops import OpsFallbackWarning, _library
     fallback = [str(w.message) for w in caught if issubclass(w.category, OpsFallbackWarning)]
-    torch.save({"backend": ops.backend(), "info": ops.backend_info(), "fallback": fallback,
+    with open("/proc/self/maps") as maps:
+        mapped = os.path.realpath(_library.LIBRARY_PATH) in maps.read()
+    torch.save({"backend": ops.backend(), "info": ops.backend_info(), "fallback": fallback, "mapped": mapped,
                 "results": compute(ops)}, sys.argv[1])
 """)
 
 
-def _probe(tmp_path, **env):
+def _probe(tmp_path, prelude: str = "", **env):
+    """Runs _PROBE (after `prelude`) in a fresh interpreter with `env` added."""
     out = tmp_path / "probe.pt"
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(out)], env={**os.environ, **env}, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", prelude + _PROBE, str(out)], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return torch.load(out, weights_only=False)
 
@@ -114,6 +119,72 @@ def test_missing_library_falls_back_with_one_actionable_warning(tmp_path):
     assert probe["backend"] == "reference"
     (message,) = probe["fallback"]
     assert str(missing) in message and "failed to load" in message and "make setup" in message
+    assert _library.REBUILD_COMMAND in message
+
+
+def _library_copy(folder: Path, **record) -> Path:
+    """This build's library copied into `folder`, its build record changed by `record`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    library = folder / _library.LIBRARY_PATH.name
+    shutil.copy2(_library.LIBRARY_PATH, library)
+    built = json.loads(_library.BUILD_RECORD_PATH.read_text())
+    (folder / _library.BUILD_RECORD_PATH.name).write_text(json.dumps({**built, **record}))
+    return library
+
+
+def _running_torch() -> str:
+    cuda = torch.version.cuda
+    return f"torch {torch.__version__} ({f'CUDA {cuda}' if cuda else 'no CUDA'})"
+
+
+@requires_built
+@pytest.mark.parametrize("version, cuda", [("2.14.1+cu130", "13.0"), (str(torch.__version__), "12.8")],
+                         ids=["other-torch", "other-cuda"])
+def test_library_built_against_another_torch_is_not_loaded(tmp_path, version, cuda):
+    library = _library_copy(tmp_path / "pkg", torch_version=version, torch_cuda=cuda)
+    probe = _probe(tmp_path, FXCOMPRESS_OPS_LIBRARY=str(library), FXCOMPRESS_OPS_BACKEND="auto")
+    assert probe["backend"] == "reference" and not probe["mapped"]  # checked before loading, never loaded
+    (message,) = probe["fallback"]
+    assert message == (f"fxcompress.ops: the op library at {library} was built against torch {version} "
+                       f"(CUDA {cuda}) but this process runs {_running_torch()}; it is not loaded, since C++ built "
+                       f"against another libtorch is undefined behaviour. Rebuild it with "
+                       f"`{_library.REBUILD_COMMAND}` in the source tree or `make setup` (needs a C++ compiler and "
+                       f"CMake); meanwhile the pure-PyTorch reference kernels are used (same results, slower).")
+    _assert_same_results(probe["results"], _compiled_results())
+
+    env = {**os.environ, "FXCOMPRESS_OPS_LIBRARY": str(library), "FXCOMPRESS_OPS_BACKEND": "compiled"}
+    proc = subprocess.run([sys.executable, "-c", "import fxcompress.ops"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and f"was built against torch {version} (CUDA {cuda})" in proc.stderr
+
+
+@requires_built
+def test_library_without_build_record_is_not_loaded(tmp_path):
+    library = _library_copy(tmp_path / "pkg")
+    library.with_suffix(".json").unlink()
+    probe = _probe(tmp_path, FXCOMPRESS_OPS_LIBRARY=str(library), FXCOMPRESS_OPS_BACKEND="auto")
+    assert probe["backend"] == "reference" and not probe["mapped"]
+    (message,) = probe["fallback"]
+    assert f"{library.with_suffix('.json')} is missing or unreadable" in message
+    assert _library.REBUILD_COMMAND in message
+
+
+@requires_built
+def test_cpu_only_fallback_build_warns_once_under_cuda_torch(tmp_path):
+    """A library that setup.py built without CUDA kernels because the CUDA build
+    failed: under a CUDA torch (simulated: torch.version.cuda set before import)
+    it loads, and one warning repeats why, since pip hides setup.py's output."""
+    library = _library_copy(tmp_path / "pkg", torch_cuda="13.0", cuda_kernels="disabled",
+                            fallback_reason="CMake Error at CMakeLists.txt:85 (enable_language): no CUDA for you")
+    probe = _probe(tmp_path, prelude="import torch; torch.version.cuda = '13.0'\n",
+                   FXCOMPRESS_OPS_LIBRARY=str(library), FXCOMPRESS_OPS_BACKEND="compiled")
+    assert probe["backend"] == "compiled (cpu)" and probe["mapped"]
+    assert probe["info"]["build"]["fallback_reason"].endswith("no CUDA for you")
+    (message,) = probe["fallback"]
+    assert message.startswith("fxcompress.ops: the op library has CPU kernels only: its CUDA build failed "
+                              "(CMake Error at CMakeLists.txt:85 (enable_language): no CUDA for you); CUDA tensors "
+                              "use the pure-PyTorch reference kernels.")
+    assert _library.REBUILD_COMMAND in message
 
 
 def test_missing_library_is_an_error_when_compiled_is_required(tmp_path):
@@ -144,7 +215,12 @@ def test_cuda_sources_compile_with_nvcc():
         assert ops.backend() == "compiled (cpu, cuda)"
 
 
-def test_build_info_is_json():
+def test_build_info_is_json_and_equals_the_build_record():
     if ops.backend() == "reference":
         pytest.skip("the op library is not built")
-    assert json.loads(torch.ops.fxcompress._build_info())["cpu_isas"]
+    compiled_in = json.loads(torch.ops.fxcompress._build_info())
+    assert compiled_in["cpu_isas"]
+    # The record next to the library, checked before loading, describes this very build.
+    record = json.loads(_library.BUILD_RECORD_PATH.read_text())
+    record.pop("fallback_reason", None)  # added by setup.py, not compiled in
+    assert record == compiled_in
