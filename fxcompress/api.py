@@ -36,6 +36,24 @@ def _as_passes(passes_or_config) -> tuple[list, Config | None]:
                       f"got {type(passes_or_config).__name__}")
 
 
+@torch.no_grad()
+def _own_buffers(gm: torch.nn.Module):
+    """Give the GraphModule its own copy of every buffer it shares with the user's model.
+
+    Train-mode forwards and BatchNorm adaptation write buffers in place (running
+    statistics), and the user's model must never see those writes. Parameters stay
+    shared (as torch.fx does): only the user's optimizer writes them. A buffer
+    registered in several places stays one tensor.
+    """
+    clones: dict[int, torch.Tensor] = {}
+    for module in gm.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                if id(buffer) not in clones:
+                    clones[id(buffer)] = buffer.clone()
+                module._buffers[name] = clones[id(buffer)]
+
+
 def compile_for_compression(model: torch.nn.Module, passes_or_config=None, example_inputs: Any = None, *,
                             leaf_modules: Sequence[Any] | None = None, copy: bool = False,
                             debug: bool = False) -> tuple[CompressionController, torch.fx.GraphModule]:
@@ -46,7 +64,8 @@ def compile_for_compression(model: torch.nn.Module, passes_or_config=None, examp
     positional inputs or a dict of keyword inputs (default: built from the config's
     ``input_info``). The user's model is never modified; the GraphModule shares its
     parameter tensors unless ``copy=True``. ``debug=True`` checks outputs on the
-    example inputs after every pass.
+    example inputs after every pass. The GraphModule owns its buffers (BatchNorm running
+    statistics): training it never writes into the user's model.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_for_compression expects an nn.Module, got {type(model).__name__}")
@@ -59,6 +78,8 @@ def compile_for_compression(model: torch.nn.Module, passes_or_config=None, examp
     if copy:
         model = _copy.deepcopy(model)
     gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    if not copy:
+        _own_buffers(gm)
     manager = PassManager(passes, debug=debug)
     results = manager.run(gm, PassContext.for_graph(gm, debug))
     parts = [r.controller for r in results if r.controller is not None]

@@ -178,7 +178,11 @@ class ControllerPart:
         return []
 
     def distributed(self):
-        """Make state that initialization computed agree across torch.distributed ranks."""
+        """Make the state initialization computed agree across torch.distributed ranks, now.
+
+        ``ctrl.distributed()`` calls it at once and again after every later ``initialize()``,
+        so it must be safe to repeat (a no-op in one process: see ``fxcompress.distributed``).
+        """
 
     def check_exportable(self):
         """Raise a clear error when the part's state cannot be exported yet (e.g. before initialize)."""
@@ -195,6 +199,7 @@ class CompressionController:
         self.parts = list(parts)
         self.records = list(records)
         self.scheduler = CompositeScheduler([p.scheduler for p in self.parts])
+        self._distributed = False
 
     # -- training loop -------------------------------------------------
     def initialize(self, data_loader: Iterable | None = None, *, input_fn: Callable | None = None,
@@ -208,6 +213,8 @@ class CompressionController:
             raise ValueError(f"initialize: {', '.join(needing)} needs a data loader: ctrl.initialize(loader)")
         for part in self.parts:
             part.initialize(InitContext(self.gm, data))
+            if self._distributed:  # before the next part builds on it
+                part.distributed()
         return self
 
     def loss(self) -> torch.Tensor:
@@ -225,6 +232,12 @@ class CompressionController:
         return Statistics([p.statistics() for p in self.parts])
 
     def distributed(self):
+        """Make every rank hold what rank-local initialization computed alike (averaged or rank 0's).
+
+        Call it after wrapping in DistributedDataParallel, before or after ``initialize()``:
+        it synchronizes what is initialized now, and every later ``initialize()`` does again.
+        """
+        self._distributed = True
         for part in self.parts:
             part.distributed()
         return self

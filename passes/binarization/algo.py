@@ -26,8 +26,10 @@ import torch
 import torch.fx
 
 from fxcompress.algorithm import CompressionPass
+from fxcompress.batchnorm import BATCHNORM_ADAPTATION_SCHEMA, adapt_batchnorm, average_batchnorm_statistics
 from fxcompress.config import register_algorithm
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
+from fxcompress.distributed import broadcast_from_rank0
 from fxcompress.errors import ConfigError, NotInitializedError
 from fxcompress.graph import add_module, get_attr_value, insert_before_input, insert_on_output
 from fxcompress.optable import op_kind
@@ -79,11 +81,7 @@ INITIALIZER_SCHEMA = {
             "properties": {"type": {"enum": list(THRESHOLD_TYPES)}},
             "additionalProperties": False,
         },
-        "batchnorm_adaptation": {
-            "type": "object",
-            "properties": {"num_bn_adaptation_samples": {"type": "integer", "minimum": 0}},
-            "additionalProperties": False,
-        },
+        "batchnorm_adaptation": BATCHNORM_ADAPTATION_SCHEMA,
     },
     "additionalProperties": False,
 }
@@ -184,6 +182,7 @@ class BinarizationController(ControllerPart):
         self.initializer = initializer_params(params)
         self.total_macs = total_macs
         self.initialized_from_data = False
+        self._adapted_bns: list = []
         self.scheduler = scheduler_from_params(params)
         self.scheduler.on_update(self._apply_stage)
 
@@ -211,6 +210,9 @@ class BinarizationController(ControllerPart):
             return
         initialize_binarizers(ctx.gm, [layer.activation_binarizer for layer in self.layers], ctx.data,
                               self.initializer)
+        self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data,
+                                            self.initializer["batchnorm_adaptation"]["num_bn_adaptation_samples"],
+                                            "binarization: BatchNorm adaptation")
         self.initialized_from_data = True
 
     def check_exportable(self):
@@ -279,14 +281,12 @@ class BinarizationController(ControllerPart):
         return [p for layer in self.layers for p in layer.activation_binarizer.parameters()]
 
     def distributed(self):
-        """Scales and thresholds of rank 0 win, so all ranks binarize alike."""
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        for layer in self.layers:
-            act = layer.activation_binarizer
-            for tensor in (act.log_scale.data, act.threshold.data, act.initialized):
-                dist.broadcast(tensor, src=0)
+        """Scales and thresholds of rank 0 win, so all ranks binarize alike; adapted BatchNorm
+        statistics are averaged."""
+        broadcast_from_rank0([t for layer in self.layers for t in (layer.activation_binarizer.log_scale,
+                                                                   layer.activation_binarizer.threshold,
+                                                                   layer.activation_binarizer.initialized)])
+        average_batchnorm_statistics(self._adapted_bns)
 
 
 @register_algorithm

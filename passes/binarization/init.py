@@ -24,8 +24,8 @@ Then, per binarizer:
 
 ``tau_c`` is kept in ``[0.01, 0.99]``. Values are subsampled per channel (a uniform
 sample of at most ``_POOL_PER_CHANNEL`` values per channel) for quantiles, so memory stays
-bounded on large inputs. ``initializer.batchnorm_adaptation`` then optionally
-re-estimates BatchNorm statistics in the current stage.
+bounded on large inputs. (``initializer.batchnorm_adaptation`` then runs
+``fxcompress.batchnorm.adapt_batchnorm`` in the current stage: the controller does that.)
 """
 from __future__ import annotations
 
@@ -153,21 +153,3 @@ def initialize_binarizers(gm: nn.Module, binarizers: list[ActivationBinarizer], 
             if not math.isfinite(scale) or scale <= 0:
                 scale = 1.0  # an input that never goes above 0 (dead): any positive scale binarizes it to 0
             b.set_scale_threshold(scale, st.relative_threshold(scale, initializer["threshold"]["type"]))
-    bn_samples = initializer["batchnorm_adaptation"]["num_bn_adaptation_samples"]
-    if bn_samples > 0:
-        adapt_batchnorm(gm, data, bn_samples)
-
-
-@torch.no_grad()
-def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int):
-    """Re-estimate BatchNorm running statistics (cumulative average) in the current stage; nothing else changes."""
-    norms = [m for m in gm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    saved = [(m, m.momentum) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    try:
-        data.run(gm, num_samples, train=True, progress="binarization: BatchNorm adaptation")
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum

@@ -18,8 +18,11 @@ import torch
 import torch.fx
 
 from fxcompress.algorithm import CompressionPass
+from fxcompress.batchnorm import (BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADAPTATION_SAMPLES,
+                                  adapt_batchnorm, average_batchnorm_statistics)
 from fxcompress.config import register_algorithm
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
+from fxcompress.distributed import broadcast_from_rank0, is_distributed
 from fxcompress.errors import CheckpointError, ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, get_attr_value, insert_before_input, insert_on_output
 from fxcompress.pass_manager import PassContext, PassResult
@@ -57,10 +60,7 @@ SCHEMA = {
         "round_to": {"type": "integer", "minimum": 1},  # fxcompress: keep multiples of this many channels
         "initializer": {
             "type": "object",
-            "properties": {"batchnorm_adaptation": {
-                "type": "object",
-                "properties": {"num_bn_adaptation_samples": {"type": "integer", "minimum": 0}},
-                "additionalProperties": False}},
+            "properties": {"batchnorm_adaptation": BATCHNORM_ADAPTATION_SCHEMA},
             "additionalProperties": False,
         },
     },
@@ -73,7 +73,6 @@ DEFAULTS = {
     "round_to": 1,
 }
 DEFAULT_PRUNING_TARGET = 0.5
-DEFAULT_BN_ADAPTATION_SAMPLES = 2000  # NNCF's default when the initializer block is given
 
 
 @register_algorithm
@@ -274,6 +273,7 @@ class FilterPruningController(ControllerPart):
         self._frozen = False
         self._suspended = True
         self._class_flops = None
+        self._adapted_bns: list = []
         p = self.params
         self.scheduler = build_pruning_scheduler(p["schedule"], p["pruning_init"], self.target,
                                                  p["num_init_steps"], p["pruning_steps"])
@@ -345,19 +345,17 @@ class FilterPruningController(ControllerPart):
         init = self.params.get("initializer", {}).get("batchnorm_adaptation")
         if init is None or ctx.data is None or not self.groups:
             return
-        samples = init.get("num_bn_adaptation_samples", DEFAULT_BN_ADAPTATION_SAMPLES)
-        if samples > 0:
-            ctx.data.run(ctx.gm, samples, train=True, progress="filter pruning: BN adaptation")
+        samples = init.get("num_bn_adaptation_samples", DEFAULT_NUM_BN_ADAPTATION_SAMPLES)
+        self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, samples, "filter pruning: BatchNorm adaptation")
 
     def distributed(self):
-        """Make every rank use rank 0's masks."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or not self.groups:
+        """Make every rank use rank 0's masks, and the mean of the adapted BatchNorm statistics."""
+        if not is_distributed() or not self.groups:
             return
         flags = torch.from_numpy(self.pruned.astype(np.uint8))
-        device = next((m.mask.device for m, _ in self.bindings), torch.device("cpu"))
-        flags = flags.to(device)
-        torch.distributed.broadcast(flags, src=0)
-        self._set_pruned(flags.cpu().numpy().astype(bool))
+        broadcast_from_rank0([flags])
+        self._set_pruned(flags.numpy().astype(bool))
+        average_batchnorm_statistics(self._adapted_bns)
 
     # -- statistics -----------------------------------------------------------------------------
     def statistics(self) -> StatisticsSection:

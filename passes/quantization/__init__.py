@@ -2,7 +2,7 @@
 
 - ``policy``: where quantizers go and with which ``QuantSpec`` (annotations in ``node.meta``);
 - ``quantize``: the ``Quantize`` pass (canonicalize, annotate, insert ``FakeQuantizer`` modules);
-- ``range_init``: range initializers and BatchNorm adaptation;
+- ``range_init``: range initializers;
 - ``controller``: ``QuantizationController`` (initialize, statistics, state, export checks);
 - ``lowering``: the lowering passes for ``strip()`` / ``export_onnx()``.
 """

@@ -9,14 +9,15 @@ from typing import Any
 import torch
 import torch.fx
 
+from fxcompress.batchnorm import adapt_batchnorm, average_batchnorm_statistics
 from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
 from fxcompress.data import CalibrationData, count_samples, progress_bar
-from fxcompress.distributed import average_across_ranks, is_distributed
+from fxcompress.distributed import average_across_ranks
 from fxcompress.errors import CheckpointError, NotInitializedError
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer
 
-from .range_init import RangeCollector, RangeInitConfig, adapt_batchnorm, weight_range
+from .range_init import RangeCollector, RangeInitConfig, weight_range
 
 __all__ = ["QuantizerInfo", "QuantizationScheduler", "QuantizationController"]
 
@@ -74,7 +75,6 @@ class QuantizationController(ControllerPart):
         self.initialized = False        # initialize() ran (ranges loaded from a checkpoint count too)
         self.bn_adapted = 0
         self._adapted_bns: list = []
-        self._distributed = False
 
     # -- lookup ----------------------------------------------------------------
     @property
@@ -104,10 +104,9 @@ class QuantizationController(ControllerPart):
             self.init_activation_ranges(ctx.gm, ctx.data)
         self._adapted_bns = []
         if ctx.data is not None and self.num_bn_adaptation_samples > 0:
-            self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples)
+            self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples,
+                                                "quantization: BatchNorm adaptation")
         self.bn_adapted = len(self._adapted_bns)
-        if self._distributed:
-            self._average_across_ranks()
         self.initialized = True
 
     def _quantizer_nodes(self, gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
@@ -184,22 +183,14 @@ class QuantizationController(ControllerPart):
             warnings.warn(f"quantization: {len(unseen)} activation quantizers saw no data during range init "
                           f"({', '.join(unseen[:5])}); their ranges stay unset", stacklevel=3)
 
-    def _average_across_ranks(self):
-        """Every rank gets the mean of the ranges the ranks found on their data shards."""
-        if not is_distributed():
-            return
+    def distributed(self):
+        """Every rank gets the mean of the ranges (and adapted BatchNorm statistics) the ranks found."""
         average_across_ranks([q.module.scale for q in self.quantizers])
         asymmetric = [q.module.zero_point for q in self.quantizers if q.module.spec.mode == "asymmetric"]
         average_across_ranks(asymmetric)
         for zp in asymmetric:
             zp.data.round_()
-        average_across_ranks([t for bn in self._adapted_bns for t in (bn.running_mean, bn.running_var)])
-
-    def distributed(self):
-        """Ranges (and adapted BatchNorm statistics) are averaged over ranks after initialization."""
-        self._distributed = True
-        if self.initialized:
-            self._average_across_ranks()
+        average_batchnorm_statistics(self._adapted_bns)
 
     # -- export ----------------------------------------------------------------
     def check_exportable(self):

@@ -29,6 +29,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxcompress.algorithm import CompressionPass
+from fxcompress.batchnorm import BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADAPTATION_SAMPLES
 from fxcompress.config import algorithm_registry, register_algorithm
 from fxcompress.errors import ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, copy_meta, get_attr_value, insert_on_output
@@ -93,8 +94,7 @@ QUANTIZATION_SCHEMA = {
         "preset": {"enum": ["performance", "mixed"]},
         "initializer": {"type": "object", "additionalProperties": False, "properties": {
             "range": {"oneOf": [_RANGE, {"type": "array", "items": _RANGE_ITEM}]},
-            "batchnorm_adaptation": {"type": "object", "additionalProperties": False, "properties": {
-                "num_bn_adaptation_samples": {"type": "integer", "minimum": 0}}},
+            "batchnorm_adaptation": BATCHNORM_ADAPTATION_SCHEMA,
             # NNCF's mixed precision lives here; from_config_entry hands it to MixedPrecision (issue 8)
             "precision": {"type": "object"},
         }},
@@ -114,9 +114,6 @@ QUANTIZATION_SCHEMA = {
         "export_to_onnx_standard_ops": {"type": "boolean"},
     },
 }
-
-NUM_BN_ADAPTATION_SAMPLES = 2000
-
 
 @register_algorithm
 class Quantize(CompressionPass):
@@ -162,7 +159,7 @@ class Quantize(CompressionPass):
         initializer = p.get("initializer", {})
         self.range_rules = RangeInitRules(initializer.get("range"))
         self.num_bn_adaptation_samples = initializer.get("batchnorm_adaptation", {}).get(
-            "num_bn_adaptation_samples", NUM_BN_ADAPTATION_SAMPLES)
+            "num_bn_adaptation_samples", DEFAULT_NUM_BN_ADAPTATION_SAMPLES)
 
     @classmethod
     def check(cls, params: dict, prefix: str):

@@ -1,4 +1,4 @@
-"""Range initialization of quantizers, and BatchNorm adaptation.
+"""Range initialization of quantizers.
 
 Range types (NNCF's names and semantics, ``initializer.range.type``):
 
@@ -28,15 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.fx
-import torch.nn as nn
 
-from fxcompress.data import CalibrationData, progress_bar
 from fxcompress.quantizers import QuantSpec, range_to_qparams
 from fxcompress.scopes import ScopeSet
 
 __all__ = ["RANGE_TYPES", "RangeInitConfig", "RangeInitRules", "RangeCollector", "weight_range",
-           "adapt_batchnorm", "RESERVOIR_SIZE"]
+           "RESERVOIR_SIZE"]
 
 RANGE_TYPES = ("mixed_min_max", "min_max", "mean_min_max", "threesigma", "percentile", "mean_percentile",
                "mse")
@@ -290,51 +287,3 @@ def weight_range(weight: torch.Tensor, spec: QuantSpec, config: RangeInitConfig
     collector = RangeCollector(config, spec, is_weight=True)
     collector.update(weight)
     return collector.range()
-
-
-# ---------------------------------------------------------------------------
-# BatchNorm adaptation
-# ---------------------------------------------------------------------------
-
-@torch.no_grad()
-def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
-                    progress: str | None = "quantization: BatchNorm adaptation") -> list[nn.Module]:
-    """Re-estimate BatchNorm running statistics on the (quantized) model; returns the BatchNorm layers.
-
-    Only the BatchNorm layers run in train mode (dropout stays off); their
-    statistics restart from zero with a cumulative average (``momentum=None``)
-    over ``num_samples`` samples. The running-statistics buffers are replaced by
-    new tensors first, so a model sharing them with the user's is never written.
-    """
-    # Only BatchNorm modules the graph calls: a BatchNorm rewritten into F.batch_norm by another
-    # pass would not update its statistics in train mode, so it is left alone.
-    if isinstance(gm, torch.fx.GraphModule):
-        called = dict.fromkeys(gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module")
-    else:
-        called = dict.fromkeys(gm.modules())
-    bns = [m for m in called if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and m.track_running_stats and m.running_mean is not None]
-    if not bns or num_samples <= 0:
-        return []
-    was_training = gm.training
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.running_mean = torch.zeros_like(bn.running_mean)
-        bn.running_var = torch.ones_like(bn.running_var)
-        bn.num_batches_tracked = torch.zeros_like(bn.num_batches_tracked)
-        bn.momentum = None
-    gm.eval()
-    for bn in bns:
-        bn.train()
-    count = 0
-    try:
-        for args, kwargs in progress_bar(data.batches(num_samples), progress):
-            gm(*args, **kwargs)
-            count += 1
-    finally:
-        for bn, momentum in zip(bns, momenta):
-            bn.momentum = momentum
-        gm.train(was_training)
-    if count == 0:
-        raise ValueError("initialize: the data loader yielded no batches for BatchNorm adaptation")
-    return bns

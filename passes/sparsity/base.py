@@ -15,6 +15,7 @@ import torch.fx
 
 from fxcompress.algorithm import CompressionPass
 from fxcompress.controller import ControllerPart, StatisticsSection
+from fxcompress.distributed import broadcast_from_rank0
 from fxcompress.errors import ConfigError
 from fxcompress.graph import add_module, get_attr_value, insert_on_output
 from fxcompress.pass_manager import PassContext, PassResult
@@ -261,9 +262,4 @@ class SparsityController(ControllerPart):
 
     def distributed(self):
         """Masks computed on rank 0 win, so all ranks prune the same weights."""
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        for layer in self.layers:
-            for buffer in layer.mask.buffers():
-                dist.broadcast(buffer, src=0)
+        broadcast_from_rank0([buffer for layer in self.layers for buffer in layer.mask.buffers()])

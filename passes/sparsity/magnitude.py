@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from fxcompress.batchnorm import (BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADAPTATION_SAMPLES,
+                                  adapt_batchnorm, average_batchnorm_statistics)
 from fxcompress.config import register_algorithm
 from fxcompress.errors import ConfigError
 
@@ -21,8 +23,7 @@ from .base import (SCHEDULE_DEFAULTS, SCHEDULE_PARAMS, SparseLayer, SparsityCont
                    check_schedule_params, scheduler_from_params)
 from .masks import BinaryMask
 
-__all__ = ["MagnitudeSparsity", "MagnitudeSparsityController", "WEIGHT_IMPORTANCE", "magnitude_masks",
-           "adapt_batchnorm"]
+__all__ = ["MagnitudeSparsity", "MagnitudeSparsityController", "WEIGHT_IMPORTANCE", "magnitude_masks"]
 
 
 def _abs(w: torch.Tensor) -> torch.Tensor:
@@ -65,42 +66,6 @@ def magnitude_masks(weights: list[torch.Tensor], level: float, importance: str =
     return [m.reshape(w.shape).to(w.dtype) for m, w in zip(flat, weights)], thresholds
 
 
-DEFAULT_BN_ADAPTATION_SAMPLES = 2000  # NNCF's num_bn_adaptation_samples
-
-
-def adapt_batchnorm(gm: torch.nn.Module, data, num_samples: int) -> int:
-    """Re-estimate BatchNorm running statistics on ``num_samples`` inputs (other modules in eval).
-
-    Statistics are reset and accumulated as a plain average (``momentum=None``); the
-    modules' train/eval flags and momenta are restored. Returns the number of batches run.
-    """
-    norms = [m for m in gm.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
-    if not norms or num_samples <= 0:
-        return 0
-    modes = {m: m.training for m in gm.modules()}
-    momenta = [m.momentum for m in norms]
-    batches = 0
-    try:
-        gm.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        with torch.no_grad():
-            for args, kwargs in data.batches(num_samples):
-                gm(*args, **kwargs)
-                batches += 1
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        for m, mode in modes.items():
-            m.train(mode)
-    if batches == 0:
-        raise ValueError("initialize: the data loader yielded no batches for BatchNorm adaptation")
-    return batches
-
-
 class MagnitudeSparsityController(SparsityController):
     algorithm = "magnitude_sparsity"
 
@@ -111,8 +76,9 @@ class MagnitudeSparsityController(SparsityController):
         self.importance = params["weight_importance"]
         bn = params.get("initializer", {}).get("batchnorm_adaptation")
         self.num_bn_adaptation_samples = (0 if bn is None
-                                          else bn.get("num_bn_adaptation_samples", DEFAULT_BN_ADAPTATION_SAMPLES))
+                                          else bn.get("num_bn_adaptation_samples", DEFAULT_NUM_BN_ADAPTATION_SAMPLES))
         self.bn_adapted = False
+        self._adapted_bns: list = []
         self.applied_level: float | None = None
         self.thresholds: dict[str, float | None] = {}
         self.set_sparsity_level(scheduler.current_level)
@@ -124,8 +90,14 @@ class MagnitudeSparsityController(SparsityController):
     def initialize(self, ctx):
         """BatchNorm adaptation to the sparsified weights, when ``initializer.batchnorm_adaptation`` asks."""
         if self.num_bn_adaptation_samples > 0 and ctx.data is not None and self.layers:
-            adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples)
+            self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples,
+                                                "magnitude sparsity: BatchNorm adaptation")
             self.bn_adapted = True
+
+    def distributed(self):
+        """Rank 0's masks, and the adapted BatchNorm statistics averaged over ranks."""
+        super().distributed()
+        average_batchnorm_statistics(self._adapted_bns)
 
     def _follow_schedule(self, scheduler):
         if self.frozen:
@@ -177,8 +149,7 @@ class MagnitudeSparsity(SparsityPass):
         "weight_importance": {"enum": ["abs", "normed_abs"]},
         # NNCF's GENERIC_INITIALIZER_SCHEMA: BatchNorm adaptation after the masks are set
         "initializer": {"type": "object", "additionalProperties": False, "properties": {
-            "batchnorm_adaptation": {"type": "object", "additionalProperties": False, "properties": {
-                "num_bn_adaptation_samples": {"type": "integer", "minimum": 0}}}}},
+            "batchnorm_adaptation": BATCHNORM_ADAPTATION_SCHEMA}},
     }}
     defaults = {**SCHEDULE_DEFAULTS, "schedule": "polynomial", "weight_importance": "normed_abs"}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fxcompress.config import register_algorithm
+from fxcompress.distributed import broadcast_from_rank0, is_distributed
 
 from .base import (SCHEDULE_DEFAULTS, SCHEDULE_PARAMS, SparseLayer, SparsityController, SparsityPass,
                    check_schedule_params, scheduler_from_params)
@@ -77,19 +78,16 @@ class RBSparsityController(SparsityController):
 
     def distributed(self):
         """NNCF's scheme: one RNG state for all ranks, so stochastic masks agree; logits from rank 0."""
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
+        if not is_distributed():
             return
         state = torch.get_rng_state()
-        dist.broadcast(state, src=0)
+        broadcast_from_rank0([state])
         torch.set_rng_state(state)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            cuda_state = torch.cuda.get_rng_state().cuda()
-            dist.broadcast(cuda_state, src=0)
-            torch.cuda.set_rng_state(cuda_state.cpu())
-        with torch.no_grad():
-            for layer in self.layers:
-                dist.broadcast(layer.mask.logits.data, src=0)
+            cuda_state = torch.cuda.get_rng_state()
+            broadcast_from_rank0([cuda_state])
+            torch.cuda.set_rng_state(cuda_state)
+        broadcast_from_rank0([layer.mask.logits for layer in self.layers])
 
 
 @register_algorithm
