@@ -12,29 +12,40 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx
 
 __all__ = [
-    "shallow_module_copy", "detach_submodules", "GraphSnapshot", "unique_name",
+    "shallow_module_copy", "detach_submodules", "GraphSnapshot", "TensorSnapshot", "unique_name",
     "add_module", "insert_on_output", "insert_before_input", "copy_meta", "get_attr_value",
 ]
 
 _SHAPE_META = ("shape", "dtype", "module_path", "tensor_meta")
 
 
+def _own_containers(state: dict) -> dict:
+    """``state`` (a module's ``__dict__``) with its dict/list/set values copied one level deep.
+
+    A module's parameters, buffers, submodules and hooks live in such containers:
+    copying them lets a copy (or a snapshot) add, remove or replace entries
+    without touching the original's.
+    """
+    return {key: (type(value)(value) if type(value) in (dict, OrderedDict, list, set) else value)
+            for key, value in state.items()}
+
+
 def shallow_module_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A new module tree with the same parameter and buffer tensors.
 
-    Passes may then replace submodules, parameters or attributes on the copy
-    without touching the user's model; tensors are shared, never copied.
+    Passes may then replace submodules, parameters or attributes, or register hooks,
+    on the copy without touching the user's model; tensors are shared, never copied.
     """
     new = copy.copy(module)
-    new.__dict__ = dict(module.__dict__)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
+    new.__dict__ = _own_containers(module.__dict__)
     new._modules = {name: (shallow_module_copy(child) if child is not None else None)
                     for name, child in module._modules.items()}
     return new
@@ -48,40 +59,113 @@ def detach_submodules(gm: torch.fx.GraphModule):
 
 
 class GraphSnapshot:
-    """Everything a pass may change in a GraphModule, restorable after a failure.
+    """The structure of a GraphModule, restorable after a failure: graph, meta, modules.
 
-    Passes never write into parameter tensors in place (DESIGN.md), so saving the
-    graph plus each module's attribute/parameter/buffer/submodule dictionaries
-    is enough to undo any pass. Modules keep their identity on restore.
+    Saves the graph plus each module's attributes, with its parameter, buffer,
+    submodule and hook dictionaries, so restoring undoes replaced or added
+    attributes, added or removed submodules and registered hooks. Modules keep
+    their identity on restore. Tensor *values* written in place are
+    ``TensorSnapshot``'s job.
     """
 
     def __init__(self, gm: torch.fx.GraphModule):
         self.gm = gm
         self.graph = copy.deepcopy(gm.graph)
         self.meta = dict(gm.meta)
-        self.modules = [(m, self._state(m)) for m in gm.modules()]
-
-    @staticmethod
-    def _state(m: torch.nn.Module) -> dict:
-        state = dict(m.__dict__)
-        for key in ("_parameters", "_buffers", "_modules"):
-            state[key] = dict(state[key])
-        return state
+        self.modules = [(m, _own_containers(m.__dict__)) for m in gm.modules()]
 
     def restore(self):
         for module, state in self.modules:
             module.__dict__.clear()
-            module.__dict__.update(self._state_copy(state))
+            module.__dict__.update(_own_containers(state))
         self.gm.graph = self.graph
         self.gm.meta.clear()
         self.gm.meta.update(self.meta)
         self.gm.recompile()
 
-    def _state_copy(self, state: dict) -> dict:
-        copied = dict(state)
-        for key in ("_parameters", "_buffers", "_modules"):
-            copied[key] = dict(state[key])
-        return copied
+
+@dataclass
+class _SavedTensor:
+    name: str
+    tensor: torch.Tensor
+    data: torch.Tensor          # an alias of the storage it had, to undo ``t.data = other``
+    version: int
+    requires_grad: bool
+    grad: torch.Tensor | None
+    value: torch.Tensor         # a copy of its values
+
+    def changed(self) -> bool:
+        t = self.tensor
+        return (t._version != self.version or t.data_ptr() != self.data.data_ptr()
+                or t.shape != self.value.shape or t.requires_grad != self.requires_grad
+                or t.grad is not self.grad or not _same_values(t, self.value))
+
+    def restore(self):
+        t = self.tensor
+        with torch.no_grad():
+            if t.data_ptr() != self.data.data_ptr() or t.shape != self.data.shape or t.dtype != self.data.dtype:
+                t.data = self.data
+            if t._version != self.version or not _same_values(t, self.value):
+                t.copy_(self.value)
+        if t.requires_grad != self.requires_grad:
+            t.requires_grad_(self.requires_grad)
+        if t.grad is not self.grad:
+            t.grad = self.grad
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal values (NaNs in the same places count as equal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if torch.equal(a, b):
+        return True
+    if not a.is_floating_point():
+        return False
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan], b[~nan])
+
+
+class TensorSnapshot:
+    """The values of every parameter, buffer and tensor attribute in a module tree.
+
+    The GraphModule shares these tensors with the user's model, so a pass that
+    writes into one in place (``w.mul_(2)``, ``w.data.zero_()``, ``w.data = t``)
+    changes the user's model. This keeps a copy of each value, says which tensors
+    changed (version counter, storage, shape, requires_grad, grad, or values: a
+    write through ``.data`` does not bump the version counter) and restores them.
+    Costs one copy of the model's tensors while it lives.
+    """
+
+    def __init__(self, root: torch.nn.Module):
+        self.saved: list[_SavedTensor] = []
+        seen: set[int] = set()
+        for name, t in _named_tensors(root):
+            if id(t) not in seen:
+                seen.add(id(t))
+                self.saved.append(_SavedTensor(name, t, t.data, t._version, t.requires_grad, t.grad,
+                                               t.detach().clone()))
+
+    def changed(self) -> list[str]:
+        """Names (as in ``named_parameters()``/``named_buffers()``) of the tensors changed in place."""
+        return [s.name for s in self.saved if s.changed()]
+
+    def restore(self) -> list[str]:
+        """Restore every changed tensor; returns their names."""
+        changed = [s for s in self.saved if s.changed()]
+        for s in changed:
+            s.restore()
+        return [s.name for s in changed]
+
+
+def _named_tensors(root: torch.nn.Module):
+    for prefix, module in root.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for key, value in list(module._parameters.items()) + list(module._buffers.items()):
+            if value is not None:
+                yield dot + key, value
+        for key, value in module.__dict__.items():
+            if isinstance(value, torch.Tensor):
+                yield dot + key, value
 
 
 def unique_name(gm: torch.nn.Module, base: str) -> str:

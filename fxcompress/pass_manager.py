@@ -2,13 +2,17 @@
 
 A pass is a small object with a ``name`` and ``__call__(gm, ctx) -> PassResult``
 (as ``torch.fx.passes.infra.pass_base``). It may mutate ``gm`` in place; it
-must not write into parameter tensors in place (a rewrite that changes
-weights creates new tensors), which is what makes rollback cheap.
+must not write into existing parameter or buffer tensors in place: they are
+shared with the user's model, so a rewrite that changes weights creates new
+tensors (a pass that does is rolled back with a ``PassError`` naming them).
 
 The manager runs passes in order and, after each one: lints the graph,
 recompiles, refreshes shape metadata, records a diff, and in debug mode checks
-outputs on the example inputs. A pass that raises leaves the GraphModule as it
-was before that pass (``GraphSnapshot``).
+outputs on the example inputs. A pass that raises leaves the GraphModule and
+the tensors it shares with the user's model as they were before that pass:
+graph, modules, attributes and hooks (``GraphSnapshot``) and parameter and
+buffer values (``TensorSnapshot``, one copy of the model's tensors while the
+pass runs). See docs/design.md, "Passes".
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch.fx
 
 from . import inspect as fx_inspect
 from .errors import FxCompressError, PassError
-from .graph import GraphSnapshot
+from .graph import GraphSnapshot, TensorSnapshot
 from .tracing import propagate_metadata
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassRecord", "PassManager"]
@@ -125,6 +129,7 @@ class PassManager:
     def run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         name = getattr(p, "name", type(p).__name__)
         snapshot = GraphSnapshot(gm)
+        values = TensorSnapshot(gm)
         before_code = gm.code
         reference = self._reference_outputs(gm, ctx) if self.debug else None
         start = time.perf_counter()
@@ -134,17 +139,25 @@ class PassManager:
                 raise PassError(f"pass '{name}' returned {type(result).__name__}, expected a PassResult")
             if result.graph_module is not gm:
                 raise PassError(f"pass '{name}' must rewrite the GraphModule it is given in place")
+            written = values.changed()
+            if written:
+                raise PassError(f"pass '{name}' wrote into {len(written)} existing parameter or buffer tensors in "
+                                f"place ({', '.join(written[:5])}{', ...' if len(written) > 5 else ''}); they are "
+                                f"shared with the user's model, so a pass must create new tensors instead")
             gm.graph.lint()
             gm.recompile()
             if ctx.example_inputs or ctx.example_kwargs:
                 propagate_metadata(gm)
             if reference is not None:
                 self._check_outputs(p, name, gm, ctx, reference)
-        except FxCompressError:
-            snapshot.restore()
+        except FxCompressError as exc:
+            self._roll_back(snapshot, values)
+            if hasattr(exc, "add_note") and not isinstance(exc, PassError):  # Python >= 3.11
+                exc.add_note(f"(raised by pass '{name}', which was rolled back: the graph, the modules and "
+                             f"the parameter and buffer values are as before it)")
             raise
         except Exception as exc:
-            snapshot.restore()
+            self._roll_back(snapshot, values)
             raise PassError(f"pass '{name}' failed and was rolled back, the graph is unchanged: "
                             f"{type(exc).__name__}: {exc}") from exc
         seconds = time.perf_counter() - start
@@ -156,6 +169,12 @@ class PassManager:
             diff=fx_inspect.diff(before_code, after_code, f"before {name}", f"after {name}"),
             changes=fx_inspect.changes(snapshot.graph, gm.graph), seconds=seconds))
         return result
+
+    @staticmethod
+    def _roll_back(snapshot: GraphSnapshot, values: TensorSnapshot):
+        # Structure first: it puts back replaced parameters, whose values are then restored.
+        snapshot.restore()
+        values.restore()
 
     def _reference_outputs(self, gm, ctx):
         if not (ctx.example_inputs or ctx.example_kwargs):

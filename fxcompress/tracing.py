@@ -20,6 +20,7 @@ The GraphModule gets ``gm.meta["example_inputs"]`` (args tuple) and
 """
 from __future__ import annotations
 
+import ast
 import fnmatch
 import inspect
 import os
@@ -195,6 +196,63 @@ class _ShapeSpecializingTracer(_Tracer):
         return iter(obj)
 
 
+class _Retracer(torch.fx.Tracer):
+    """The tracer torch.fx uses to rebuild a GraphModule's graph from its code when it is unpickled.
+
+    Stock re-tracing names nodes after their targets (``conv2d_3``); this one gives
+    them back the names the code uses (``conv1``, ``conv1_weight_quantizer``), so
+    ``gm.code`` reads the same after a round trip. It is built without arguments,
+    as torch.fx requires.
+    """
+
+    def trace(self, root, concrete_args=None):
+        graph = super().trace(root, concrete_args)
+        names = _node_names_in_code(root.__dict__.get("_code"))
+        if names is None or len(names) != len(graph.nodes):
+            return graph  # code this parser does not follow: keep torch.fx's names
+        renamed = torch.fx.Graph()
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node, name in zip(graph.nodes, names):
+            new = renamed.create_node(node.op, node.target, torch.fx.map_arg(node.args, env.__getitem__),
+                                      torch.fx.map_arg(node.kwargs, env.__getitem__), name=name, type_expr=node.type)
+            new.meta = node.meta
+            env[node] = new
+        return renamed
+
+
+def _node_names_in_code(code: str | None) -> list[str] | None:
+    """Node names in the order torch.fx's generated ``forward`` creates them, or None.
+
+    Generated code binds every node to a variable: placeholders are the arguments
+    (renamed by ``name = argument`` where they differ), every other node is one
+    ``name = expression`` statement, the output is ``return``. Statements such as
+    ``x = y = None`` only free memory.
+    """
+    if not code:
+        return None
+    try:
+        (function,) = [s for s in ast.parse(code.strip()).body if isinstance(s, ast.FunctionDef)]
+    except (SyntaxError, ValueError):
+        return None
+    names = [a.arg for a in function.args.args[1:]]
+    for statement in function.body:
+        if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Constant) \
+                and statement.value.value is None:
+            continue  # frees variables, creates no node
+        if isinstance(statement, ast.Return):
+            names.append("output")
+        elif isinstance(statement, ast.Assign) and len(statement.targets) == 1 \
+                and isinstance(statement.targets[0], ast.Name):
+            target, value = statement.targets[0].id, statement.value
+            if isinstance(value, ast.Name) and value.id in names:
+                names[names.index(value.id)] = target  # a placeholder named unlike its argument
+            else:
+                names.append(target)
+        else:
+            return None
+    return names
+
+
 def _get_attr(root, target: str):
     value = root
     for atom in target.split("."):
@@ -331,6 +389,11 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
         for node in graph.nodes:
             node.meta.pop("_concrete", None)
 
+    # torch.fx records the tracer class in the graph and re-creates it with no
+    # arguments to rebuild the graph from the code when a GraphModule is unpickled.
+    # Ours are trace-time tools (leaf specs, example values): record the re-tracer.
+    graph._tracer_cls = _Retracer
+    graph._tracer_extras = {}
     name = type(model).__name__
     gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
     if gm.graph.eliminate_dead_code():  # shape queries answered concretely leave unused nodes
