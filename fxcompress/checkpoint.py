@@ -1,4 +1,4 @@
-"""Loading compressed-model checkpoints with clear errors."""
+"""Loading compressed-model checkpoints with clear errors; the RNG state a resumed run needs."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -7,7 +7,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["load_state"]
+__all__ = ["load_state", "rng_state", "set_rng_state"]
 
 
 def _strip_ddp_prefix(state: Mapping) -> dict:
@@ -45,3 +45,33 @@ def load_state(gm: torch.nn.Module, state_dict: Mapping, strict: bool = True) ->
             + ". Was it saved from a model compiled with the same passes and config?")
     gm.load_state_dict(state, strict=strict)
     return gm
+
+
+def rng_state(device=None) -> dict:
+    """The global torch RNG state that random draws on ``device`` use, as plain uint8 tensors.
+
+    ``{"cpu": ...}``, plus ``"cuda"`` (that device's generator) for a CUDA device.
+    A controller part whose training draws random numbers (RB sparsity's stochastic
+    masks) saves it, so a resumed run draws what the uninterrupted one would have.
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: Mapping, device=None, *, owner: str = "controller"):
+    """Restore what ``rng_state`` saved (a saved CUDA state only when ``device`` is a CUDA device).
+
+    A checkpoint saved on a GPU loads on a CPU-only machine (only the CPU state is
+    restored then) and the other way round (the CUDA generator is left as it is).
+    """
+    if not isinstance(state, Mapping) or not isinstance(state.get("cpu"), torch.Tensor) \
+            or state["cpu"].dtype != torch.uint8:
+        raise CheckpointError(f"{owner} state: 'rng_state' must be a dict with a uint8 tensor 'cpu' "
+                              f"(from torch.get_rng_state()), got {type(state).__name__}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

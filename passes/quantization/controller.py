@@ -239,6 +239,7 @@ class QuantizationController(ControllerPart):
         return {
             "scheduler": self.scheduler.state_dict(),
             "initialized": self.initialized,
+            "bn_adapted": int(self.bn_adapted),
             "quantizers": {q.name: {"enabled": bool(q.module.enabled), "initialized": bool(q.module.initialized),
                                     "bits": int(q.module.spec.bits), "signed": bool(q.module.spec.signed)}
                            for q in self.quantizers},
@@ -260,4 +261,5 @@ class QuantizationController(ControllerPart):
             if int(saved.get("bits", q.module.spec.bits)) != q.module.spec.bits:
                 q.module.spec = replace(q.module.spec, bits=int(saved["bits"]))
         self.initialized = bool(state.get("initialized", False))
+        self.bn_adapted = int(state.get("bn_adapted", 0))
         self.scheduler.load_state_dict(state["scheduler"])

@@ -130,13 +130,14 @@ class MagnitudeSparsityController(SparsityController):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "applied_level": self.applied_level,
-                "thresholds": dict(self.thresholds)}
+                "thresholds": dict(self.thresholds), "bn_adapted": bool(self.bn_adapted)}
 
     def load_state_dict(self, state: dict):
         # Masks come back with the graph's state dict (load_state); the controller must not
         # recompute them from weights that may not be loaded yet.
         self.applied_level = state.get("applied_level")
         self.thresholds = dict(state.get("thresholds", {}))
+        self.bn_adapted = bool(state.get("bn_adapted", False))
         super().load_state_dict(state)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fxcompress.checkpoint import rng_state, set_rng_state
 from fxcompress.config import register_algorithm
 from fxcompress.distributed import broadcast_from_rank0, is_distributed
 
@@ -71,10 +72,20 @@ class RBSparsityController(SparsityController):
         return {"schedule": self.scheduler.name, "mode": self.mode,
                 "target_density": 1.0 - level, "mean_sparse_prob": 1.0 - mean_keep}
 
+    def _device(self) -> torch.device:
+        return self.layers[0].mask.logits.device if self.layers else torch.device("cpu")
+
+    def state_dict(self) -> dict:
+        # The stochastic masks draw from the global torch RNG: saving its state makes a resumed
+        # run draw the masks the uninterrupted run would have (docs/sparsity.md, Checkpoints).
+        return {**super().state_dict(), "rng_state": rng_state(self._device())}
+
     def load_state_dict(self, state: dict):
         super().load_state_dict(state)
         for layer in self.layers:
             layer.mask.frozen = self.frozen
+        if "rng_state" in state:
+            set_rng_state(state["rng_state"], self._device(), owner="rb_sparsity controller")
 
     def distributed(self):
         """NNCF's scheme: one RNG state for all ranks, so stochastic masks agree; logits from rank 0."""

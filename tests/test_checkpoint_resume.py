@@ -1,0 +1,157 @@
+"""Checkpoints round-trip exactly: statistics, schedules, counters, and a resumed run == an uninterrupted one.
+
+For every algorithm and for a pipeline of three: compile, ``initialize``, train
+with a deterministic loader, save ``gm.state_dict()``, ``ctrl.state_dict()`` and
+the optimizer's state (loaded back with ``weights_only=True``) in the middle of
+an epoch; then compile afresh, load, and train on. The statistics string is
+identical right after the load, and after the remaining steps (which cross
+epoch boundaries where the schedules change level or stage) every parameter and
+buffer is bitwise the same as in the run that was never interrupted.
+"""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxcompress import compile_for_compression, load_state
+from fxcompress.passes import (Binarization, ConstSparsity, FilterPruning, MagnitudeSparsity, MixedPrecision,
+                               Quantize, RBSparsity)
+from fxcompress.testing import models as zoo
+
+STEPS_PER_EPOCH = 2
+EPOCHS = 3
+SAVE_AT = STEPS_PER_EPOCH + 2  # events before the checkpoint: epoch 0, its epoch_step, one step of epoch 1
+BN = {"batchnorm_adaptation": {"num_bn_adaptation_samples": 4}}
+RANGE = {"range": {"num_init_samples": 4}}
+
+
+def _quantize(**kwargs):
+    return Quantize(bits=8, initializer={**RANGE, **BN}, **kwargs)
+
+
+# name -> (model, passes factory); every schedule changes its level or stage at an epoch boundary after SAVE_AT
+CASES = {
+    "quantization": ("resnet_tiny", lambda: [_quantize(activations_quant_start_epoch=1,
+                                                       weights_quant_start_epoch=2)]),
+    "magnitude_sparsity": ("resnet_tiny", lambda: [MagnitudeSparsity(
+        sparsity_init=0.1, sparsity_target=0.6, sparsity_target_epoch=3, sparsity_freeze_epoch=3,
+        initializer=BN)]),
+    "rb_sparsity": ("resnet_tiny", lambda: [RBSparsity(
+        schedule="multistep", multistep_steps=[1, 2], multistep_sparsity_levels=[0.1, 0.3, 0.5],
+        sparsity_freeze_epoch=2)]),
+    "const_sparsity": ("resnet_tiny", lambda: [ConstSparsity(), _quantize(activations_quant_start_epoch=2)]),
+    "filter_pruning": ("resnet_tiny", lambda: [FilterPruning(
+        pruning_target=0.5, pruning_steps=3, schedule="exponential", initializer=BN)]),
+    "binarization": ("resnet_tiny", lambda: [Binarization(
+        activations_quant_start_epoch=1, weights_quant_start_epoch=2, lr_poly_drop_start_epoch=1,
+        initializer={**RANGE, **BN})]),
+    "mixed_precision": ("resnet_tiny", lambda: [
+        _quantize(activations_quant_start_epoch=2),
+        MixedPrecision(bits=[4, 8], compression_ratio=1.5, num_data_points=4, iter_number=3)]),
+    "pipeline": ("resnet_tiny", lambda: [
+        MagnitudeSparsity(sparsity_init=0.1, sparsity_target=0.5, sparsity_target_epoch=3, initializer=BN),
+        FilterPruning(pruning_target=0.3, pruning_steps=3),
+        _quantize(activations_quant_start_epoch=2)]),
+}
+
+
+def _events() -> list[tuple]:
+    """The training loop as a list: ``("step", batch)`` per optimizer step, ``("epoch",)`` at each epoch end."""
+    out = []
+    for _ in range(EPOCHS):
+        out += [("step", i) for i in range(STEPS_PER_EPOCH)] + [("epoch",)]
+    return out
+
+
+def _loader(example: torch.Tensor, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(example.shape, generator=g), torch.randint(0, 10, (example.shape[0],), generator=g))
+            for _ in range(n)]
+
+
+def _compile(name: str):
+    model_name, passes = CASES[name]
+    model, inputs = zoo.ARCHITECTURES[model_name]()
+    ctrl, gm = compile_for_compression(model, passes(), inputs)
+    return ctrl, gm, inputs
+
+
+def _optimizer(gm):
+    return torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+
+
+def _train(ctrl, gm, optimizer, loader, events):
+    gm.train()
+    for event in events:
+        if event[0] == "epoch":
+            ctrl.scheduler.epoch_step()
+            continue
+        x, y = loader[event[1]]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(gm(x), y) + ctrl.loss()
+        loss.backward()
+        optimizer.step()
+        ctrl.scheduler.step()
+
+
+def _round_trip(obj):
+    """``torch.save`` then ``torch.load(weights_only=True)``: checkpoints must stay plain data."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _checkpoint(ctrl, gm, optimizer):
+    return _round_trip({"gm": gm.state_dict(), "ctrl": ctrl.state_dict(), "optimizer": optimizer.state_dict()})
+
+
+def _resume(name, checkpoint):
+    ctrl, gm, _ = _compile(name)
+    load_state(gm, checkpoint["gm"])
+    ctrl.load_state_dict(checkpoint["ctrl"])
+    optimizer = _optimizer(gm)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    return ctrl, gm, optimizer
+
+
+def _assert_same_state(gm, expected: dict):
+    got = gm.state_dict()
+    assert list(got) == list(expected)
+    different = [k for k in got if not torch.equal(got[k], expected[k])]
+    assert not different, f"differ after resuming: {different[:8]}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_statistics_identical_after_loading_an_initialized_checkpoint(name):
+    torch.manual_seed(0)
+    ctrl, gm, inputs = _compile(name)
+    loader = _loader(inputs[0], 4)
+    ctrl.initialize(loader)
+    checkpoint = _checkpoint(ctrl, gm, _optimizer(gm))
+    ctrl2, gm2, _ = _resume(name, checkpoint)
+    assert str(ctrl2.statistics()) == str(ctrl.statistics())
+    assert ctrl2.statistics().to_dict() == ctrl.statistics().to_dict()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_resumed_training_is_bitwise_the_uninterrupted_run(name):
+    torch.manual_seed(0)
+    ctrl, gm, inputs = _compile(name)
+    loader = _loader(inputs[0], STEPS_PER_EPOCH)
+    ctrl.initialize(loader)
+    optimizer = _optimizer(gm)
+    events = _events()
+    _train(ctrl, gm, optimizer, loader, events[:SAVE_AT])
+    checkpoint = _checkpoint(ctrl, gm, optimizer)
+    saved_statistics = str(ctrl.statistics())
+    _train(ctrl, gm, optimizer, loader, events[SAVE_AT:])
+    final_statistics = str(ctrl.statistics())
+
+    torch.manual_seed(1234)  # whatever the RNG did meanwhile, the checkpoint restores what the run needs
+    ctrl2, gm2, optimizer2 = _resume(name, checkpoint)
+    assert str(ctrl2.statistics()) == saved_statistics
+    _train(ctrl2, gm2, optimizer2, loader, events[SAVE_AT:])
+    _assert_same_state(gm2, gm.state_dict())
+    assert str(ctrl2.statistics()) == final_statistics
