@@ -137,18 +137,17 @@ class CompressionPass(Pass):
         cls.validate(params, prefix=path)
         return [cls(**params)]
 
-    def selects(self, module_path: str) -> bool:
-        """Whether the pass may act on the module at ``module_path`` (scopes applied)."""
-        if self.ignored_scopes.matches(module_path):
+    def selects(self, where) -> bool:
+        """Whether the pass may act on a module (its path) or an operation (its fx node)."""
+        if self.ignored_scopes.matches(where):
             return False
-        return not self.target_scopes or self.target_scopes.matches(module_path)
+        return not self.target_scopes or self.target_scopes.matches(where)
 
     def validate_scopes(self, gm):
-        """Every scope must match some module of the model (call at the start of ``call``)."""
-        paths = [name for name, _ in gm.named_modules()]
-        paths += [n.meta.get("module_path", "") for n in gm.graph.nodes]
-        self.ignored_scopes.validate(paths)
-        self.target_scopes.validate(paths)
+        """Every scope must match some module or operation of the model (call at the start of
+        ``call``); binds the scopes to the graph's NNCF names (fxcompress/scopes.py)."""
+        self.ignored_scopes.validate(gm)
+        self.target_scopes.validate(gm)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if self.defaults.get(k, object()) != v)

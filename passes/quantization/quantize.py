@@ -215,13 +215,12 @@ class Quantize(CompressionPass):
     # -- the pass ----------------------------------------------------------------
     def _validate_all_scopes(self, gm: torch.fx.GraphModule):
         self.validate_scopes(gm)
-        paths = [name for name, _ in gm.named_modules()] + [n.meta.get("module_path", "") for n in gm.graph.nodes]
         scope_sets = [self.settings.weights.ignored_scopes, self.settings.weights.target_scopes,
                       self.settings.activations.ignored_scopes, self.settings.activations.target_scopes]
         scope_sets += [o.scopes for group in self.settings.overrides.values() for o in group]
         scope_sets += self.range_rules.scope_sets()
         for scopes in scope_sets:
-            scopes.validate(paths)
+            scopes.validate(gm)
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self._validate_all_scopes(gm)
