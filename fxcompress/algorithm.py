@@ -19,14 +19,16 @@ from .errors import ConfigError
 from .pass_manager import Pass
 from .scopes import ScopeSet
 
-__all__ = ["CompressionPass", "validate_schema", "SCOPES_SCHEMA"]
+__all__ = ["CompressionPass", "validate_schema", "SCOPES_SCHEMA", "DEVICE_ALIASES"]
 
 SCOPES_SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 1}}
 COMMON_PROPERTIES = {
     "ignored_scopes": SCOPES_SCHEMA,
     "target_scopes": SCOPES_SCHEMA,
-    "target_device": {"enum": ["CPU", "GPU", "NPU", "ANY", "TRIAL", "CPU_SPR"]},
+    "target_device": {"enum": ["CPU", "GPU", "NPU", "VPU", "ANY", "TRIAL", "CPU_SPR"]},
 }
+# Old device names and the names they stand for: NNCF 2.5 called the NPU "VPU" (renamed in NNCF 2.7).
+DEVICE_ALIASES = {"VPU": "NPU"}
 
 
 def _format_path(prefix: str, path) -> str:
@@ -107,6 +109,10 @@ class CompressionPass(Pass):
         merged = copy.deepcopy(cls.defaults)
         merged.update(copy.deepcopy(params))
         cls.check(merged, prefix)
+        device = merged.get("target_device")
+        merged["target_device"] = DEVICE_ALIASES.get(device, device)
+        if device is None:
+            del merged["target_device"]
         return merged
 
     @classmethod

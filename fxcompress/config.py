@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .algorithm import SCOPES_SCHEMA, validate_schema
+from .algorithm import COMMON_PROPERTIES, SCOPES_SCHEMA, validate_schema
 from .errors import ConfigError
 
 __all__ = ["Config", "register_algorithm", "algorithm_registry"]
@@ -70,7 +70,7 @@ TOP_LEVEL_SCHEMA = {
             {"type": "object", "required": ["algorithm"]},
             {"type": "array", "items": {"type": "object", "required": ["algorithm"]}},
         ]},
-        "target_device": {"enum": ["CPU", "GPU", "NPU", "ANY", "TRIAL", "CPU_SPR"]},
+        "target_device": COMMON_PROPERTIES["target_device"],
         "ignored_scopes": SCOPES_SCHEMA,
         "log_dir": {"type": "string"},
     },

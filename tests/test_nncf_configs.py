@@ -129,3 +129,34 @@ def test_module_scopes_in_sparsity_and_weights_group(resnet):
     assert "fc" not in sparse and "conv1" not in sparse and "layer1.0.conv1" in sparse
     weight_q = {n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("weight_quantizer")}
     assert "layer2_0_downsample_0_weight_quantizer" not in weight_q and "layer2_0_conv1_weight_quantizer" in weight_q
+
+
+# -- VPU and bitwidth_per_scope ---------------------------------------------------------------------
+
+def test_vpu_is_npu_and_takes_no_preset():
+    from fxcompress import Config, ConfigError
+    base = {"input_info": {"sample_size": [1, 3, 32, 32]}, "target_device": "VPU",
+            "compression": {"algorithm": "quantization"}}
+    (q,) = Config.from_dict(base).passes
+    assert q.params["target_device"] == "NPU" and q.settings.device == "NPU"
+    assert Quantize(target_device="VPU").settings.rules == Quantize(target_device="NPU").settings.rules
+    with pytest.raises(ConfigError, match=r"compression.preset: target_device 'VPU' takes no preset"):
+        Config.from_dict({**base, "compression": {"algorithm": "quantization", "preset": "mixed"}})
+    assert Config.from_dict({**base, "target_device": "NPU",
+                             "compression": {"algorithm": "quantization", "preset": "mixed"}}).passes
+
+
+def test_bitwidth_per_scope_without_type_means_manual(resnet):
+    from fxcompress import Config
+    model, inputs, _ = resnet
+    config = Config.from_dict({
+        "input_info": {"sample_size": [2, 3, 32, 32]},
+        "compression": {"algorithm": "quantization", "overflow_fix": "disable",
+                        "initializer": {"precision": {"bitwidth_per_scope": [
+            [4, "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT"], [4, "{re}ResNet/NNCFLinear\\[fc\\]/.*|WEIGHT"]]}}}})
+    assert config.passes[1].params["type"] == "manual"
+    _, gm = compile_for_compression(model, config, inputs)
+    bits = {n.target: gm.get_submodule(n.target).spec.bits for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.endswith("weight_quantizer")}
+    assert bits["conv1_weight_quantizer"] == 4 and bits["fc_weight_quantizer"] == 4
+    assert {b for name, b in bits.items() if name not in ("conv1_weight_quantizer", "fc_weight_quantizer")} == {8}

@@ -165,6 +165,15 @@ class Quantize(CompressionPass):
             "num_bn_adaptation_samples", NUM_BN_ADAPTATION_SAMPLES)
 
     @classmethod
+    def validate(cls, params: dict, prefix: str) -> dict:
+        if params.get("target_device") == "VPU" and "preset" in params:
+            # NNCF 2.5's rule for VPU (quantization/algo.py): its hardware config fixes the quantizer modes
+            raise ConfigError(f"{prefix}.preset: target_device 'VPU' takes no preset (NNCF 2.5 refuses it too: "
+                              "'The VPU target device does not support presets'); remove 'preset', or use "
+                              "target_device 'NPU', VPU's new name, which accepts one", path=f"{prefix}.preset")
+        return super().validate(params, prefix)
+
+    @classmethod
     def check(cls, params: dict, prefix: str):
         def check_quantizer(values: dict, path: str):
             if values.get("mode") == "asymmetric" and values.get("signed") is True:
