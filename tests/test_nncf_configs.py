@@ -160,3 +160,50 @@ def test_bitwidth_per_scope_without_type_means_manual(resnet):
             if n.op == "call_module" and n.target.endswith("weight_quantizer")}
     assert bits["conv1_weight_quantizer"] == 4 and bits["fc_weight_quantizer"] == 4
     assert {b for name, b in bits.items() if name not in ("conv1_weight_quantizer", "fc_weight_quantizer")} == {8}
+
+
+# -- JSON as NNCF reads it, and the samples' extra keys ------------------------------------------------
+
+SSD_STYLE = """{
+  // NNCF's detection sample keys: read by the sample script, ignored by the compression config
+  "model": "ssd_vgg", "batchnorm": true, "num_classes": 21, "dataset": "voc",
+  "input_info": {"sample_size": [2, 3, 32, 32],},
+  "preprocessing": {"mean": [0.406, 0.456, 0.485], "std": [0.255, 0.224, 0.229], "normalize_coef": 255},
+  "ssd_params": {"variance": [0.1, 0.1, 0.2, 0.2], "steps": [8, 16, 32], "flip": true, "top_k": 200},
+  "basenet": "vgg16_reducedfc.pth", "weighted_loss": true, "multiprocessing_distributed": true,
+  "checkpoint_save_dir": "/tmp/ckpt", "model_params": {"input_size_hw": [368, 480]}, "weighing": "mfb",
+  "optimizer": {"type": "Adam", "base_lr": 1e-5, "schedule_type": "multistep", "steps": [2],},
+  "epochs": 24, "batch_size": 128, "test_interval": 1, "save_freq": 3,
+  /* the compression part */
+  "compression": {
+    "algorithm": "quantization",
+    "initializer": {"range": {"num_init_samples": 4,},},  // trailing commas, as jstyleson allows
+  },
+}
+"""
+
+
+def test_json_with_comments_trailing_commas_and_sample_keys_loads(tmp_path):
+    from fxcompress import Config
+    path = tmp_path / "ssd300_vgg_voc_int8.json"
+    path.write_text(SSD_STYLE)
+    config = Config.from_json(path)
+    (q,) = config.passes
+    assert type(q).__name__ == "Quantize" and q.range_rules.default.num_init_samples == 4
+    assert config.data["ssd_params"]["top_k"] == 200 and config.data["basenet"] == "vgg16_reducedfc.pth"
+    assert config.example_inputs()[0].shape == (2, 3, 32, 32)
+
+
+def test_json_errors_name_the_line_and_the_field(tmp_path):
+    from fxcompress import Config, ConfigError
+    path = tmp_path / "cfg.json"
+    path.write_text(SSD_STYLE.replace('"flip": true,', '"flip": true'))
+    with pytest.raises(ConfigError, match=r"cfg.json: not valid JSON at line 6, column 87: Unexpected"):
+        Config.from_json(path)
+    path.write_text(SSD_STYLE.replace('"num_init_samples": 4', '"num_init_samples": -4'))
+    with pytest.raises(ConfigError, match=r"cfg.json, line 14: compression.initializer.range.num_init_samples: "
+                                          r"-4 is less than the minimum of 0"):
+        Config.from_json(path)
+    path.write_text(SSD_STYLE.replace('"compression"', '"compresion"'))
+    with pytest.raises(ConfigError, match=r"line 12: compresion: unknown top-level key; did you mean 'compression'"):
+        Config.from_json(path)
