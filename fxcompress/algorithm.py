@@ -19,14 +19,16 @@ from .errors import ConfigError
 from .pass_manager import Pass
 from .scopes import ScopeSet
 
-__all__ = ["CompressionPass", "validate_schema", "SCOPES_SCHEMA"]
+__all__ = ["CompressionPass", "validate_schema", "SCOPES_SCHEMA", "DEVICE_ALIASES"]
 
 SCOPES_SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 1}}
 COMMON_PROPERTIES = {
     "ignored_scopes": SCOPES_SCHEMA,
     "target_scopes": SCOPES_SCHEMA,
-    "target_device": {"enum": ["CPU", "GPU", "NPU", "ANY", "TRIAL", "CPU_SPR"]},
+    "target_device": {"enum": ["CPU", "GPU", "NPU", "VPU", "ANY", "TRIAL", "CPU_SPR"]},
 }
+# Old device names and the names they stand for: NNCF 2.5 called the NPU "VPU" (renamed in NNCF 2.7).
+DEVICE_ALIASES = {"VPU": "NPU"}
 
 
 def _format_path(prefix: str, path) -> str:
@@ -107,6 +109,10 @@ class CompressionPass(Pass):
         merged = copy.deepcopy(cls.defaults)
         merged.update(copy.deepcopy(params))
         cls.check(merged, prefix)
+        device = merged.get("target_device")
+        merged["target_device"] = DEVICE_ALIASES.get(device, device)
+        if device is None:
+            del merged["target_device"]
         return merged
 
     @classmethod
@@ -137,18 +143,17 @@ class CompressionPass(Pass):
         cls.validate(params, prefix=path)
         return [cls(**params)]
 
-    def selects(self, module_path: str) -> bool:
-        """Whether the pass may act on the module at ``module_path`` (scopes applied)."""
-        if self.ignored_scopes.matches(module_path):
+    def selects(self, where) -> bool:
+        """Whether the pass may act on a module (its path) or an operation (its fx node)."""
+        if self.ignored_scopes.matches(where):
             return False
-        return not self.target_scopes or self.target_scopes.matches(module_path)
+        return not self.target_scopes or self.target_scopes.matches(where)
 
     def validate_scopes(self, gm):
-        """Every scope must match some module of the model (call at the start of ``call``)."""
-        paths = [name for name, _ in gm.named_modules()]
-        paths += [n.meta.get("module_path", "") for n in gm.graph.nodes]
-        self.ignored_scopes.validate(paths)
-        self.target_scopes.validate(paths)
+        """Every scope must match some module or operation of the model (call at the start of
+        ``call``); binds the scopes to the graph's NNCF names (fxcompress/scopes.py)."""
+        self.ignored_scopes.validate(gm)
+        self.target_scopes.validate(gm)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items() if self.defaults.get(k, object()) != v)

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
+import re
 from pathlib import Path
 from typing import Any
 
+import json5
 import torch
 
-from .algorithm import SCOPES_SCHEMA, validate_schema
+from .algorithm import COMMON_PROPERTIES, SCOPES_SCHEMA, validate_schema
 from .errors import ConfigError
 
 __all__ = ["Config", "register_algorithm", "algorithm_registry"]
@@ -70,7 +71,7 @@ TOP_LEVEL_SCHEMA = {
             {"type": "object", "required": ["algorithm"]},
             {"type": "array", "items": {"type": "object", "required": ["algorithm"]}},
         ]},
-        "target_device": {"enum": ["CPU", "GPU", "NPU", "ANY", "TRIAL", "CPU_SPR"]},
+        "target_device": COMMON_PROPERTIES["target_device"],
         "ignored_scopes": SCOPES_SCHEMA,
         "log_dir": {"type": "string"},
     },
@@ -78,6 +79,33 @@ TOP_LEVEL_SCHEMA = {
 _KNOWN_TOP = sorted(TOP_LEVEL_SCHEMA["properties"])
 _DTYPES = {"float": torch.float32, "long": torch.int64, "int": torch.int32, "bool": torch.bool,
            "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+_JSON5_ERROR = re.compile(r"^<string>:(\d+) (.*) at column (\d+)$")
+
+
+def parse_json(text: str, source: str = "config") -> Any:
+    """Parse a config text as NNCF does (jstyleson): JSON plus ``//`` and ``/* */`` comments and
+    trailing commas. ``json5`` (a JSON superset) reads it; an error names the line and column."""
+    try:
+        return json5.loads(text)
+    except ValueError as exc:
+        match = _JSON5_ERROR.match(str(exc))
+        where, what = (f"line {match[1]}, column {match[3]}", match[2]) if match else ("", str(exc))
+        raise ConfigError(f"{source}: not valid JSON{' at ' + where if where else ''}: {what}") from None
+
+
+def _line_of_field(text: str, field_path: str | None) -> int | None:
+    """The line where the field ``compression[0].params.sparsity_target`` is written, found by
+    looking for each key of the path after the previous one (None when a key is not found)."""
+    keys = re.findall(r"([^.\[\]]+)", re.sub(r"\[\d+\]", "", field_path or ""))
+    position = None
+    for key in keys:
+        found = re.compile(r'["\']' + re.escape(key) + r'["\']\s*:').search(text, position or 0)
+        if found is None:
+            break
+        position = found.start()
+    return None if position is None else text.count("\n", 0, position) + 1
 
 
 class Config:
@@ -108,11 +136,14 @@ class Config:
             text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        data = parse_json(text, str(path))
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-        return cls(data, source=str(path))
+            return cls(data, source=str(path))
+        except ConfigError as exc:
+            line = _line_of_field(text, exc.path)
+            if line is None:
+                raise
+            raise type(exc)(f"{path}, line {line}: {exc}", path=exc.path) from None
 
     def _check_top_level(self, data: dict):
         for key in data:

@@ -34,6 +34,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
 from .graph import shallow_module_copy
+from .scopes import index_nncf_scopes
 
 __all__ = ["trace", "normalize_example_inputs", "propagate_metadata"]
 
@@ -406,6 +407,7 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
         propagate_metadata(gm)
     else:
         _set_module_paths(gm)
+    index_nncf_scopes(gm, model)  # NNCF scope names of the model as traced, before passes rewrite it
     return gm
 
 

@@ -68,8 +68,8 @@ def test_config_errors_name_the_field(data, path, fragment):
 
 def test_bad_json_file_reports_line(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text('{"compression": [\n  {"algorithm": "toy_gain",}\n]}')
-    with pytest.raises(ConfigError, match=r"not valid JSON at line 2"):
+    path.write_text('{"compression": [\n  {"algorithm": "toy_gain" "init": 1}\n]}')  # a comma missing
+    with pytest.raises(ConfigError, match=r"not valid JSON at line 2, column 28"):
         Config.from_json(path)
 
 

@@ -302,7 +302,7 @@ class MixedPrecisionController(ControllerPart):
             if role not in ("", "WEIGHT", "INPUT", "OUTPUT"):
                 raise ConfigError(f"MixedPrecision.{field}: unknown role '|{role}' in {scope!r}; use '|WEIGHT', "
                                   f"'|INPUT' or '|OUTPUT' (or none)", path=field)
-            scopes = ScopeSet([pattern], field)
+            scopes = ScopeSet([pattern], field).bind(gm)
             matched = False
             if role in ("", "WEIGHT"):
                 for layer in self.layers:

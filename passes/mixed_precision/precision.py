@@ -85,6 +85,12 @@ class MixedPrecision(CompressionPass):
         self.criterion, self.criterion_fn, self.target_fn = criterion, criterion_fn, target_fn
 
     @classmethod
+    def validate(cls, params: dict, prefix: str) -> dict:
+        if "type" not in params and params.get("bitwidth_per_scope"):
+            params = {**params, "type": "manual"}  # NNCF: bit widths given per scope mean manual precision
+        return super().validate(params, prefix)
+
+    @classmethod
     def check(cls, params: dict, prefix: str):
         mode = params["type"]
         if mode == "manual":

@@ -132,7 +132,7 @@ class GroupSettings:
     ignored_scopes: ScopeSet
     target_scopes: ScopeSet
 
-    def selects(self, paths: tuple[str, ...]) -> bool:
+    def selects(self, paths: tuple) -> bool:
         paths = tuple(p for p in paths if p) or ("",)
         if self.ignored_scopes and any(self.ignored_scopes.matches(p) for p in paths if p):
             return False
@@ -499,11 +499,11 @@ class _Planner:
     def op_request(self, node: torch.fx.Node, kind: str, rule: InputRule, weighted: bool):
         path = node.meta.get("module_path", "")
         scope = path or node_label(node)
-        if not self.selects(path):
+        if not self.selects(node):  # the node: NNCF operation scopes (Inception3/__add___0) name it
             if not weighted:  # a weighted op's exclusion is already listed
                 self.skip(scope, f"{rule.reason}: excluded by ignored_scopes/target_scopes")
             return
-        if not self.settings.activations.selects((path,)):
+        if not self.settings.activations.selects((node,)):
             self.skip(scope, f"{rule.reason}: excluded by activations.ignored_scopes/target_scopes")
             return
         inputs = [_input(node, i, rule.names) for i in rule.inputs]

@@ -162,6 +162,15 @@ class Quantize(CompressionPass):
             "num_bn_adaptation_samples", DEFAULT_NUM_BN_ADAPTATION_SAMPLES)
 
     @classmethod
+    def validate(cls, params: dict, prefix: str) -> dict:
+        if params.get("target_device") == "VPU" and "preset" in params:
+            # NNCF 2.5's rule for VPU (quantization/algo.py): its hardware config fixes the quantizer modes
+            raise ConfigError(f"{prefix}.preset: target_device 'VPU' takes no preset (NNCF 2.5 refuses it too: "
+                              "'The VPU target device does not support presets'); remove 'preset', or use "
+                              "target_device 'NPU', VPU's new name, which accepts one", path=f"{prefix}.preset")
+        return super().validate(params, prefix)
+
+    @classmethod
     def check(cls, params: dict, prefix: str):
         def check_quantizer(values: dict, path: str):
             if values.get("mode") == "asymmetric" and values.get("signed") is True:
@@ -212,13 +221,12 @@ class Quantize(CompressionPass):
     # -- the pass ----------------------------------------------------------------
     def _validate_all_scopes(self, gm: torch.fx.GraphModule):
         self.validate_scopes(gm)
-        paths = [name for name, _ in gm.named_modules()] + [n.meta.get("module_path", "") for n in gm.graph.nodes]
         scope_sets = [self.settings.weights.ignored_scopes, self.settings.weights.target_scopes,
                       self.settings.activations.ignored_scopes, self.settings.activations.target_scopes]
         scope_sets += [o.scopes for group in self.settings.overrides.values() for o in group]
         scope_sets += self.range_rules.scope_sets()
         for scopes in scope_sets:
-            scopes.validate(paths)
+            scopes.validate(gm)
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self._validate_all_scopes(gm)

@@ -1,0 +1,209 @@
+"""NNCF 2.x configs run unchanged: scope names in every NNCF form, VPU, bitwidth_per_scope without a
+type, JSON with comments, the samples' extra keys, staged quantization (docs/nncf_configs.md)."""
+import pytest
+import torch
+
+from fxcompress import ScopeError, compile_for_compression
+from fxcompress.passes import MagnitudeSparsity, Quantize
+from fxcompress.scopes import ScopeIndex, ScopeSet
+from fxcompress.testing import models as zoo
+from fxcompress.tracing import trace
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    model, inputs = zoo.ARCHITECTURES["resnet18_like"]()
+    return model, inputs, trace(model, inputs)
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    model, inputs = zoo.ARCHITECTURES["mobilenet_v2_tiny"]()
+    return model, inputs, trace(model, inputs)
+
+
+def _node(gm, name):
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+# -- NNCF names of the traced graph ------------------------------------------------------------
+
+def test_nncf_operation_names_follow_nncf_scope_rules(resnet):
+    _, _, gm = resnet
+    index = ScopeIndex.of(gm)
+    assert index.modules["layer2.0.downsample.0"] == (
+        "ResNet/Sequential[layer2]/BasicBlock[0]/Sequential[downsample]/Conv2d[0]",
+        "ResNet/Sequential[layer2]/BasicBlock[0]/Sequential[downsample]/NNCFConv2d[0]")
+    assert "ResNet/NNCFConv2d[conv1]/conv2d_0" in index.node_ops["conv1"]
+    assert "ResNet/NNCFLinear[fc]/linear_0" in index.module_ops["fc"]
+    # an in-place ReLU called twice in one block: relu_ with call indices 0 and 1
+    assert "ResNet/Sequential[layer1]/BasicBlock[0]/ReLU[relu]/relu__0" in index.node_ops["layer1_0_relu"]
+    assert "ResNet/Sequential[layer1]/BasicBlock[0]/ReLU[relu]/relu__1" in index.node_ops["layer1_0_relu_1"]
+    # `out += identity`: fx records operator.add; NNCF writes __iadd__ (or __add__ for `a + b`)
+    assert {"ResNet/Sequential[layer1]/BasicBlock[0]/__iadd___0",
+            "ResNet/Sequential[layer1]/BasicBlock[0]/__add___0"} <= set(index.node_ops["add"])
+    assert "ResNet/flatten_0" in index.node_ops["flatten"]
+
+
+def test_container_classes_come_from_the_model_even_when_never_called():
+    model, inputs = zoo.ARCHITECTURES["transformer_encoder_tiny"]()
+    index = ScopeIndex.of(trace(model, inputs))
+    assert index.modules["layers.0.attention.query"][-1] == (
+        "TransformerEncoderTiny/ModuleList[layers]/TransformerEncoderLayerTiny[0]/"
+        "MultiHeadSelfAttention[attention]/NNCFLinear[query]")
+
+
+# -- every scope form ----------------------------------------------------------------------------
+
+RESNET_SCOPES = [
+    # (scope, what it must match, what it must not match); strings are module paths, others node names
+    ("ResNet/NNCFLinear[fc]", ["fc"], ["conv1", "layer4.1.conv2"]),
+    ("ResNet/Linear[fc]", ["fc"], ["conv1"]),
+    ("ResNet/NNCFLinear[fc]/linear_0", ["fc"], ["conv1"]),
+    ("{re}ResNet/NNCFLinear\\[fc\\]/.*", ["fc"], ["conv1"]),
+    ("{re}ResNet/NNCFConv2d\\[conv1\\]", ["conv1"], ["layer1.0.conv1", "fc"]),
+    ("{re}ResNet/Sequential\\[layer2\\]/BasicBlock\\[0\\]/Sequential\\[downsample\\]/.*",
+     ["layer2.0.downsample.0", "layer2.0.downsample.1"], ["layer2.0.conv1", "layer3.0.downsample.0"]),
+    ("ResNet/Sequential[layer1]/BasicBlock[0]/Conv2d[conv1]", ["layer1.0.conv1"], ["layer1.1.conv1"]),
+    ("ResNet/Sequential[layer1]/BasicBlock[0]", ["layer1.0.conv1", "layer1.0.bn2", ":add"],
+     ["layer1.1.conv1", ":add_1"]),
+    ("ResNet/ReLU[relu]/relu__0", ["relu"], ["layer1.0.relu"]),
+    ("ResNet/Sequential[layer1]/BasicBlock[0]/ReLU[relu]/relu__1", [":layer1_0_relu_1"], [":layer1_0_relu"]),
+    ("ResNet/Sequential[layer1]/BasicBlock[0]/__iadd___0", [":add"], ["layer1.0.conv1", ":add_1", "layer1.0"]),
+    ("{re}.*/__iadd___0", [":add", ":add_1"], ["layer1.0.conv1"]),
+    # module paths, globs and path regexes keep working
+    ("layer1.0.conv1", ["layer1.0.conv1"], ["layer1.1.conv1"]),
+    ("layer*.0.downsample", ["layer2.0.downsample.0"], ["layer2.0.conv1"]),
+    ("{re}layer[23]\\.1\\.bn.*", ["layer2.1.bn1", "layer3.1.bn2"], ["layer2.0.bn1"]),
+]
+
+
+@pytest.mark.parametrize("scope,matched,unmatched", RESNET_SCOPES, ids=[s[0] for s in RESNET_SCOPES])
+def test_every_scope_form_matches_what_nncf_means(resnet, scope, matched, unmatched):
+    _, _, gm = resnet
+    scopes = ScopeSet([scope]).bind(gm)
+    scopes.validate(gm)
+    where = lambda item: _node(gm, item[1:]) if item.startswith(":") else item  # noqa: E731
+    assert [m for m in matched if not scopes.matches(where(m))] == []
+    assert [u for u in unmatched if scopes.matches(where(u))] == []
+
+
+def test_mobilenet_regex_scope_from_nncf_sample(mobilenet):
+    _, _, gm = mobilenet
+    # mobilenet_v2_imagenet_rb_sparsity_int8.json writes Conv2dNormActivation; our copy names it ConvBNReLU6
+    scopes = ScopeSet(["{re}MobileNetV2Tiny/Sequential\\[features\\]/ConvBNReLU6\\[0\\]/NNCFConv2d\\[0\\]/.*",
+                       "MobileNetV2Tiny/Sequential[features]/InvertedResidual[1]/Sequential[conv]/Conv2d[1]/conv2d_0"])
+    scopes.validate(gm)
+    assert scopes.matches("features.0.0") and scopes.matches("features.1.conv.1")
+    assert not scopes.matches("features.1.conv.0.0") and not scopes.matches("features.0.1")
+
+
+def test_unmatched_nncf_scope_is_an_error_listing_the_nearest_names(resnet):
+    _, _, gm = resnet
+    with pytest.raises(ScopeError, match=r"ignored_scopes: scope 'ResNet/NNCFLinear\[fc2\]' matches no module or "
+                                         r"operation.*did you mean 'ResNet/NNCFLinear\[fc\]'"):
+        ScopeSet(["ResNet/NNCFLinear[fc2]"]).validate(gm)
+    with pytest.raises(ScopeError, match=r"'\{re\}ResNet/Sequential\\\\\[layer9\\\\\]/.\*' matches no module"):
+        ScopeSet(["{re}ResNet/Sequential\\[layer9\\]/.*"]).validate(gm)
+    with pytest.raises(ScopeError, match=r"'ResNet/__add___0' matches no module or operation"):
+        ScopeSet(["ResNet/__add___0"]).validate(gm)  # the adds live in the blocks, not at the root
+
+
+def test_operation_scope_removes_exactly_that_operations_input_quantizers(resnet):
+    model, inputs, _ = resnet
+    _, base = compile_for_compression(model, [Quantize()], inputs)
+    _, ignored = compile_for_compression(
+        model, [Quantize(ignored_scopes=["ResNet/Sequential[layer1]/BasicBlock[0]/__iadd___0"])], inputs)
+    names = lambda gm: {n.target for n in gm.graph.nodes if n.op == "call_module" and "quantizer" in n.target}  # noqa
+    assert names(base) - names(ignored) == {"layer1_0_add_input_quantizer"}
+    assert names(ignored) < names(base)
+
+
+def test_module_scopes_in_sparsity_and_weights_group(resnet):
+    model, inputs, _ = resnet
+    ctrl, gm = compile_for_compression(model, [
+        MagnitudeSparsity(sparsity_init=0.5, ignored_scopes=["{re}ResNet/NNCFLinear\\[fc\\]/.*",
+                                                             "ResNet/NNCFConv2d[conv1]/conv2d_0"]),
+        Quantize(weights={"ignored_scopes": ["{re}.*Sequential\\[downsample\\]/.*"]})], inputs)
+    sparse = {row["layer"] for row in ctrl.statistics().to_dict()["magnitude_sparsity"]["layers"]}
+    assert "fc" not in sparse and "conv1" not in sparse and "layer1.0.conv1" in sparse
+    weight_q = {n.target for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("weight_quantizer")}
+    assert "layer2_0_downsample_0_weight_quantizer" not in weight_q and "layer2_0_conv1_weight_quantizer" in weight_q
+
+
+# -- VPU and bitwidth_per_scope ---------------------------------------------------------------------
+
+def test_vpu_is_npu_and_takes_no_preset():
+    from fxcompress import Config, ConfigError
+    base = {"input_info": {"sample_size": [1, 3, 32, 32]}, "target_device": "VPU",
+            "compression": {"algorithm": "quantization"}}
+    (q,) = Config.from_dict(base).passes
+    assert q.params["target_device"] == "NPU" and q.settings.device == "NPU"
+    assert Quantize(target_device="VPU").settings.rules == Quantize(target_device="NPU").settings.rules
+    with pytest.raises(ConfigError, match=r"compression.preset: target_device 'VPU' takes no preset"):
+        Config.from_dict({**base, "compression": {"algorithm": "quantization", "preset": "mixed"}})
+    assert Config.from_dict({**base, "target_device": "NPU",
+                             "compression": {"algorithm": "quantization", "preset": "mixed"}}).passes
+
+
+def test_bitwidth_per_scope_without_type_means_manual(resnet):
+    from fxcompress import Config
+    model, inputs, _ = resnet
+    config = Config.from_dict({
+        "input_info": {"sample_size": [2, 3, 32, 32]},
+        "compression": {"algorithm": "quantization", "overflow_fix": "disable",
+                        "initializer": {"precision": {"bitwidth_per_scope": [
+            [4, "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT"], [4, "{re}ResNet/NNCFLinear\\[fc\\]/.*|WEIGHT"]]}}}})
+    assert config.passes[1].params["type"] == "manual"
+    _, gm = compile_for_compression(model, config, inputs)
+    bits = {n.target: gm.get_submodule(n.target).spec.bits for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.endswith("weight_quantizer")}
+    assert bits["conv1_weight_quantizer"] == 4 and bits["fc_weight_quantizer"] == 4
+    assert {b for name, b in bits.items() if name not in ("conv1_weight_quantizer", "fc_weight_quantizer")} == {8}
+
+
+# -- JSON as NNCF reads it, and the samples' extra keys ------------------------------------------------
+
+SSD_STYLE = """{
+  // NNCF's detection sample keys: read by the sample script, ignored by the compression config
+  "model": "ssd_vgg", "batchnorm": true, "num_classes": 21, "dataset": "voc",
+  "input_info": {"sample_size": [2, 3, 32, 32],},
+  "preprocessing": {"mean": [0.406, 0.456, 0.485], "std": [0.255, 0.224, 0.229], "normalize_coef": 255},
+  "ssd_params": {"variance": [0.1, 0.1, 0.2, 0.2], "steps": [8, 16, 32], "flip": true, "top_k": 200},
+  "basenet": "vgg16_reducedfc.pth", "weighted_loss": true, "multiprocessing_distributed": true,
+  "checkpoint_save_dir": "/tmp/ckpt", "model_params": {"input_size_hw": [368, 480]}, "weighing": "mfb",
+  "optimizer": {"type": "Adam", "base_lr": 1e-5, "schedule_type": "multistep", "steps": [2],},
+  "epochs": 24, "batch_size": 128, "test_interval": 1, "save_freq": 3,
+  /* the compression part */
+  "compression": {
+    "algorithm": "quantization",
+    "initializer": {"range": {"num_init_samples": 4,},},  // trailing commas, as jstyleson allows
+  },
+}
+"""
+
+
+def test_json_with_comments_trailing_commas_and_sample_keys_loads(tmp_path):
+    from fxcompress import Config
+    path = tmp_path / "ssd300_vgg_voc_int8.json"
+    path.write_text(SSD_STYLE)
+    config = Config.from_json(path)
+    (q,) = config.passes
+    assert type(q).__name__ == "Quantize" and q.range_rules.default.num_init_samples == 4
+    assert config.data["ssd_params"]["top_k"] == 200 and config.data["basenet"] == "vgg16_reducedfc.pth"
+    assert config.example_inputs()[0].shape == (2, 3, 32, 32)
+
+
+def test_json_errors_name_the_line_and_the_field(tmp_path):
+    from fxcompress import Config, ConfigError
+    path = tmp_path / "cfg.json"
+    path.write_text(SSD_STYLE.replace('"flip": true,', '"flip": true'))
+    with pytest.raises(ConfigError, match=r"cfg.json: not valid JSON at line 6, column 87: Unexpected"):
+        Config.from_json(path)
+    path.write_text(SSD_STYLE.replace('"num_init_samples": 4', '"num_init_samples": -4'))
+    with pytest.raises(ConfigError, match=r"cfg.json, line 14: compression.initializer.range.num_init_samples: "
+                                          r"-4 is less than the minimum of 0"):
+        Config.from_json(path)
+    path.write_text(SSD_STYLE.replace('"compression"', '"compresion"'))
+    with pytest.raises(ConfigError, match=r"line 12: compresion: unknown top-level key; did you mean 'compression'"):
+        Config.from_json(path)
