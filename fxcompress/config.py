@@ -139,7 +139,9 @@ class Config:
                 raise ConfigError(f"{path}.algorithm: unknown algorithm {name!r}; {hint}"
                                   f"known algorithms: {', '.join(sorted(registry))}", path=f"{path}.algorithm")
             passes.extend(registry[name].from_config_entry(entry, path, global_params))
-        return passes
+        # NNCF lists entries in any order; a pass that must see the uncompressed graph
+        # (knowledge_distillation keeps it as the teacher) runs first.
+        return sorted(passes, key=lambda p: not getattr(p, "runs_first", False))
 
     def example_inputs(self) -> tuple | dict | None:
         """Inputs built from ``input_info``: uniform random floats, integer ones, unless ``filler`` says otherwise."""
