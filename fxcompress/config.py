@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .accuracy_aware import validate_accuracy_aware_config
 from .algorithm import SCOPES_SCHEMA, validate_schema
 from .errors import ConfigError
 
@@ -73,6 +74,7 @@ TOP_LEVEL_SCHEMA = {
         "target_device": {"enum": ["CPU", "GPU", "NPU", "ANY", "TRIAL", "CPU_SPR"]},
         "ignored_scopes": SCOPES_SCHEMA,
         "log_dir": {"type": "string"},
+        "accuracy_aware_training": {"type": "object"},  # checked by fxcompress.accuracy_aware
     },
 }
 _KNOWN_TOP = sorted(TOP_LEVEL_SCHEMA["properties"])
@@ -89,6 +91,8 @@ class Config:
         self.source = source
         self._check_top_level(data)
         validate_schema(data, TOP_LEVEL_SCHEMA)
+        if "accuracy_aware_training" in data:
+            validate_accuracy_aware_config(data["accuracy_aware_training"])
         self.data = copy.deepcopy(data)
         self.entries = self._entries()
         self.passes = self._build_passes()
