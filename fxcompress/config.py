@@ -29,6 +29,7 @@ from typing import Any
 import json5
 import torch
 
+from .accuracy_aware import validate_accuracy_aware_config
 from .algorithm import COMMON_PROPERTIES, SCOPES_SCHEMA, validate_schema
 from .errors import ConfigError
 
@@ -74,6 +75,7 @@ TOP_LEVEL_SCHEMA = {
         "target_device": COMMON_PROPERTIES["target_device"],
         "ignored_scopes": SCOPES_SCHEMA,
         "log_dir": {"type": "string"},
+        "accuracy_aware_training": {"type": "object"},  # checked by fxcompress.accuracy_aware
     },
 }
 _KNOWN_TOP = sorted(TOP_LEVEL_SCHEMA["properties"])
@@ -117,6 +119,8 @@ class Config:
         self.source = source
         self._check_top_level(data)
         validate_schema(data, TOP_LEVEL_SCHEMA)
+        if "accuracy_aware_training" in data:
+            validate_accuracy_aware_config(data["accuracy_aware_training"])
         self.data = copy.deepcopy(data)
         self.entries = self._entries()
         self.passes = self._build_passes()
@@ -170,7 +174,9 @@ class Config:
                 raise ConfigError(f"{path}.algorithm: unknown algorithm {name!r}; {hint}"
                                   f"known algorithms: {', '.join(sorted(registry))}", path=f"{path}.algorithm")
             passes.extend(registry[name].from_config_entry(entry, path, global_params))
-        return passes
+        # NNCF lists entries in any order; a pass that must see the uncompressed graph
+        # (knowledge_distillation keeps it as the teacher) runs first.
+        return sorted(passes, key=lambda p: not getattr(p, "runs_first", False))
 
     def example_inputs(self) -> tuple | dict | None:
         """Inputs built from ``input_info``: uniform random floats, integer ones, unless ``filler`` says otherwise."""

@@ -4,10 +4,11 @@ Each algorithm is a ``CompressionPass``; importing this package registers it for
 JSON configs under its NNCF name.
 """
 from .binarization import Binarization
+from .distillation import KnowledgeDistillation
 from .mixed_precision import MixedPrecision
 from .pruning import FilterPruning
 from .quantization import Quantize
 from .sparsity import ConstSparsity, MagnitudeSparsity, RBSparsity
 
 __all__ = ["Quantize", "MixedPrecision", "Binarization", "MagnitudeSparsity", "RBSparsity", "ConstSparsity",
-           "FilterPruning"]
+           "FilterPruning", "KnowledgeDistillation"]

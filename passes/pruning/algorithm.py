@@ -274,6 +274,7 @@ class FilterPruningController(ControllerPart):
         self._suspended = True
         self._class_flops = None
         self._adapted_bns: list = []
+        self.pinned_level: float | None = None  # set by set_compression_rate (accuracy-aware training)
         p = self.params
         self.scheduler = build_pruning_scheduler(p["schedule"], p["pruning_init"], self.target,
                                                  p["num_init_steps"], p["pruning_steps"])
@@ -291,7 +292,7 @@ class FilterPruningController(ControllerPart):
         self._on_schedule(self.scheduler)
 
     def _on_schedule(self, scheduler):
-        if self._suspended or self._frozen or not self.groups:
+        if self._suspended or self._frozen or self.pinned_level is not None or not self.groups:
             return
         key = (scheduler.current_epoch, float(scheduler.current_level))
         if key == self._applied:
@@ -334,6 +335,31 @@ class FilterPruningController(ControllerPart):
                 pruned = self.selector.uniform(level, scores)
         self._set_pruned(pruned)
         self.current_level = level
+
+    # -- accuracy-aware training -------------------------------------------------------------
+    @property
+    def compression_rate(self) -> float:
+        """The current pruning level (NNCF's name; accuracy-aware training reads it)."""
+        return float(self.current_level)
+
+    @property
+    def maximal_compression_rate(self) -> float:
+        """The highest level the masks can reach: the pruning quota, or the FLOPs it removes."""
+        if self.target_kind == "flops" and self.groups:
+            return float(self.selector.max_flops_fraction(self.scores(), self.global_ranking))
+        return PRUNING_QUOTA
+
+    def set_compression_rate(self, level: float):
+        """Fix the pruning level at ``level`` from now on (accuracy-aware training searches it).
+
+        The schedule no longer changes the masks. They are recomputed from the current
+        weights unless ``level`` is the level applied now (as after loading a checkpoint).
+        """
+        if not 0.0 <= level < 1.0:
+            raise ValueError(f"pruning level must be in [0, 1), got {level}")
+        self.pinned_level = float(level)
+        if self.pinned_level != float(self.current_level):
+            self.set_pruning_level(self.pinned_level)
 
     def _set_pruned(self, pruned: np.ndarray):
         self.pruned = pruned.copy()

@@ -184,6 +184,9 @@ def _zeros(mask: torch.Tensor) -> int:
 
 class SparsityController(ControllerPart):
     """Owns the mask modules of one sparsity pass; statistics, checkpoints and lowering are shared."""
+    # Set by ``set_compression_rate`` (magnitude, RB): the level accuracy-aware training fixed,
+    # which replaces the schedule's level from then on.
+    pinned_level: float | None = None
 
     def __init__(self, gm: torch.fx.GraphModule, layers: list[SparseLayer], skipped: list[dict],
                  scheduler=None, target_level: float | None = None):
@@ -199,8 +202,20 @@ class SparsityController(ControllerPart):
     # -- what subclasses report ----------------------------------------------------------
     @property
     def current_level(self) -> float | None:
-        """The level the schedule asks for now (None for algorithms without a schedule)."""
+        """The level the schedule asks for now (None for algorithms without a schedule), or the pinned one."""
+        if self.pinned_level is not None:
+            return self.pinned_level
         return getattr(self.scheduler, "current_level", None)
+
+    @property
+    def compression_rate(self) -> float | None:
+        """The current sparsity level (NNCF's name; accuracy-aware training reads it)."""
+        return self.current_level
+
+    def _pin(self, level: float):
+        if not 0.0 <= level < 1.0:
+            raise ValueError(f"sparsity level must be in [0, 1), got {level}")
+        self.pinned_level = float(level)
 
     def layer_statistics(self, layer: SparseLayer) -> dict:
         """Algorithm-specific per-layer columns (threshold, ...)."""

@@ -100,7 +100,7 @@ class MagnitudeSparsityController(SparsityController):
         average_batchnorm_statistics(self._adapted_bns)
 
     def _follow_schedule(self, scheduler):
-        if self.frozen:
+        if self.frozen or self.pinned_level is not None:
             return
         if scheduler.current_level != self.applied_level:
             self.set_sparsity_level(scheduler.current_level)
@@ -117,6 +117,16 @@ class MagnitudeSparsityController(SparsityController):
             layer.mask.set_mask(mask)
             self.thresholds[layer.mask_name] = threshold
         self.applied_level = float(level)
+
+    def set_compression_rate(self, level: float):
+        """Fix the sparsity level at ``level`` from now on (accuracy-aware training searches it).
+
+        The schedule no longer changes the masks. They are recomputed from the current
+        weights unless ``level`` is the level applied now (as after loading a checkpoint).
+        """
+        self._pin(level)
+        if self.applied_level != self.pinned_level:
+            self.set_sparsity_level(self.pinned_level)
 
     def layer_statistics(self, layer: SparseLayer) -> dict:
         return {"threshold": self.thresholds.get(layer.mask_name)}

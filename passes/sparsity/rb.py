@@ -43,8 +43,19 @@ class RBSparsityController(SparsityController):
         scheduler.on_update(self._follow_schedule)
 
     def _follow_schedule(self, scheduler):
-        if not self.frozen and scheduler.frozen:
+        if not self.frozen and scheduler.frozen and self.pinned_level is None:
             self.freeze()
+
+    def set_compression_rate(self, level: float):
+        """Drive the masks to sparsity ``level`` from now on (accuracy-aware training searches it).
+
+        The loss targets ``level`` instead of the schedule's level, and the schedule's
+        freeze no longer applies (frozen masks are trainable again).
+        """
+        self._pin(level)
+        self.frozen = False
+        for layer in self.layers:
+            layer.mask.frozen = False
 
     def freeze(self):
         super().freeze()
@@ -54,7 +65,7 @@ class RBSparsityController(SparsityController):
     def loss(self):
         if self.frozen or not self.layers:
             return None
-        target_density = 1.0 - self.scheduler.current_level
+        target_density = 1.0 - self.current_level
         kept = [layer.mask.keep_probability_mask().sum() for layer in self.layers]
         sizes = [layer.mask.logits.numel() for layer in self.layers]
         if self.mode == "local":
@@ -68,7 +79,7 @@ class RBSparsityController(SparsityController):
             probs = [torch.sigmoid(layer.mask.logits).sum() for layer in self.layers]
             n = sum(layer.mask.logits.numel() for layer in self.layers)
             mean_keep = float(sum(probs) / n) if n else 1.0
-        level = self.scheduler.current_level
+        level = self.current_level
         return {"schedule": self.scheduler.name, "mode": self.mode,
                 "target_density": 1.0 - level, "mean_sparse_prob": 1.0 - mean_keep}
 
