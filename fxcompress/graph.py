@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 __all__ = [
-    "shallow_module_copy", "detach_submodules", "GraphSnapshot", "TensorSnapshot", "unique_name",
+    "shallow_module_copy", "detach_submodules", "GraphSnapshot", "TensorSnapshot", "tensor_ids", "unique_name",
     "add_module", "insert_on_output", "insert_before_input", "copy_meta", "get_attr_value",
 ]
 
@@ -145,9 +145,12 @@ class TensorSnapshot:
                 self.saved.append(_SavedTensor(name, t, t.data, t._version, t.requires_grad, t.grad,
                                                t.detach().clone()))
 
-    def changed(self) -> list[str]:
-        """Names (as in ``named_parameters()``/``named_buffers()``) of the tensors changed in place."""
-        return [s.name for s in self.saved if s.changed()]
+    def changed(self, among: set[int] | None = None) -> list[str]:
+        """Names (as in ``named_parameters()``/``named_buffers()``) of the tensors changed in place.
+
+        ``among``: only tensors whose ``id`` is in this set (e.g. those the user's model holds).
+        """
+        return [s.name for s in self.saved if (among is None or id(s.tensor) in among) and s.changed()]
 
     def restore(self) -> list[str]:
         """Restore every changed tensor; returns their names."""
@@ -155,6 +158,11 @@ class TensorSnapshot:
         for s in changed:
             s.restore()
         return [s.name for s in changed]
+
+
+def tensor_ids(root: torch.nn.Module) -> set[int]:
+    """The ``id`` of every parameter, buffer and tensor attribute in a module tree."""
+    return {id(t) for _, t in _named_tensors(root)}
 
 
 def _named_tensors(root: torch.nn.Module):

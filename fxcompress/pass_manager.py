@@ -26,7 +26,7 @@ import torch.fx
 
 from . import inspect as fx_inspect
 from .errors import FxCompressError, PassError
-from .graph import GraphSnapshot, TensorSnapshot
+from .graph import GraphSnapshot, TensorSnapshot, tensor_ids
 from .tracing import propagate_metadata
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassRecord", "PassManager"]
@@ -121,12 +121,17 @@ class PassManager:
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> list[PassResult]:
         """Run all passes on ``gm`` in place; returns their results (records in ``self.records``)."""
         ctx = ctx or PassContext.for_graph(gm, self.debug)
+        # The tensors the graph holds before any pass are (or may be) the user's model's; a tensor
+        # a pass created (a quantizer's scale) is the graph's own, and later passes may tune it.
+        shared = tensor_ids(gm)
         results = []
         for p in self.passes:
-            results.append(self.run_one(p, gm, ctx))
+            results.append(self.run_one(p, gm, ctx, shared))
         return results
 
-    def run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    def run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext,
+                shared: set[int] | None = None) -> PassResult:
+        """Run one pass; ``shared``: ids of tensors no pass may write in place (default: all of ``gm``'s)."""
         name = getattr(p, "name", type(p).__name__)
         snapshot = GraphSnapshot(gm)
         values = TensorSnapshot(gm)
@@ -139,7 +144,7 @@ class PassManager:
                 raise PassError(f"pass '{name}' returned {type(result).__name__}, expected a PassResult")
             if result.graph_module is not gm:
                 raise PassError(f"pass '{name}' must rewrite the GraphModule it is given in place")
-            written = values.changed()
+            written = values.changed(among=shared)
             if written:
                 raise PassError(f"pass '{name}' wrote into {len(written)} existing parameter or buffer tensors in "
                                 f"place ({', '.join(written[:5])}{', ...' if len(written) > 5 else ''}); they are "
