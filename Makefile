@@ -52,7 +52,7 @@ test: setup
 	$(call pytest,reference,$(PYTEST_ARGS) $(OPS_TESTS))
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(call pytest,compiled,-m slow $(PYTEST_ARGS))
 
 demo: setup
 	$(PY) examples/digits_demo.py

@@ -154,10 +154,11 @@ def test_library_built_against_another_torch_is_not_loaded(tmp_path, version, cu
                        f"`{_library.REBUILD_COMMAND}` in the source tree or `make setup` (needs a C++ compiler and "
                        f"CMake); meanwhile the pure-PyTorch reference kernels are used (same results, slower).")
 
-    env = {**os.environ, "FXCOMPRESS_OPS_LIBRARY": str(library), "FXCOMPRESS_OPS_BACKEND": "compiled"}
-    proc = subprocess.run([sys.executable, "-c", "import fxcompress.ops"], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode != 0 and f"was built against torch {version} (CUDA {cuda})" in proc.stderr
+    if version != str(torch.__version__):  # once is enough: with the compiled backend required, an import error
+        env = {**os.environ, "FXCOMPRESS_OPS_LIBRARY": str(library), "FXCOMPRESS_OPS_BACKEND": "compiled"}
+        proc = subprocess.run([sys.executable, "-c", "import fxcompress.ops"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode != 0 and f"was built against torch {version} (CUDA {cuda})" in proc.stderr
 
 
 @requires_built
