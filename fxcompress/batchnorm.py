@@ -27,7 +27,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .data import CalibrationData, progress_bar
+from .data import CalibrationData, preserved_modes, progress_bar
 from .distributed import average_across_ranks
 
 __all__ = ["DEFAULT_NUM_BN_ADAPTATION_SAMPLES", "BATCHNORM_ADAPTATION_SCHEMA", "batchnorm_layers",
@@ -72,18 +72,14 @@ def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
     layers = batchnorm_layers(gm)
     if not layers or num_samples <= 0:
         return []
-    modes = {m: m.training for m in gm.modules()}
     batches = 0
-    try:
+    with preserved_modes(gm):
         gm.eval()
         for bn in layers:
             bn.train()
         for args, kwargs in progress_bar(data.batches(num_samples), progress):
             gm(*args, **kwargs)
             batches += 1
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if batches == 0:
         raise ValueError("initialize: the data loader yielded no batches for BatchNorm adaptation")
     return layers

@@ -38,9 +38,9 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
-from fxcompress.data import CalibrationData, batch_to_inputs, count_samples, to_device
+from fxcompress.data import CalibrationData, batch_to_inputs, count_samples, preserved_modes, to_device
 from fxcompress.errors import CheckpointError, ConfigError, NotInitializedError, ScopeError
-from fxcompress.quantizers import FakeQuantizer
+from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 from fxcompress.scopes import ScopeSet
 
 from .hessian import TraceEstimate, estimate_average_traces
@@ -208,7 +208,6 @@ class MixedPrecisionController(ControllerPart):
         enabled = [q.enabled for q in quantizers]
         hooks = [layer.module.register_forward_hook(lambda m, args, out, d=d: out + d.to(out.dtype))
                  for layer, d in zip(layers, deltas)]
-        was_training = gm.training
 
         def loss_of(b: _Batch):
             return lambda: self.criterion_fn(gm(*b.args, **b.kwargs), b.target, self.criterion)
@@ -216,18 +215,18 @@ class MixedPrecisionController(ControllerPart):
         try:
             for q in quantizers:
                 q.enabled = False
-            gm.eval()
-            generator = torch.Generator().manual_seed(int(self.params["seed"]))
-            return estimate_average_traces(
-                [(loss_of(b), b.samples) for b in batches], deltas, iter_number=self.params["iter_number"],
-                tolerance=self.params["tolerance"], probes_per_pass=probes_per_pass, generator=generator,
-                progress=progress if progress is not None else "mixed precision: Hessian traces")
+            with preserved_modes(gm):
+                gm.eval()
+                generator = torch.Generator().manual_seed(int(self.params["seed"]))
+                return estimate_average_traces(
+                    [(loss_of(b), b.samples) for b in batches], deltas, iter_number=self.params["iter_number"],
+                    tolerance=self.params["tolerance"], probes_per_pass=probes_per_pass, generator=generator,
+                    progress=progress if progress is not None else "mixed precision: Hessian traces")
         finally:
             for h in hooks:
                 h.remove()
             for q, flag in zip(quantizers, enabled):
                 q.enabled = flag
-            gm.train(was_training)
 
     def _load_traces(self) -> list[float]:
         path = self.params["traces_per_layer_path"]
@@ -408,6 +407,9 @@ class MixedPrecisionController(ControllerPart):
         bits = torch.tensor([nominal_bits(l, l.module) for l in self.layers], dtype=torch.int64)
         broadcast_from_rank0([bits])
         self.apply_bits(dict(zip(names, bits.tolist())))
+        # A rank whose bits changed here rescaled its ranges (set_bits keeps the real range, and
+        # the ranges were averaged under each rank's own bits): average them again.
+        average_ranges_across_ranks([l.module for l in self.all_layers] + list(self._activation_quantizers().values()))
 
     # -- dumps ----------------------------------------------------------------------------------------
     def bitwidth_per_scope(self) -> list[list]:
