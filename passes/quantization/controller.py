@@ -101,6 +101,8 @@ class QuantizationController(ControllerPart):
                 raise ValueError("initialize: quantization needs a data loader to set activation ranges: "
                                  "ctrl.initialize(loader)")
             self.init_activation_ranges(ctx.gm, ctx.data)
+        if ctx.distributed:  # BatchNorm adapts to the ranges every rank keeps
+            average_ranges_across_ranks(q.module for q in self.quantizers)
         self._adapted_bns = []
         if ctx.data is not None and self.num_bn_adaptation_samples > 0:
             self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples,
