@@ -13,8 +13,7 @@ in ``ctrl.initialize(loader)``. As NNCF 2.x (``DataLoaderBNAdaptationRunner``):
   ``(1 - momentum) ** k`` (0.9 ** 63 = 0.001 for 2000 samples in batches of 32);
 - after ``ctrl.distributed()`` the statistics are averaged across ranks
   (``average_batchnorm_statistics``: each algorithm's ``distributed()`` does it for the
-  layers it adapted). Not before: a rank that adapts alone (initialize on rank 0, then let
-  DistributedDataParallel broadcast the state) must not wait for the others.
+  layers it adapted). Not before: without ``ctrl.distributed()`` no rank waits for the others.
 
 The statistics are written in place into the graph's own buffers: ``compile_for_compression``
 gives the GraphModule its own copy of every buffer (the user's model is never written), and
