@@ -13,8 +13,7 @@ in ``ctrl.initialize(loader)``. As NNCF 2.x (``DataLoaderBNAdaptationRunner``):
   ``(1 - momentum) ** k`` (0.9 ** 63 = 0.001 for 2000 samples in batches of 32);
 - after ``ctrl.distributed()`` the statistics are averaged across ranks
   (``average_batchnorm_statistics``: each algorithm's ``distributed()`` does it for the
-  layers it adapted). Not before: a rank that adapts alone (initialize on rank 0, then let
-  DistributedDataParallel broadcast the state) must not wait for the others.
+  layers it adapted). Not before: without ``ctrl.distributed()`` no rank waits for the others.
 
 The statistics are written in place into the graph's own buffers: ``compile_for_compression``
 gives the GraphModule its own copy of every buffer (the user's model is never written), and
@@ -27,7 +26,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .data import CalibrationData, progress_bar
+from .data import CalibrationData, preserved_modes, progress_bar
 from .distributed import average_across_ranks
 
 __all__ = ["DEFAULT_NUM_BN_ADAPTATION_SAMPLES", "BATCHNORM_ADAPTATION_SCHEMA", "batchnorm_layers",
@@ -72,18 +71,14 @@ def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
     layers = batchnorm_layers(gm)
     if not layers or num_samples <= 0:
         return []
-    modes = {m: m.training for m in gm.modules()}
     batches = 0
-    try:
+    with preserved_modes(gm):
         gm.eval()
         for bn in layers:
             bn.train()
         for args, kwargs in progress_bar(data.batches(num_samples), progress):
             gm(*args, **kwargs)
             batches += 1
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if batches == 0:
         raise ValueError("initialize: the data loader yielded no batches for BatchNorm adaptation")
     return layers

@@ -86,6 +86,7 @@ class InitContext:
     """What a part's ``initialize`` gets: the graph, the data, and how to run it."""
     gm: torch.fx.GraphModule
     data: CalibrationData | None
+    distributed: bool = False   # ctrl.distributed() was called: ranks may exchange results mid-way
 
 
 @dataclass
@@ -212,7 +213,7 @@ class CompressionController:
             needing = [p.algorithm for p in self.parts if p.needs_data()]
             raise ValueError(f"initialize: {', '.join(needing)} needs a data loader: ctrl.initialize(loader)")
         for part in self.parts:
-            part.initialize(InitContext(self.gm, data))
+            part.initialize(InitContext(self.gm, data, self._distributed))
             if self._distributed:  # before the next part builds on it
                 part.distributed()
         return self

@@ -10,12 +10,13 @@
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["batch_to_inputs", "CalibrationData", "to_device", "count_samples", "progress_bar"]
+__all__ = ["batch_to_inputs", "CalibrationData", "to_device", "count_samples", "progress_bar", "preserved_modes"]
 
 
 def batch_to_inputs(batch: Any, input_fn: Callable | None = None,
@@ -93,22 +94,30 @@ class CalibrationData:
             if num_samples is not None and seen >= num_samples:
                 return
 
-    def run(self, module: torch.nn.Module, num_samples: int | None = None, *, train: bool = False,
+    def run(self, module: torch.nn.Module, num_samples: int | None = None, *,
             progress: str | None = None) -> int:
-        """Forward passes over the data (no grad); returns how many batches ran."""
-        was_training = module.training
-        module.train(train)
+        """Forward passes over the data in eval mode, without gradients; returns how many batches ran."""
         count = 0
-        try:
-            with torch.no_grad():
-                for args, kwargs in progress_bar(self.batches(num_samples), progress):
-                    module(*args, **kwargs)
-                    count += 1
-        finally:
-            module.train(was_training)
+        with preserved_modes(module), torch.no_grad():
+            module.eval()
+            for args, kwargs in progress_bar(self.batches(num_samples), progress):
+                module(*args, **kwargs)
+                count += 1
         if count == 0:
             raise ValueError("initialize: the data loader yielded no batches")
         return count
+
+
+@contextlib.contextmanager
+def preserved_modes(module: torch.nn.Module):
+    """Every submodule's train/eval flag as it was on entry, restored on exit (``module.train(mode)``
+    alone would overwrite flags the user set per module, e.g. BatchNorm layers frozen in eval)."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def _accepted_kwargs(model: torch.nn.Module) -> set[str] | None:

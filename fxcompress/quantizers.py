@@ -13,14 +13,16 @@ lowers it to QuantizeLinear/DequantizeLinear.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Iterable
 
 import torch
 import torch.nn as nn
 
 from . import ops
+from .distributed import average_across_ranks
 from .errors import ConfigError
 
-__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "range_to_qparams"]
+__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "range_to_qparams", "average_ranges_across_ranks"]
 
 _MIN_SCALE = 1e-8
 
@@ -146,3 +148,14 @@ def range_to_qparams(spec: QuantSpec, low: torch.Tensor, high: torch.Tensor
 
 def is_quantizer(module: nn.Module) -> bool:
     return isinstance(module, FakeQuantizer)
+
+
+def average_ranges_across_ranks(quantizers: Iterable[FakeQuantizer]):
+    """Every torch.distributed rank gets the mean of the quantizers' scales (and of the asymmetric
+    zero points, rounded), so ranks that set ranges from their own data quantize alike."""
+    quantizers = list(quantizers)
+    average_across_ranks([q.scale for q in quantizers])
+    asymmetric = [q.zero_point for q in quantizers if q.spec.mode == "asymmetric"]
+    average_across_ranks(asymmetric)
+    for zero_point in asymmetric:
+        zero_point.data.round_()

@@ -34,7 +34,7 @@ CASES = {
     "binarization": lambda: [Binarization(activations_quant_start_epoch=0, weights_quant_start_epoch=0,
                                           initializer={"range": {"num_init_samples": 8}, **BN_ADAPTATION})],
     "mixed_precision": lambda: [_quantize(), MixedPrecision(type="hawq", bits=[4, 8], compression_ratio=1.5,
-                                                            num_data_points=8, iter_number=8)],
+                                                            num_data_points=8, iter_number=4)],
 }
 ALGORITHMS = tuple(CASES)
 

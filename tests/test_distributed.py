@@ -40,8 +40,7 @@ def _worker(rank: int, port: int, directory: str):
     import warnings
 
     import torch.distributed as dist
-    warnings.simplefilter("ignore")  # HAWQ's negative-trace warning on an untrained model, progress bars
-    os.environ.setdefault("TQDM_DISABLE", "1")
+    warnings.simplefilter("ignore")  # HAWQ's negative-trace warning on an untrained model
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
@@ -68,7 +67,8 @@ def _differences(a, b, path=""):
     return [] if a == b else [path]
 
 
-def test_every_algorithm_initializes_identically_across_ranks_in_either_order(tmp_path):
+def test_every_algorithm_initializes_identically_across_ranks_in_either_order(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # the workers inherit it: no progress bars from two processes
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

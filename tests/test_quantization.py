@@ -697,38 +697,3 @@ def test_config_errors_are_named():
                                                                           "max_percentile": 1}}})
     with pytest.raises(ConfigError, match="compression.overflow_fix"):
         Config.from_dict({"compression": {"algorithm": "quantization", "overflow_fix": "on"}})
-
-
-def _distributed_worker(rank, world, port, out):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(rank)
-        case = build("resnet_tiny")
-        ctrl, gm = compile_q(case.model, case.example_inputs, preset="mixed",
-                             initializer={"batchnorm_adaptation": {"num_bn_adaptation_samples": 8}})
-        ctrl.distributed()
-        ctrl.initialize([torch.randn(4, 3, 32, 32) * (rank + 1) for _ in range(2)])
-        part = part_of(ctrl)
-        out[rank] = {q.name: (q.module.scale.detach().clone(), q.module.zero_point.detach().clone())
-                     for q in part.quantizers}
-        out[rank]["bn"] = (gm.bn1.running_mean.clone(), None)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_distributed_ranges_agree_across_ranks():
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    manager = mp.Manager()
-    out = manager.dict()
-    mp.spawn(_distributed_worker, args=(2, port, out), nprocs=2, join=True)
-    a, b = out[0], out[1]
-    for name in a:
-        torch.testing.assert_close(a[name][0], b[name][0])
-        if a[name][1] is not None:
-            torch.testing.assert_close(a[name][1], b[name][1])

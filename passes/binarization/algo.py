@@ -210,6 +210,8 @@ class BinarizationController(ControllerPart):
             return
         initialize_binarizers(ctx.gm, [layer.activation_binarizer for layer in self.layers], ctx.data,
                               self.initializer)
+        if ctx.distributed:  # BatchNorm adapts to the binarizers every rank keeps
+            self._broadcast_binarizers()
         self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data,
                                             self.initializer["batchnorm_adaptation"]["num_bn_adaptation_samples"],
                                             "binarization: BatchNorm adaptation")
@@ -280,12 +282,15 @@ class BinarizationController(ControllerPart):
         """The hidden parameters (``log_scale``, ``threshold`` of every activation binarizer)."""
         return [p for layer in self.layers for p in layer.activation_binarizer.parameters()]
 
-    def distributed(self):
-        """Scales and thresholds of rank 0 win, so all ranks binarize alike; adapted BatchNorm
-        statistics are averaged."""
+    def _broadcast_binarizers(self):
+        """Scales and thresholds of rank 0 win, so all ranks binarize alike."""
         broadcast_from_rank0([t for layer in self.layers for t in (layer.activation_binarizer.log_scale,
                                                                    layer.activation_binarizer.threshold,
                                                                    layer.activation_binarizer.initialized)])
+
+    def distributed(self):
+        """Rank 0's scales and thresholds; the mean of the adapted BatchNorm statistics."""
+        self._broadcast_binarizers()
         average_batchnorm_statistics(self._adapted_bns)
 
 

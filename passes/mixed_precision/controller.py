@@ -38,9 +38,9 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
-from fxcompress.data import CalibrationData, batch_to_inputs, count_samples, to_device
+from fxcompress.data import CalibrationData, batch_to_inputs, count_samples, preserved_modes, to_device
 from fxcompress.errors import CheckpointError, ConfigError, NotInitializedError, ScopeError
-from fxcompress.quantizers import FakeQuantizer
+from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 from fxcompress.scopes import ScopeSet
 
 from .hessian import TraceEstimate, estimate_average_traces
@@ -158,13 +158,21 @@ class MixedPrecisionController(ControllerPart):
                                  "traces: ctrl.initialize(loader), or give traces_per_layer_path")
             self.trace_estimate = self.estimate_traces(ctx.gm, ctx.data)
             self.traces = list(self.trace_estimate.traces)
-        self._average_traces_across_ranks()
+        if ctx.distributed:
+            self._average_traces_across_ranks()
         negative = [l.module_path for l, t in zip(self.layers, self.traces) if t < 0]
         if negative:
             warnings.warn(f"mixed precision: negative average Hessian trace for {', '.join(negative[:5])}: the model "
                           f"is not near a minimum of the loss; HAWQ's sensitivities assume a trained model "
                           f"(negative traces make fewer bits look better)", stacklevel=3)
         self.noise = self.quantization_noise(ctx.gm)
+        self._select_and_apply_bits()
+        self.initialized = True
+        if self.params.get("dump_init_precision_data"):
+            self.dump(self.params["dump_dir"])
+
+    def _select_and_apply_bits(self):
+        """Choose the bit widths from the traces and noise (HAWQ-v2 rule) and set them."""
         p = self.params
         self.selection = select_bitwidths(
             self.traces + [0.0] * len(self.excluded), [l.flops for l in self.all_layers],
@@ -172,9 +180,6 @@ class MixedPrecisionController(ControllerPart):
             fixed=self._fixed(), strict=p["bitwidth_assignment_mode"] == "strict",
             field_name="MixedPrecision.compression_ratio")
         self.apply_bits({layer.weight_quantizer: b for layer, b in zip(self.layers, self.selection.bits)})
-        self.initialized = True
-        if p.get("dump_init_precision_data"):
-            self.dump(p["dump_dir"])
 
     def _batches(self, data: CalibrationData) -> list[_Batch]:
         out, seen = [], 0
@@ -203,7 +208,6 @@ class MixedPrecisionController(ControllerPart):
         enabled = [q.enabled for q in quantizers]
         hooks = [layer.module.register_forward_hook(lambda m, args, out, d=d: out + d.to(out.dtype))
                  for layer, d in zip(layers, deltas)]
-        was_training = gm.training
 
         def loss_of(b: _Batch):
             return lambda: self.criterion_fn(gm(*b.args, **b.kwargs), b.target, self.criterion)
@@ -211,18 +215,18 @@ class MixedPrecisionController(ControllerPart):
         try:
             for q in quantizers:
                 q.enabled = False
-            gm.eval()
-            generator = torch.Generator().manual_seed(int(self.params["seed"]))
-            return estimate_average_traces(
-                [(loss_of(b), b.samples) for b in batches], deltas, iter_number=self.params["iter_number"],
-                tolerance=self.params["tolerance"], probes_per_pass=probes_per_pass, generator=generator,
-                progress=progress if progress is not None else "mixed precision: Hessian traces")
+            with preserved_modes(gm):
+                gm.eval()
+                generator = torch.Generator().manual_seed(int(self.params["seed"]))
+                return estimate_average_traces(
+                    [(loss_of(b), b.samples) for b in batches], deltas, iter_number=self.params["iter_number"],
+                    tolerance=self.params["tolerance"], probes_per_pass=probes_per_pass, generator=generator,
+                    progress=progress if progress is not None else "mixed precision: Hessian traces")
         finally:
             for h in hooks:
                 h.remove()
             for q, flag in zip(quantizers, enabled):
                 q.enabled = flag
-            gm.train(was_training)
 
     def _load_traces(self) -> list[float]:
         path = self.params["traces_per_layer_path"]
@@ -244,10 +248,8 @@ class MixedPrecisionController(ControllerPart):
         return [float(v) for v in values]
 
     def _average_traces_across_ranks(self):
-        """Every rank must choose the same bits: traces are averaged over ranks (weights are the same)."""
-        from fxcompress.distributed import average_across_ranks, is_distributed
-        if not is_distributed():
-            return
+        """Every rank chooses from the traces of all ranks' data (the weights are the same)."""
+        from fxcompress.distributed import average_across_ranks
         t = torch.tensor(self.traces, dtype=torch.float64)
         average_across_ranks([t])
         self.traces = t.tolist()
@@ -393,14 +395,21 @@ class MixedPrecisionController(ControllerPart):
                                       "ctrl.initialize(data_loader) before export (HAWQ needs the Hessian traces)")
 
     def distributed(self):
-        """Bits chosen on rank 0 win (initialize also averages the traces, so they agree already)."""
+        """HAWQ's traces are averaged over ranks and the bits chosen again from them (what initialize does
+        after ``ctrl.distributed()``, so either order chooses alike); rank 0's bits win in any case."""
         from fxcompress.distributed import broadcast_from_rank0, is_distributed
         if not is_distributed() or not self.initialized:
             return
+        if self.traces is not None and self.noise is not None:
+            self._average_traces_across_ranks()
+            self._select_and_apply_bits()
         names = [l.weight_quantizer for l in self.layers]
         bits = torch.tensor([nominal_bits(l, l.module) for l in self.layers], dtype=torch.int64)
         broadcast_from_rank0([bits])
         self.apply_bits(dict(zip(names, bits.tolist())))
+        # A rank whose bits changed here rescaled its ranges (set_bits keeps the real range, and
+        # the ranges were averaged under each rank's own bits): average them again.
+        average_ranges_across_ranks([l.module for l in self.all_layers] + list(self._activation_quantizers().values()))
 
     # -- dumps ----------------------------------------------------------------------------------------
     def bitwidth_per_scope(self) -> list[list]:

@@ -11,11 +11,10 @@ import torch.fx
 
 from fxcompress.batchnorm import adapt_batchnorm, average_batchnorm_statistics
 from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
-from fxcompress.data import CalibrationData, count_samples, progress_bar
-from fxcompress.distributed import average_across_ranks
+from fxcompress.data import CalibrationData, count_samples, preserved_modes, progress_bar
 from fxcompress.errors import CheckpointError, NotInitializedError
 from fxcompress.graph import get_attr_value
-from fxcompress.quantizers import FakeQuantizer
+from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 
 from .range_init import RangeCollector, RangeInitConfig, weight_range
 
@@ -102,6 +101,8 @@ class QuantizationController(ControllerPart):
                 raise ValueError("initialize: quantization needs a data loader to set activation ranges: "
                                  "ctrl.initialize(loader)")
             self.init_activation_ranges(ctx.gm, ctx.data)
+        if ctx.distributed:  # BatchNorm adapts to the ranges every rank keeps
+            average_ranges_across_ranks(q.module for q in self.quantizers)
         self._adapted_bns = []
         if ctx.data is not None and self.num_bn_adaptation_samples > 0:
             self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples,
@@ -151,25 +152,24 @@ class QuantizationController(ControllerPart):
                 if active[name]:
                     collectors[name].update(args[0])
             hooks.append(q.module.register_forward_pre_hook(hook))
-        was_training = gm.training
         total = max(q.range_init.num_init_samples for q in targets)
         seen = batches = 0
-        try:
-            for q in self.quantizers:
-                q.module.enabled = False
-            gm.eval()
-            for args, kwargs in progress_bar(data.batches(total), "quantization: range init"):
-                for q in targets:
-                    active[q.name] = seen < q.range_init.num_init_samples
-                gm(*args, **kwargs)
-                seen += count_samples(args, kwargs)
-                batches += 1
-        finally:
-            for h in hooks:
-                h.remove()
-            for q in self.quantizers:
-                q.module.enabled = enabled[q.name]
-            gm.train(was_training)
+        with preserved_modes(gm):
+            try:
+                for q in self.quantizers:
+                    q.module.enabled = False
+                gm.eval()
+                for args, kwargs in progress_bar(data.batches(total), "quantization: range init"):
+                    for q in targets:
+                        active[q.name] = seen < q.range_init.num_init_samples
+                    gm(*args, **kwargs)
+                    seen += count_samples(args, kwargs)
+                    batches += 1
+            finally:
+                for h in hooks:
+                    h.remove()
+                for q in self.quantizers:
+                    q.module.enabled = enabled[q.name]
         if batches == 0:
             raise ValueError("initialize: the data loader yielded no batches")
         unseen = []
@@ -185,11 +185,7 @@ class QuantizationController(ControllerPart):
 
     def distributed(self):
         """Every rank gets the mean of the ranges (and adapted BatchNorm statistics) the ranks found."""
-        average_across_ranks([q.module.scale for q in self.quantizers])
-        asymmetric = [q.module.zero_point for q in self.quantizers if q.module.spec.mode == "asymmetric"]
-        average_across_ranks(asymmetric)
-        for zp in asymmetric:
-            zp.data.round_()
+        average_ranges_across_ranks(q.module for q in self.quantizers)
         average_batchnorm_statistics(self._adapted_bns)
 
     # -- export ----------------------------------------------------------------
