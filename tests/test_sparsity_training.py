@@ -9,15 +9,8 @@ import torch.nn.functional as F
 import fxcompress
 from fxcompress import compile_for_compression
 from fxcompress.passes import MagnitudeSparsity, Quantize, RBSparsity
-from fxcompress.testing import digits_loaders, evaluate_accuracy, train_digits_cnn
-from training import fine_tune
-
-
-@pytest.fixture(scope="module")
-def digits():
-    model = train_digits_cnn()
-    train, test = digits_loaders(batch_size=64, seed=0)
-    return model, train, test, evaluate_accuracy(model, test)
+from fxcompress.testing import evaluate_accuracy
+from training import digits_setup, fine_tune, report
 
 
 def magnitude_50(**kw):
@@ -25,23 +18,22 @@ def magnitude_50(**kw):
                              sparsity_freeze_epoch=2, **kw)
 
 
-def test_digits_magnitude_50_within_1pct_of_fp32(digits):
-    model, train, test, fp32 = digits
-    torch.manual_seed(0)
+def test_digits_magnitude_50_within_1pct_of_fp32(train_seed):
+    model, train, test, fp32 = digits_setup(train_seed)
     ctrl, gm = compile_for_compression(model, [magnitude_50()], example_inputs=(next(iter(train))[0],),
                                        copy=True)
     fine_tune(ctrl, gm, train, epochs=3)
     stats = ctrl.statistics().to_dict()["magnitude_sparsity"]
     assert stats["sparsity"] == pytest.approx(0.5, abs=1e-4) and stats["frozen"]
     acc = evaluate_accuracy(gm, test)
+    report("magnitude_50", train_seed, fp32=fp32, acc=acc, drop=fp32 - acc)
     assert acc >= fp32 - 0.01, (acc, fp32)
     assert evaluate_accuracy(ctrl.strip(), test) == acc
 
 
-def test_digits_magnitude_50_plus_int8_within_1pct_of_fp32_and_exported_zeros(digits, tmp_path):
+def test_digits_magnitude_50_plus_int8_within_1pct_of_fp32_and_exported_zeros(train_seed, tmp_path):
     import onnxruntime as ort
-    model, train, test, fp32 = digits
-    torch.manual_seed(0)
+    model, train, test, fp32 = digits_setup(train_seed)
     ctrl, gm = compile_for_compression(model, [magnitude_50(), Quantize(bits=8)],
                                        example_inputs=(next(iter(train))[0],), copy=True)
     ctrl.initialize(train)
@@ -63,29 +55,49 @@ def test_digits_magnitude_50_plus_int8_within_1pct_of_fp32_and_exported_zeros(di
         out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         correct += int((out.argmax(-1) == y.numpy()).sum())
         total += len(y)
+    # ONNX Runtime's default session runs the QDQ graph in its own integer kernels (VNNI where the CPU
+    # has it): a few images may flip against torch, which the 1% margin covers (docs/testing.md).
+    report("magnitude_50_int8", train_seed, fp32=fp32, acc=acc, ort=correct / total, drop=fp32 - min(acc, correct / total))
     assert correct / total >= fp32 - 0.01
 
 
-def test_rb_sparsity_reaches_its_target_density(digits):
-    model, train, test, fp32 = digits
-    torch.manual_seed(0)
+RB_EPOCHS, RB_TARGET_EPOCH, RB_FREEZE_EPOCH = 5, 1, 3
+
+
+def train_rb_to_half_density(seed: int):
+    """NNCF's RB recipe, scaled to the digits: the density loss asks for 50% from epoch 1 on, the
+    weights train under sampled masks while the logits find which weights to keep, the masks
+    freeze at epoch 3 and epochs 3-4 train the weights under that final mask. Returns
+    ``(ctrl, gm, test_loader, fp32_accuracy, densities)``, the densities of the deterministic masks
+    after each epoch."""
+    model, train, test, fp32 = digits_setup(seed)
     ctrl, gm = compile_for_compression(
-        model, [RBSparsity(sparsity_init=0.0, sparsity_target=0.5, sparsity_target_epoch=1, sparsity_freeze_epoch=3)],
+        model, [RBSparsity(sparsity_init=0.0, sparsity_target=0.5, sparsity_target_epoch=RB_TARGET_EPOCH,
+                           sparsity_freeze_epoch=RB_FREEZE_EPOCH)],
         example_inputs=(next(iter(train))[0],), copy=True)
     logits = [p for n, p in gm.named_parameters() if n.endswith("_mask.logits")]
     weights = [p for n, p in gm.named_parameters() if not n.endswith("_mask.logits")]
+    optimizer_groups = [{"params": weights, "lr": 1e-3}, {"params": logits, "lr": 0.1}]
     densities = []
-    for epoch in range(3):
-        fine_tune(ctrl, gm, train, epochs=1, betas=(0.5, 0.999),
-                  params=[{"params": weights, "lr": 1e-3}, {"params": logits, "lr": 0.1}])
+    for _ in range(RB_EPOCHS):
+        fine_tune(ctrl, gm, train, epochs=1, betas=(0.5, 0.999), params=optimizer_groups)
         densities.append(1 - ctrl.statistics().to_dict()["rb_sparsity"]["sparsity"])
+    return ctrl, gm, test, fp32, densities
+
+
+@pytest.mark.seeds(0, 1)
+def test_rb_sparsity_reaches_its_target_density(train_seed):
+    ctrl, gm, test, fp32, densities = train_rb_to_half_density(train_seed)
     stats = ctrl.statistics().to_dict()["rb_sparsity"]
     assert stats["frozen"] and stats["current_target"] == pytest.approx(0.5)
     assert abs(stats["sparsity"] - 0.5) <= 0.02, densities
+    assert len(set(densities[RB_FREEZE_EPOCH - 1:])) == 1, f"the masks stay fixed once frozen: {densities}"
     assert ctrl.loss().item() == 0.0, "the loss is off once frozen"
-    assert evaluate_accuracy(gm, test) > 0.9
+    acc = evaluate_accuracy(gm, test)
+    report("rb_50", train_seed, fp32=fp32, acc=acc, density=densities[-1], densities=[round(d, 4) for d in densities])
+    assert acc > 0.9, (acc, fp32, densities)
     plain = ctrl.strip()
-    assert evaluate_accuracy(plain, test) == evaluate_accuracy(gm, test)
+    assert evaluate_accuracy(plain, test) == acc
 
 
 def roundtrip(obj):
@@ -101,8 +113,9 @@ def roundtrip(obj):
     lambda: RBSparsity(sparsity_init=0.0, sparsity_target=0.4, sparsity_target_epoch=2, sparsity_freeze_epoch=2,
                        schedule="polynomial", update_per_optimizer_step=True),
 ], ids=["magnitude", "rb"])
-def test_resume_from_checkpoint_continues_the_same_sequence(digits, make):
-    model, train, test, _ = digits
+@pytest.mark.filterwarnings("ignore:rb_sparsity. the masks froze")  # 12 steps of SGD do not reach RB's target
+def test_resume_from_checkpoint_continues_the_same_sequence(make):
+    model, train, _, _ = digits_setup(0)
     batches = [b for _, b in zip(range(4), train)]
     example = (batches[0][0],)
 

@@ -1,6 +1,30 @@
-"""The user's fine-tuning loop from the README, shared by the accuracy tests."""
+"""The user's fine-tuning loop from the README and the digits setup, shared by the accuracy tests."""
+
 import torch
 import torch.nn.functional as F
+
+from fxcompress.testing import digits_loaders, evaluate_accuracy, train_digits_cnn
+
+
+def digits_setup(seed: int):
+    """``(model, train_loader, test_loader, fp32_accuracy)`` for one ``train_seed``.
+
+    The seed picks the train/test split, the trained DigitsCNN (cached on disk), the batch order
+    and the torch RNG (seeded here). The loaders are new on every call: no test sees where another
+    left a shared loader's generator, so results do not depend on which tests ran before.
+    """
+    model = train_digits_cnn(seed=seed)
+    train, test = digits_loaders(batch_size=64, seed=seed)
+    fp32 = evaluate_accuracy(model, test)
+    torch.manual_seed(seed)
+    return model, train, test, fp32
+
+
+def report(test: str, seed: int, **figures):
+    """One line of figures per run (``pytest -rP``): what docs/testing.md's margins are measured from."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    values = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
+    print(f"[figures] {test} seed={seed} cpu={cap} {values}")
 
 
 def fine_tune(ctrl, gm, loader, epochs: int, *, lr: float = 1e-3, betas=(0.9, 0.999), params=None):

@@ -15,6 +15,8 @@ and fixed (the logits get no gradient).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fxcompress.checkpoint import rng_state, set_rng_state
@@ -61,6 +63,20 @@ class RBSparsityController(SparsityController):
         super().freeze()
         for layer in self.layers:
             layer.mask.frozen = True
+        self._warn_if_off_target()
+
+    def _warn_if_off_target(self):
+        """The masks are final from here on: say so when the loss had not yet pulled them to the level
+        the schedule asks for (the logits start at logit(0.99) and move at the optimizer's pace)."""
+        if not self.layers:
+            return
+        density, target = 1.0 - self.sparsity(), 1.0 - self.scheduler.current_level
+        if abs(density - target) > self.p:
+            warnings.warn(
+                f"rb_sparsity: the masks froze at epoch {self.scheduler.current_epoch} with density "
+                f"{density:.3f}, but the schedule asks for {target:.3f}: the mask logits had not reached the "
+                f"target yet; give them a larger learning rate (compression_lr_multiplier) or a later "
+                f"sparsity_freeze_epoch", stacklevel=2)
 
     def loss(self):
         if self.frozen or not self.layers:
