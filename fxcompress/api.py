@@ -8,7 +8,7 @@ import torch
 
 from .config import Config
 from .controller import CompressionController
-from .errors import ConfigError
+from .errors import ConfigError, InputShapeError
 from .pass_manager import PassContext, PassManager
 from .tracing import trace
 
@@ -54,6 +54,22 @@ def _own_buffers(gm: torch.nn.Module):
                 module._buffers[name] = clones[id(buffer)]
 
 
+def _input_info_error(config: Config, exc: InputShapeError) -> ConfigError:
+    """The config's ``input_info`` entries that reach the module that refused them, as a ConfigError."""
+    info = config.data["input_info"]
+    if isinstance(info, dict):
+        fields = {0: "input_info", info.get("keyword"): "input_info"}
+        entries = {"input_info": info}
+    else:
+        positional = [i for i, item in enumerate(info) if "keyword" not in item]
+        fields = {n: f"input_info[{i}]" for n, i in enumerate(positional)}
+        fields.update({item["keyword"]: f"input_info[{i}]" for i, item in enumerate(info) if "keyword" in item})
+        entries = {f"input_info[{i}]": item for i, item in enumerate(info)}
+    named = [fields[key] for key in exc.inputs if key in fields] or list(entries)
+    shown = " and ".join(f"{field}.sample_size {list(entries[field]['sample_size'])}" for field in named)
+    return ConfigError(f"{shown} does not fit the model: {exc.reason}", path=f"{named[0]}.sample_size")
+
+
 def compile_for_compression(model: torch.nn.Module, passes_or_config=None, example_inputs: Any = None, *,
                             leaf_modules: Sequence[Any] | None = None, copy: bool = False,
                             debug: bool = False) -> tuple[CompressionController, torch.fx.GraphModule]:
@@ -70,14 +86,20 @@ def compile_for_compression(model: torch.nn.Module, passes_or_config=None, examp
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"compile_for_compression expects an nn.Module, got {type(model).__name__}")
     passes, config = _as_passes(passes_or_config)
-    if example_inputs is None and config is not None:
+    inputs_from_config = example_inputs is None and config is not None
+    if inputs_from_config:
         example_inputs = config.example_inputs()
     if example_inputs is None:
         raise ConfigError("example_inputs are needed to trace the model: pass example_inputs=(x,) "
                           "or give the config an 'input_info'", path="input_info")
     if copy:
         model = _copy.deepcopy(model)
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    try:
+        gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    except InputShapeError as exc:
+        if inputs_from_config:
+            raise _input_info_error(config, exc) from exc
+        raise
     if not copy:
         _own_buffers(gm)
     manager = PassManager(passes, debug=debug)

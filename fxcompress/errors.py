@@ -19,6 +19,20 @@ class TraceError(FxCompressError):
         self.source_line = source_line
 
 
+class InputShapeError(TraceError):
+    """The example inputs do not fit the model: a module refused them while tracing.
+
+    ``inputs``: the positions (int) or keywords (str) of the example inputs that
+    reach the module that refused them; ``reason``: that module and what it
+    expects (``module `features.0.0` (Conv2d) expects 3 input channels, got 2``).
+    """
+
+    def __init__(self, message, *, inputs=(), reason=None, **where):
+        super().__init__(message, **where)
+        self.inputs = list(inputs)
+        self.reason = reason
+
+
 class ConfigError(FxCompressError, ValueError):
     """A configuration value is invalid. ``path`` is the JSON path of the field."""
 

@@ -30,9 +30,10 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import TraceError
+from .input_fit import NodeFailure, input_shape_error, module_code_error, refused_by_model_code
 from .graph import shallow_module_copy
 from .scopes import index_nncf_scopes
 
@@ -177,6 +178,12 @@ class _ShapeSpecializingTracer(_Tracer):
 
     def _run(self, node, kind, target, args, kwargs):
         a, kw = self._value(args), self._value(kwargs)
+        try:
+            return self._run_on_values(node, kind, target, a, kw)
+        except Exception as exc:  # noqa: BLE001 - the op refused the example values
+            raise NodeFailure(node, a, kw, exc) from exc
+
+    def _run_on_values(self, node, kind, target, a, kw):
         if kind == "placeholder":
             return self._inputs[target]
         if kind == "get_attr":
@@ -370,6 +377,8 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
     names = _input_names(model, args, kwargs)
     root = _with_explicit_forward(model, names[:len(args)], names[len(args):])
 
+    values = dict(zip(names, list(args) + list(kwargs.values())))
+    keys: dict[str, int | str] = {n: (i if i < len(args) else n) for i, n in enumerate(names)}
     graph = None
     first_error = None
     if not specialize_shapes:
@@ -381,11 +390,18 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
             if specialize_shapes is False or not (args or kwargs):
                 raise first_error from exc
     if graph is None:
-        tracer = _ShapeSpecializingTracer(leaves, dict(zip(names, list(args) + list(kwargs.values()))))
+        tracer = _ShapeSpecializingTracer(leaves, values)
         try:
             with torch.no_grad():
                 graph = tracer.trace(root)
+        except NodeFailure as failure:
+            raise input_shape_error(failure, root, values, keys) from failure.cause
         except Exception as exc:  # noqa: BLE001
+            if refused_by_model_code(exc):
+                path, module_type = tracer.failing_module or ("", type(model))
+                frame = _user_frame(exc)
+                source = f"{frame.filename}:{frame.lineno}: {frame.line}" if frame else None
+                raise module_code_error(exc, path, module_type, source, values, keys) from exc
             raise _trace_error(exc, tracer, model) from exc
         for node in graph.nodes:
             node.meta.pop("_concrete", None)
@@ -404,7 +420,10 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
     gm.meta["leaf_modules"] = list(leaf_modules or ())
     gm.meta["specialized_shapes"] = first_error is not None or bool(specialize_shapes)
     if args or kwargs:
-        propagate_metadata(gm)
+        try:
+            propagate_metadata(gm)
+        except NodeFailure as failure:
+            raise input_shape_error(failure, gm, values, keys) from failure.cause
     else:
         _set_module_paths(gm)
     index_nncf_scopes(gm, model)  # NNCF scope names of the model as traced, before passes rewrite it
@@ -434,6 +453,35 @@ def _tensor_facts(meta):
     return None, None
 
 
+class _MetadataInterpreter(torch.fx.Interpreter):
+    """Runs the graph on the example inputs and records each node's ``tensor_meta`` (as fx's ShapeProp).
+
+    A node that fails raises ``NodeFailure`` with the values it got, which tracing turns
+    into an ``InputShapeError`` naming the module that refused the inputs.
+    """
+
+    def run_node(self, n: torch.fx.Node):
+        try:
+            result = super().run_node(n)
+        except Exception as exc:  # noqa: BLE001 - reported with the node and its input values
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            raise NodeFailure(n, args, kwargs, exc) from exc
+        found = []
+
+        def tensor_meta(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            found.append(value)
+            return _extract_tensor_metadata(value)
+
+        meta = map_aggregate(result, tensor_meta)
+        if found:
+            n.meta["tensor_meta"] = meta
+        else:
+            n.meta.pop("tensor_meta", None)
+        return result
+
+
 def propagate_metadata(gm: torch.fx.GraphModule, example_inputs=None):
     """(Re)compute ``shape``/``dtype``/``module_path`` for every node on the example inputs.
 
@@ -455,7 +503,7 @@ def propagate_metadata(gm: torch.fx.GraphModule, example_inputs=None):
     gm.eval()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*flat)
+            _MetadataInterpreter(gm).run(*flat)
     finally:
         gm.train(was_training)
     for node in gm.graph.nodes:
