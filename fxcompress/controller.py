@@ -189,12 +189,64 @@ class ControllerPart:
 
 
 class CompressionController:
+    """The parts of every compression pass, driven as one; parts are reached by algorithm name.
+
+    ``ctrl["quantization"]`` or ``ctrl.quantization`` is the quantization part (a second
+    part of the same algorithm is ``quantization_1``: the keys of ``state_dict()``);
+    ``"filter_pruning" in ctrl`` tests for one, ``for name in ctrl`` and ``ctrl.items()``
+    walk them in pass order; ``ctrl.parts`` is the list.
+    """
+
     def __init__(self, gm: torch.fx.GraphModule, parts: Sequence[ControllerPart],
                  records: Sequence[PassRecord] = ()):
         self.gm = gm
         self.parts = list(parts)
         self.records = list(records)
         self.scheduler = CompositeScheduler([p.scheduler for p in self.parts])
+
+    # -- parts by name ---------------------------------------------------
+    def keys(self) -> list[str]:
+        """The parts' names in pass order: the algorithm names of configs, ``_1``, ``_2`` for repeats."""
+        keys, counts = [], {}
+        for part in self.parts:
+            n = counts.get(part.algorithm, 0)
+            keys.append(part.algorithm if n == 0 else f"{part.algorithm}_{n}")
+            counts[part.algorithm] = n + 1
+        return keys
+
+    def items(self) -> list[tuple[str, ControllerPart]]:
+        return list(zip(self.keys(), self.parts))
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, name) -> bool:
+        return name in self.keys()
+
+    def _no_part(self, name) -> str:
+        keys = self.keys()
+        return (f"this compression controller has no part {name!r}; its parts: "
+                f"{', '.join(repr(k) for k in keys) if keys else '(none)'}")
+
+    def __getitem__(self, name: str) -> ControllerPart:
+        for key, part in self.items():
+            if key == name:
+                return part
+        raise KeyError(self._no_part(name))
+
+    def __dir__(self):
+        return [*super().__dir__(), *self.keys()]
+
+    def __getattr__(self, name: str) -> ControllerPart:
+        # Only reached when normal lookup fails; parts live in __dict__, so copies and pickles
+        # (which look up dunders before __init__ ran) get a plain AttributeError.
+        parts = self.__dict__.get("parts")
+        if parts is None or name.startswith("__"):
+            raise AttributeError(name)
+        for key, part in self.items():
+            if key == name:
+                return part
+        raise AttributeError(self._no_part(name))
 
     # -- training loop -------------------------------------------------
     def initialize(self, data_loader: Iterable | None = None, *, input_fn: Callable | None = None,
@@ -230,20 +282,12 @@ class CompressionController:
         return self
 
     # -- checkpoints -----------------------------------------------------
-    def _part_keys(self) -> list[str]:
-        keys, counts = [], {}
-        for part in self.parts:
-            n = counts.get(part.algorithm, 0)
-            keys.append(part.algorithm if n == 0 else f"{part.algorithm}_{n}")
-            counts[part.algorithm] = n + 1
-        return keys
-
     def state_dict(self) -> dict:
         """Plain Python and tensors only, so it loads with ``torch.load(..., weights_only=True)``."""
-        return {key: part.state_dict() for key, part in zip(self._part_keys(), self.parts)}
+        return {key: part.state_dict() for key, part in self.items()}
 
     def load_state_dict(self, state: dict):
-        keys = self._part_keys()
+        keys = self.keys()
         missing = [k for k in keys if k not in state]
         unexpected = [k for k in state if k not in keys]
         if missing or unexpected:
