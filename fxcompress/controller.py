@@ -287,6 +287,10 @@ class CompressionController:
         return {key: part.state_dict() for key, part in self.items()}
 
     def load_state_dict(self, state: dict):
+        """Restore every part; on a bad entry, parts already loaded are put back (all or nothing)."""
+        if not isinstance(state, dict):
+            raise CheckpointError(f"controller checkpoint must be the dict ctrl.state_dict() returned, "
+                                  f"got {type(state).__name__}")
         keys = self.keys()
         missing = [k for k in keys if k not in state]
         unexpected = [k for k in state if k not in keys]
@@ -294,8 +298,18 @@ class CompressionController:
             raise CheckpointError(
                 f"controller checkpoint does not match this compression setup: "
                 f"missing {missing}, unexpected {unexpected} (this controller has parts {keys})")
-        for key, part in zip(keys, self.parts):
-            part.load_state_dict(state[key])
+        loaded: list[tuple[ControllerPart, dict]] = []
+        for key, part in self.items():
+            loaded.append((part, part.state_dict()))
+            try:
+                part.load_state_dict(state[key])
+            except Exception as exc:
+                for done, before in reversed(loaded):
+                    done.load_state_dict(before)
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise CheckpointError(f"controller checkpoint, part '{key}': malformed state "
+                                      f"({type(exc).__name__}: {exc}); nothing was loaded") from exc
 
     # -- lowering ----------------------------------------------------------
     def lowering_passes(self) -> list[Pass]:

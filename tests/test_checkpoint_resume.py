@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fxcompress import compile_for_compression, load_state
+from fxcompress import CheckpointError, compile_for_compression, load_state
 from fxcompress.passes import (Binarization, ConstSparsity, FilterPruning, MagnitudeSparsity, MixedPrecision,
                                Quantize, RBSparsity)
 from fxcompress.testing import models as zoo
@@ -52,6 +52,9 @@ CASES = {
         schedule="multistep", multistep_steps=[1, 2], multistep_sparsity_levels=[0.1, 0.3, 0.5],
         sparsity_freeze_epoch=2)],
         lambda stats: (stats["rb_sparsity"]["current_target"], stats["rb_sparsity"]["frozen"])),
+    "rb_sparsity_adaptive": ("resnet_tiny", lambda: [RBSparsity(
+        schedule="adaptive", sparsity_init=0.0, sparsity_target=0.5, patience=2)],
+        lambda stats: stats["rb_sparsity"]["current_target"]),  # raised after two kept-up epochs
     "const_sparsity": ("resnet_tiny", lambda: [ConstSparsity(), _quantize(activations_quant_start_epoch=2)],
                        _enabled),
     "filter_pruning": ("resnet_tiny", lambda: [FilterPruning(
@@ -196,3 +199,24 @@ def test_resumed_training_is_bitwise_the_uninterrupted_run(name):
     _assert_same_state(gm2, gm.state_dict())
     assert str(ctrl2.statistics()) == str(final_statistics)
     _assert_equal(_round_trip(ctrl2.state_dict()), _round_trip(ctrl.state_dict()))
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda state: state["quantization"]["quantizers"].popitem(), "quantization controller state does not match"),
+    (lambda state: state["magnitude_sparsity"].pop("scheduler"),
+     "part 'magnitude_sparsity': malformed state \\(KeyError"),
+], ids=["quantizer_missing", "magnitude_scheduler_missing"])
+def test_a_bad_controller_checkpoint_loads_nothing(corrupt, message):
+    torch.manual_seed(0)
+    ctrl, gm, inputs = _compile("pipeline")
+    loader = _loader(inputs[0], STEPS_PER_EPOCH)
+    ctrl.initialize(loader)
+    _train(ctrl, gm, _optimizer(gm), loader, _events()[:SAVE_AT])
+    state = _round_trip(ctrl.state_dict())
+    corrupt(state)
+    ctrl2, gm2, _ = _compile("pipeline")
+    before_ctrl, before_gm = _round_trip(ctrl2.state_dict()), _round_trip(gm2.state_dict())
+    with pytest.raises(CheckpointError, match=message):
+        ctrl2.load_state_dict(state)
+    _assert_equal(_round_trip(ctrl2.state_dict()), before_ctrl)
+    _assert_same_state(gm2, before_gm)
