@@ -223,16 +223,15 @@ class CompressionController:
     def __contains__(self, name) -> bool:
         return name in self.keys()
 
-    def _no_part(self, name) -> str:
+    def _parts_listing(self) -> str:
         keys = self.keys()
-        return (f"this compression controller has no part {name!r}; its parts: "
-                f"{', '.join(repr(k) for k in keys) if keys else '(none)'}")
+        return f"its parts: {', '.join(repr(k) for k in keys) if keys else '(none)'}"
 
     def __getitem__(self, name: str) -> ControllerPart:
         for key, part in self.items():
             if key == name:
                 return part
-        raise KeyError(self._no_part(name))
+        raise KeyError(f"this compression controller has no part {name!r}; {self._parts_listing()}")
 
     def __dir__(self):
         return [*super().__dir__(), *self.keys()]
@@ -246,7 +245,8 @@ class CompressionController:
         for key, part in self.items():
             if key == name:
                 return part
-        raise AttributeError(self._no_part(name))
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r} and no part of that "
+                             f"name; {self._parts_listing()}")
 
     # -- training loop -------------------------------------------------
     def initialize(self, data_loader: Iterable | None = None, *, input_fn: Callable | None = None,

@@ -53,8 +53,8 @@ def test_unknown_part_errors_list_the_parts():
     ctrl, _ = compile_for_compression(model, [MagnitudeSparsity(), Quantize()], inputs)
     with pytest.raises(KeyError, match="no part 'pruning'; its parts: 'magnitude_sparsity', 'quantization'"):
         ctrl["pruning"]
-    with pytest.raises(AttributeError, match="no part 'binarization'; its parts: 'magnitude_sparsity', "
-                                             "'quantization'"):
+    with pytest.raises(AttributeError, match="has no attribute 'binarization' and no part of that name; "
+                                             "its parts: 'magnitude_sparsity', 'quantization'"):
         ctrl.binarization
     assert not hasattr(ctrl, "filter_pruning")
     assert getattr(ctrl, "rb_sparsity", None) is None
