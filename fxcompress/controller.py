@@ -3,7 +3,8 @@
 Each compression pass returns a ``ControllerPart`` that owns the modules it
 inserted (quantizers, masks) by direct reference. The user talks to the
 ``CompressionController``, which forwards ``initialize``, ``loss``,
-``scheduler``, ``statistics``, ``state_dict`` to every part, and lowers the
+``scheduler``, ``statistics``, ``state_dict`` to every part (and hands out a
+part by its algorithm name: ``ctrl["quantization"]``), and lowers the
 graph for ``strip()`` / ``export_onnx()`` with the lowering passes the parts
 provide, in a fixed order (``Pass.lowering_order``: masks and pruning act on
 float weights before quantizers are turned into export ops).
@@ -227,26 +228,28 @@ class CompressionController:
         keys = self.keys()
         return f"its parts: {', '.join(repr(k) for k in keys) if keys else '(none)'}"
 
+    def _find(self, name) -> ControllerPart | None:
+        return next((part for key, part in self.items() if key == name), None)
+
     def __getitem__(self, name: str) -> ControllerPart:
-        for key, part in self.items():
-            if key == name:
-                return part
-        raise KeyError(f"this compression controller has no part {name!r}; {self._parts_listing()}")
+        part = self._find(name)
+        if part is None:
+            raise KeyError(f"this compression controller has no part {name!r}; {self._parts_listing()}")
+        return part
 
     def __dir__(self):
         return [*super().__dir__(), *self.keys()]
 
     def __getattr__(self, name: str) -> ControllerPart:
-        # Only reached when normal lookup fails; parts live in __dict__, so copies and pickles
-        # (which look up dunders before __init__ ran) get a plain AttributeError.
-        parts = self.__dict__.get("parts")
-        if parts is None or name.startswith("__"):
+        # Only reached when normal lookup fails. Copies and pickles look up dunders before
+        # __init__ ran (no parts yet): those get a plain AttributeError.
+        if "parts" not in self.__dict__ or name.startswith("__"):
             raise AttributeError(name)
-        for key, part in self.items():
-            if key == name:
-                return part
-        raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r} and no part of that "
-                             f"name; {self._parts_listing()}")
+        part = self._find(name)
+        if part is None:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r} and no part of "
+                                 f"that name; {self._parts_listing()}")
+        return part
 
     # -- training loop -------------------------------------------------
     def initialize(self, data_loader: Iterable | None = None, *, input_fn: Callable | None = None,
