@@ -3,7 +3,8 @@
 Each compression pass returns a ``ControllerPart`` that owns the modules it
 inserted (quantizers, masks) by direct reference. The user talks to the
 ``CompressionController``, which forwards ``initialize``, ``loss``,
-``scheduler``, ``statistics``, ``state_dict`` to every part, and lowers the
+``scheduler``, ``statistics``, ``state_dict`` to every part (and hands out a
+part by its algorithm name: ``ctrl["quantization"]``), and lowers the
 graph for ``strip()`` / ``export_onnx()`` with the lowering passes the parts
 provide, in a fixed order (``Pass.lowering_order``: masks and pruning act on
 float weights before quantizers are turned into export ops).
@@ -194,6 +195,14 @@ class ControllerPart:
 
 
 class CompressionController:
+    """The parts of every compression pass, driven as one; parts are reached by algorithm name.
+
+    ``ctrl["quantization"]`` or ``ctrl.quantization`` is the quantization part (a second
+    part of the same algorithm is ``quantization_1``: the keys of ``state_dict()``);
+    ``"filter_pruning" in ctrl`` tests for one, ``for name in ctrl`` and ``ctrl.items()``
+    walk them in pass order; ``ctrl.parts`` is the list.
+    """
+
     def __init__(self, gm: torch.fx.GraphModule, parts: Sequence[ControllerPart],
                  records: Sequence[PassRecord] = ()):
         self.gm = gm
@@ -201,6 +210,52 @@ class CompressionController:
         self.records = list(records)
         self.scheduler = CompositeScheduler([p.scheduler for p in self.parts])
         self._distributed = False
+
+    # -- parts by name ---------------------------------------------------
+    def keys(self) -> list[str]:
+        """The parts' names in pass order: the algorithm names of configs, ``_1``, ``_2`` for repeats."""
+        keys, counts = [], {}
+        for part in self.parts:
+            n = counts.get(part.algorithm, 0)
+            keys.append(part.algorithm if n == 0 else f"{part.algorithm}_{n}")
+            counts[part.algorithm] = n + 1
+        return keys
+
+    def items(self) -> list[tuple[str, ControllerPart]]:
+        return list(zip(self.keys(), self.parts))
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __contains__(self, name) -> bool:
+        return name in self.keys()
+
+    def _parts_listing(self) -> str:
+        keys = self.keys()
+        return f"its parts: {', '.join(repr(k) for k in keys) if keys else '(none)'}"
+
+    def _find(self, name) -> ControllerPart | None:
+        return next((part for key, part in self.items() if key == name), None)
+
+    def __getitem__(self, name: str) -> ControllerPart:
+        part = self._find(name)
+        if part is None:
+            raise KeyError(f"this compression controller has no part {name!r}; {self._parts_listing()}")
+        return part
+
+    def __dir__(self):
+        return [*super().__dir__(), *self.keys()]
+
+    def __getattr__(self, name: str) -> ControllerPart:
+        # Only reached when normal lookup fails. Copies and pickles look up dunders before
+        # __init__ ran (no parts yet): those get a plain AttributeError.
+        if "parts" not in self.__dict__ or name.startswith("__"):
+            raise AttributeError(name)
+        part = self._find(name)
+        if part is None:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {name!r} and no part of "
+                                 f"that name; {self._parts_listing()}")
+        return part
 
     # -- training loop -------------------------------------------------
     def initialize(self, data_loader: Iterable | None = None, *, input_fn: Callable | None = None,
@@ -244,28 +299,34 @@ class CompressionController:
         return self
 
     # -- checkpoints -----------------------------------------------------
-    def _part_keys(self) -> list[str]:
-        keys, counts = [], {}
-        for part in self.parts:
-            n = counts.get(part.algorithm, 0)
-            keys.append(part.algorithm if n == 0 else f"{part.algorithm}_{n}")
-            counts[part.algorithm] = n + 1
-        return keys
-
     def state_dict(self) -> dict:
         """Plain Python and tensors only, so it loads with ``torch.load(..., weights_only=True)``."""
-        return {key: part.state_dict() for key, part in zip(self._part_keys(), self.parts)}
+        return {key: part.state_dict() for key, part in self.items()}
 
     def load_state_dict(self, state: dict):
-        keys = self._part_keys()
+        """Restore every part; on a bad entry, parts already loaded are put back (all or nothing)."""
+        if not isinstance(state, dict):
+            raise CheckpointError(f"controller checkpoint must be the dict ctrl.state_dict() returned, "
+                                  f"got {type(state).__name__}")
+        keys = self.keys()
         missing = [k for k in keys if k not in state]
         unexpected = [k for k in state if k not in keys]
         if missing or unexpected:
             raise CheckpointError(
                 f"controller checkpoint does not match this compression setup: "
                 f"missing {missing}, unexpected {unexpected} (this controller has parts {keys})")
-        for key, part in zip(keys, self.parts):
-            part.load_state_dict(state[key])
+        loaded: list[tuple[ControllerPart, dict]] = []
+        for key, part in self.items():
+            loaded.append((part, part.state_dict()))
+            try:
+                part.load_state_dict(state[key])
+            except Exception as exc:
+                for done, before in reversed(loaded):
+                    done.load_state_dict(before)
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise CheckpointError(f"controller checkpoint, part '{key}': malformed state "
+                                      f"({type(exc).__name__}: {exc}); nothing was loaded") from exc
 
     # -- lowering ----------------------------------------------------------
     def lowering_passes(self) -> list[Pass]:

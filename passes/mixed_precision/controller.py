@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -362,12 +362,18 @@ class MixedPrecisionController(ControllerPart):
         return StatisticsSection(self.algorithm, summary, rows, skipped)
 
     def state_dict(self) -> dict:
+        """Chosen bits, and everything statistics and dumps report (traces, noise, the selection)."""
         quantizers = {l.weight_quantizer: int(l.module.spec.bits) for l in self.all_layers}
         quantizers.update({name: int(m.spec.bits) for name, m in self._activation_quantizers().items()})
         return {"scheduler": self.scheduler.state_dict(), "initialized": self.initialized,
                 "bits": quantizers,
                 "traces": ({l.module_path: float(t) for l, t in zip(self.layers, self.traces)}
-                           if self.traces is not None else None)}
+                           if self.traces is not None else None),
+                "noise": ({l.module_path: {int(b): float(v) for b, v in n.items()}
+                           for l, n in zip(self.layers, self.noise)} if self.noise is not None else None),
+                "selection": _plain(self.selection),
+                "trace_estimate": _plain(self.trace_estimate),
+                "manual_assignments": dict(self.manual_assignments)}
 
     def load_state_dict(self, state: dict):
         for key in ("scheduler", "bits"):
@@ -384,10 +390,30 @@ class MixedPrecisionController(ControllerPart):
             # The quantizer's scale/zero point come from the GraphModule's own state dict
             # (fxcompress.load_state), saved for these bits: change the spec only, not the range.
             module.spec = module.spec.with_bits(int(state["bits"][name]))
-        traces = state.get("traces")
-        self.traces = [float(traces[l.module_path]) for l in self.layers] if traces else None
+        self.traces = self._per_layer(state.get("traces"), "traces", float)
+        self.noise = self._per_layer(state.get("noise"), "noise",
+                                     lambda n: {int(b): float(v) for b, v in n.items()})
+        selection = state.get("selection")
+        if selection is not None and len(selection["bits"]) != len(self.all_layers):
+            raise CheckpointError(f"mixed precision controller state chose bits for {len(selection['bits'])} "
+                                  f"layers, this model has {len(self.all_layers)}: not the same model")
+        self.selection = (Selection(**{**selection, "reachable": tuple(selection["reachable"])})
+                          if selection is not None else None)
+        estimate = state.get("trace_estimate")
+        self.trace_estimate = TraceEstimate(**estimate) if estimate is not None else None
+        self.manual_assignments = dict(state.get("manual_assignments", {}))
         self.initialized = bool(state.get("initialized", False))
         self.scheduler.load_state_dict(state["scheduler"])
+
+    def _per_layer(self, saved: dict | None, key: str, convert: Callable) -> list | None:
+        """A ``{module_path: value}`` checkpoint entry as a list in layer order (None stays None)."""
+        if not saved:
+            return None
+        missing = [l.module_path for l in self.layers if l.module_path not in saved]
+        if missing:
+            raise CheckpointError(f"mixed precision controller state has no {key} for {missing[:5]}: "
+                                  f"not the same model")
+        return [convert(saved[l.module_path]) for l in self.layers]
 
     def check_exportable(self):
         if self.mode == "hawq" and self.layers and not self.initialized:
@@ -447,6 +473,13 @@ class MixedPrecisionController(ControllerPart):
             raise NotInitializedError("mixed precision: no Hessian traces yet; call ctrl.initialize(loader)")
         return plot_traces_and_bits(path, [l.module_path for l in self.layers], self.traces, self.current_bits(),
                                     self.selection)
+
+
+def _plain(record) -> dict | None:
+    """A dataclass record as plain lists, dicts and numbers (``torch.load(weights_only=True)`` reads it)."""
+    if record is None:
+        return None
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(record).items()}
 
 
 @torch.no_grad()
