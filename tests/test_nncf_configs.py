@@ -207,3 +207,72 @@ def test_json_errors_name_the_line_and_the_field(tmp_path):
     path.write_text(SSD_STYLE.replace('"compression"', '"compresion"'))
     with pytest.raises(ConfigError, match=r"line 12: compresion: unknown top-level key; did you mean 'compression'"):
         Config.from_json(path)
+
+
+# -- staged quantization ----------------------------------------------------------------------------
+
+STAGED = {"batch_multiplier": 2, "activations_quant_start_epoch": 0, "weights_quant_start_epoch": 1,
+          "lr_poly_drop_start_epoch": 2, "lr_poly_drop_duration_epochs": 2, "disable_wd_start_epoch": 2,
+          "base_lr": 3.1e-4, "base_wd": 1e-5}
+
+
+def _mlp_batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+def test_staged_quantization_drives_the_users_optimizer_as_nncf():
+    from fxcompress import Config
+    model, inputs = zoo.ARCHITECTURES["mlp"]()
+    config = Config.from_dict({"input_info": {"sample_size": [2, 16]},
+                               "compression": {"algorithm": "quantization", "params": STAGED}})
+    ctrl, gm = compile_for_compression(model, config, inputs, copy=True)
+    part = ctrl.parts[0]
+    loader = _mlp_batches(4)
+    ctrl.initialize(loader)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=0.1, weight_decay=0.5)
+    ctrl.scheduler.attach_optimizer(optimizer)
+    assert optimizer.param_groups[0]["lr"] == 3.1e-4 and optimizer.param_groups[0]["weight_decay"] == 1e-5
+    weights = [q for q in part.quantizers if q.group == "weights"]
+    activations = [q for q in part.quantizers if q.group == "activations"]
+    scales_at_init = [q.module.scale.detach().clone() for q in weights]
+    lrs, wds, optimizer_steps = [], [], 0
+    for epoch in range(4):
+        assert all(q.module.enabled for q in activations)                  # activations from epoch 0
+        assert all(q.module.enabled == (epoch >= 1) for q in weights)      # weights from epoch 1
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(gm(x), y) / part.scheduler.batch_multiplier  # a mean
+            loss.backward()
+            if ctrl.scheduler.should_step_optimizer():
+                optimizer.step()
+                optimizer.zero_grad()
+                optimizer_steps += 1
+            ctrl.scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+            wds.append(optimizer.param_groups[0]["weight_decay"])
+        ctrl.scheduler.epoch_step()
+        if epoch == 0:  # weights switched on: their ranges re-initialized from the weights trained in float
+            changed = [not torch.equal(s, q.module.scale) for s, q in zip(scales_at_init, weights)]
+            assert all(changed)
+    assert optimizer_steps == 8  # 16 batches, one optimizer step per 2 (batch_multiplier)
+    # NNCF's PolyLRDropScheduler: base_lr until epoch 2, then base_lr * ((4 - t) / 2) ** 2.1
+    expected = [3.1e-4 * (((4 - t) / 2) ** 2.1 if 2 <= t < 4 else (0.0 if t >= 4 else 1.0))
+                for t in [e + (s + 1) / 4 if e else 0.0 for e in range(4) for s in range(4)]]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert wds == [1e-5] * 8 + [0.0] * 8  # weight decay off once t > disable_wd_start_epoch (2)
+    assert ctrl.parts[0].scheduler.stage == "fully_quantized"
+
+
+def test_staged_keys_take_nncfs_defaults_and_no_params_means_no_staging():
+    model, inputs = zoo.ARCHITECTURES["mlp"]()
+    ctrl, _ = compile_for_compression(model, [Quantize(base_lr=1e-4)], inputs)
+    part = ctrl.parts[0]
+    assert part.scheduler.activations_quant_start_epoch == 1 and part.scheduler.weights_quant_start_epoch == 1
+    assert not any(q.module.enabled for q in part.quantizers)           # NNCF: both start at epoch 1
+    ctrl.scheduler.epoch_step()
+    assert all(q.module.enabled for q in part.quantizers)
+    ctrl, gm = compile_for_compression(model, [Quantize()], inputs)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.5)
+    ctrl.scheduler.attach_optimizer(optimizer)
+    assert optimizer.param_groups[0]["lr"] == 0.5 and ctrl.scheduler.should_step_optimizer()
+    assert all(q.module.enabled for q in ctrl.parts[0].quantizers)
