@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,12 @@ TOP_LEVEL_SCHEMA = {
         "target_device": COMMON_PROPERTIES["target_device"],
         "ignored_scopes": SCOPES_SCHEMA,
         "log_dir": {"type": "string"},
+        # NNCF: multiplies the gradients of every algorithm's compression parameters
+        "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
+        # deprecated in NNCF 2.x; tracing decides shape specialization itself (fxcompress.tracing)
+        "disable_shape_matching": {"type": "boolean"},
+        # NNCF's accuracy-aware training loop: read by the training script, not by compression
+        "accuracy_aware_training": {"type": "object"},
     },
 }
 _KNOWN_TOP = sorted(TOP_LEVEL_SCHEMA["properties"])
@@ -118,6 +125,10 @@ class Config:
         self._check_top_level(data)
         validate_schema(data, TOP_LEVEL_SCHEMA)
         self.data = copy.deepcopy(data)
+        if "accuracy_aware_training" in data:
+            warnings.warn(f"{source}: accuracy_aware_training is NNCF's training loop (early exit / adaptive "
+                          "compression level); fxcompress does not run it: the key stays in config.data for "
+                          "the training script (docs/nncf_configs.md)", stacklevel=3)
         self.entries = self._entries()
         self.passes = self._build_passes()
         if not self.passes:
@@ -159,7 +170,8 @@ class Config:
 
     def _build_passes(self) -> list:
         registry = algorithm_registry()
-        global_params = {k: self.data[k] for k in ("ignored_scopes", "target_device") if k in self.data}
+        global_params = {k: self.data[k] for k in ("ignored_scopes", "target_device", "compression_lr_multiplier")
+                         if k in self.data}
         passes = []
         for i, entry in enumerate(self.entries):
             path = "compression" if isinstance(self.data.get("compression"), dict) else f"compression[{i}]"

@@ -209,6 +209,10 @@ class Quantize(CompressionPass):
     @classmethod
     def from_config_entry(cls, entry: dict, path: str, global_params: dict) -> list:
         """NNCF's ``initializer.precision`` (issue 8) makes one entry two passes: Quantize, then MixedPrecision."""
+        if "compression_lr_multiplier" in global_params:
+            raise ConfigError(f"compression_lr_multiplier: not supported by quantization (docs/quantization.md); "
+                              f"remove it or set it in the entries of the algorithms that take it "
+                              f"(rb_sparsity, binarization)", path="compression_lr_multiplier")
         initializer = entry.get("initializer")
         if not isinstance(initializer, dict) or "precision" not in initializer:
             return super().from_config_entry(entry, path, global_params)
