@@ -139,6 +139,8 @@ class CompressionPass(Pass):
             params[key] = value
         if global_params.get("ignored_scopes"):
             params["ignored_scopes"] = list(global_params["ignored_scopes"]) + list(params.get("ignored_scopes", []))
+        if global_params.get("target_scopes"):  # NNCF: the top-level list wins over the entry's
+            params["target_scopes"] = list(global_params["target_scopes"])
         for key in ("target_device", "compression_lr_multiplier"):
             if key in global_params and key in cls.full_schema()["properties"]:
                 params.setdefault(key, global_params[key])

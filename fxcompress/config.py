@@ -74,6 +74,7 @@ TOP_LEVEL_SCHEMA = {
         ]},
         "target_device": COMMON_PROPERTIES["target_device"],
         "ignored_scopes": SCOPES_SCHEMA,
+        "target_scopes": SCOPES_SCHEMA,
         "log_dir": {"type": "string"},
         # NNCF: multiplies the gradients of every algorithm's compression parameters
         "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
@@ -170,8 +171,8 @@ class Config:
 
     def _build_passes(self) -> list:
         registry = algorithm_registry()
-        global_params = {k: self.data[k] for k in ("ignored_scopes", "target_device", "compression_lr_multiplier")
-                         if k in self.data}
+        global_params = {k: self.data[k] for k in ("ignored_scopes", "target_scopes", "target_device",
+                                                   "compression_lr_multiplier") if k in self.data}
         passes = []
         for i, entry in enumerate(self.entries):
             path = "compression" if isinstance(self.data.get("compression"), dict) else f"compression[{i}]"
