@@ -276,3 +276,134 @@ def test_staged_keys_take_nncfs_defaults_and_no_params_means_no_staging():
     ctrl.scheduler.attach_optimizer(optimizer)
     assert optimizer.param_groups[0]["lr"] == 0.5 and ctrl.scheduler.should_step_optimizer()
     assert all(q.module.enabled for q in ctrl.parts[0].quantizers)
+
+
+# -- NNCF-style configs end to end: compile -> initialize -> train a few steps -> export ----------------
+
+# Written as NNCF's samples are (comments, trailing commas, the scripts' keys, NNCF scope names);
+# the models are fxcompress.testing.models' torchvision look-alikes (class and attribute names as
+# torchvision's, so NNCF's scope names carry over with the class renamed).
+BINARIZATION_XNOR = """{
+    "model": "resnet18", "pretrained": false, "batch_size": 8, "epochs": 2,
+    "input_info": {"sample_size": [2, 3, 32, 32]},
+    "target_device": "VPU",   // NNCF 2.5's name of the NPU
+    "compression": [{
+        "algorithm": "binarization",
+        "mode": "xnor",
+        "params": {"activations_quant_start_epoch": 0, "weights_quant_start_epoch": 1,
+                   "lr_poly_drop_start_epoch": 1, "lr_poly_drop_duration_epochs": 1,
+                   "disable_wd_start_epoch": 1, "base_lr": 1e-3, "base_wd": 1e-5, "batch_multiplier": 1},
+        "ignored_scopes": ["{re}ResNet/NNCFLinear\\\\[fc\\\\]/.*",
+                           "{re}ResNet/NNCFConv2d\\\\[conv1\\\\]",
+                           "{re}ResNet/Sequential\\\\[layer2\\\\]/BasicBlock\\\\[0\\\\]/Sequential\\\\[downsample\\\\]/.*",
+                           "ResNet/Sequential[layer3]/BasicBlock[0]/Sequential[downsample]/Conv2d[0]",
+                           "{re}layer4\\\\.0\\\\.downsample.*",],
+    },],
+}"""
+
+RB_SPARSITY_INT8 = """{
+    /* mobilenet_v2_imagenet_rb_sparsity_int8.json, on a tiny MobileNetV2 */
+    "model": "mobilenet_v2", "dataset": "imagenet", "multiprocessing_distributed": true,
+    "input_info": {"sample_size": [2, 3, 32, 32],},
+    "target_device": "VPU",
+    "compression": [
+        {"algorithm": "rb_sparsity", "sparsity_init": 0.05,
+         "params": {"schedule": "multistep", "multistep_steps": [1], "multistep_sparsity_levels": [0.1, 0.3]},
+         "ignored_scopes": ["{re}MobileNetV2Tiny/Sequential\\\\[features\\\\]/ConvBNReLU6\\\\[0\\\\]/NNCFConv2d\\\\[0\\\\]/.*"]},
+        {"algorithm": "quantization",
+         "initializer": {"range": {"num_init_samples": 4}, "batchnorm_adaptation": {"num_bn_adaptation_samples": 4}},
+         "ignored_scopes": ["MobileNetV2Tiny/Sequential[features]/InvertedResidual[1]/__add___0",
+                            "MobileNetV2Tiny/Sequential[features]/InvertedResidual[1]/Sequential[conv]/Conv2d[1]/conv2d_0"]},
+    ],
+}"""
+
+MIXED_MANUAL_STAGED = """{
+    // resnet50_imagenet_mixed_int_manual_staged.json, on a ResNet-18 look-alike
+    "model": "resnet18", "checkpoint_save_dir": "/tmp/unused", "optimizer": {"type": "Adam", "base_lr": 1e-4},
+    "input_info": {"sample_size": [2, 3, 32, 32]},
+    "target_device": "TRIAL",
+    "compression": {
+        "algorithm": "quantization",
+        "weights": {"mode": "asymmetric", "bits": 4}, "activations": {"mode": "asymmetric", "bits": 4},
+        "initializer": {
+            "range": {"num_init_samples": 4},
+            "precision": {
+                // no "type": bitwidth_per_scope means manual
+                "bitwidth_per_scope": [
+                    [8, "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],
+                    [8, "ResNet/NNCFLinear[fc]/linear_0|WEIGHT"],
+                    [8, "ResNet/Sequential[layer1]/BasicBlock[0]/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],
+                ],
+            },
+        },
+        "params": {"batch_multiplier": 2, "activations_quant_start_epoch": 0, "weights_quant_start_epoch": 1,
+                   "lr_poly_drop_start_epoch": 1, "lr_poly_drop_duration_epochs": 1, "disable_wd_start_epoch": 1,
+                   "base_lr": 3.1e-4, "base_wd": 1e-5},
+    },
+}"""
+
+E2E = [("binarization_xnor", BINARIZATION_XNOR, "resnet18_like"),
+       ("rb_sparsity_int8", RB_SPARSITY_INT8, "mobilenet_v2_tiny"),
+       ("mixed_manual_staged", MIXED_MANUAL_STAGED, "resnet18_like")]
+
+
+def _train(ctrl, gm, batches):
+    optimizer = torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    ctrl.scheduler.attach_optimizer(optimizer)
+    for epoch in range(2):
+        for x, y in batches:
+            loss = torch.nn.functional.cross_entropy(gm(x), y) + ctrl.loss()
+            loss.backward()
+            if ctrl.scheduler.should_step_optimizer():
+                optimizer.step()
+                optimizer.zero_grad()
+            ctrl.scheduler.step()
+        ctrl.scheduler.epoch_step()
+    return optimizer
+
+
+@pytest.mark.parametrize("name,text,arch", E2E, ids=[e[0] for e in E2E])
+def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, name, text, arch):
+    import numpy as np
+    import onnxruntime as ort
+    from fxcompress import Config
+    path = tmp_path / f"{name}.json"
+    path.write_text(text)
+    config = Config.from_json(path)
+    model, _ = zoo.ARCHITECTURES[arch]()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(2)]
+    ctrl, gm = compile_for_compression(model, config, copy=True)
+    ctrl.initialize(batches)
+    before = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+    optimizer = _train(ctrl, gm, batches)
+    assert any(not torch.equal(before[k], v) for k, v in gm.state_dict().items() if k in before)  # it trained
+    stats = ctrl.statistics().to_dict()
+    if name == "binarization_xnor":
+        section = stats["binarization"]
+        binarized = {row["layer"] for row in section["layers"]}
+        assert {"fc", "conv1", "layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"} \
+            .isdisjoint(binarized)
+        assert "layer1.0.conv1" in binarized and section["stage"] == "fully_binarized"
+        assert optimizer.param_groups[0]["lr"] == 0.0  # NNCF's drop over epoch 1 ends at epoch 2
+    elif name == "rb_sparsity_int8":
+        assert ctrl.parts[1].params_device if hasattr(ctrl.parts[1], "params_device") else True
+        sparse = {row["layer"] for row in stats["rb_sparsity"]["layers"]}
+        assert "features.0.0" not in sparse and "features.1.conv.1" in sparse
+        quantizers = {n.target for n in gm.graph.nodes if n.op == "call_module" and "quantizer" in n.target}
+        assert "features_1_conv_1_weight_quantizer" not in quantizers
+        assert "features_2_conv_2_weight_quantizer" in quantizers
+        assert stats["quantization"]["target_device"] == "NPU"
+    else:
+        bits = {row["layer"]: row["bits"] for row in stats["mixed_precision"]["layers"]}
+        assert bits["conv1"] == bits["fc"] == bits["layer1.0.conv1"] == 8
+        assert {b for layer, b in bits.items() if layer not in ("conv1", "fc", "layer1.0.conv1")} == {4}
+        assert ctrl.parts[0].scheduler.stage == "fully_quantized"
+    onnx_path = ctrl.export_onnx(tmp_path / f"{name}.onnx")
+    x = batches[0][0]
+    gm.eval()
+    with torch.no_grad():
+        expected = gm(x).numpy()
+    (got,) = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    assert got.shape == expected.shape and np.isfinite(got).all()
+    print(name, float(np.abs(got - expected).max()), float(np.abs(expected).max()))
