@@ -124,7 +124,8 @@ class CompressionPass(Pass):
         """The passes an NNCF-style config entry stands for (usually one).
 
         ``params`` (NNCF's nested block) is merged into the entry; top-level
-        ``ignored_scopes`` / ``target_device`` of the config apply to every algorithm.
+        ``ignored_scopes`` / ``target_device`` of the config apply to every algorithm, and
+        ``compression_lr_multiplier`` to those with trainable compression parameters that take it.
         """
         params = {k: v for k, v in entry.items() if k not in ("algorithm", "params")}
         nested = entry.get("params", {})
@@ -138,8 +139,11 @@ class CompressionPass(Pass):
             params[key] = value
         if global_params.get("ignored_scopes"):
             params["ignored_scopes"] = list(global_params["ignored_scopes"]) + list(params.get("ignored_scopes", []))
-        if "target_device" in global_params and "target_device" in cls.full_schema()["properties"]:
-            params.setdefault("target_device", global_params["target_device"])
+        if global_params.get("target_scopes"):  # NNCF: the top-level list wins over the entry's
+            params["target_scopes"] = list(global_params["target_scopes"])
+        for key in ("target_device", "compression_lr_multiplier"):
+            if key in global_params and key in cls.full_schema()["properties"]:
+                params.setdefault(key, global_params[key])
         cls.validate(params, prefix=path)
         return [cls(**params)]
 

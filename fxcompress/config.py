@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +75,14 @@ TOP_LEVEL_SCHEMA = {
         ]},
         "target_device": COMMON_PROPERTIES["target_device"],
         "ignored_scopes": SCOPES_SCHEMA,
+        "target_scopes": SCOPES_SCHEMA,
         "log_dir": {"type": "string"},
-        "accuracy_aware_training": {"type": "object"},  # checked by fxcompress.accuracy_aware
+        # NNCF: multiplies the gradients of every algorithm's compression parameters
+        "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
+        # deprecated in NNCF 2.x; tracing decides shape specialization itself (fxcompress.tracing)
+        "disable_shape_matching": {"type": "boolean"},
+        # NNCF's accuracy-aware training loop, checked here and run by fxcompress.accuracy_aware
+        "accuracy_aware_training": {"type": "object"},
     },
 }
 _KNOWN_TOP = sorted(TOP_LEVEL_SCHEMA["properties"])
@@ -163,7 +170,8 @@ class Config:
 
     def _build_passes(self) -> list:
         registry = algorithm_registry()
-        global_params = {k: self.data[k] for k in ("ignored_scopes", "target_device") if k in self.data}
+        global_params = {k: self.data[k] for k in ("ignored_scopes", "target_scopes", "target_device",
+                                                   "compression_lr_multiplier") if k in self.data}
         passes = []
         for i, entry in enumerate(self.entries):
             path = "compression" if isinstance(self.data.get("compression"), dict) else f"compression[{i}]"

@@ -81,6 +81,18 @@ class CompositeScheduler:
     def current_epoch(self) -> int:
         return self.schedulers[0].current_epoch if self.schedulers else 0
 
+    def attach_optimizer(self, optimizer) -> "CompositeScheduler":
+        """Let the schedules that drive the optimizer (NNCF's staged quantization / binarization:
+        learning rate and weight decay) set its parameter groups from now on (docs/nncf_configs.md)."""
+        for s in self.schedulers:
+            if getattr(s, "drives_optimizer", False):
+                s.attach_optimizer(optimizer)
+        return self
+
+    def should_step_optimizer(self) -> bool:
+        """False while a staged schedule accumulates gradients (``batch_multiplier``); else True."""
+        return all(s.should_step_optimizer() for s in self.schedulers if getattr(s, "drives_optimizer", False))
+
 
 @dataclass
 class InitContext:

@@ -46,6 +46,7 @@ __all__ = [
     "polynomial_schedule", "exponential_schedule", "multistep_schedule",
     "LevelScheduler", "ConstantScheduler", "PolynomialScheduler", "ExponentialScheduler",
     "MultiStepScheduler", "AdaptiveScheduler", "SCHEDULES", "build_scheduler",
+    "StagedScheduler", "STAGED_PARAMS", "STAGED_DEFAULTS", "LR_POLY_POWER",
 ]
 
 
@@ -338,3 +339,169 @@ def build_scheduler(schedule: str, **kwargs) -> LevelScheduler:
         if "__init__" in klass.__dict__:
             accepted |= set(inspect.signature(klass.__init__).parameters) - {"self", "kwargs"}
     return cls(**{k: v for k, v in kwargs.items() if k in accepted})
+
+
+# -- NNCF's staged schedule (quantization and binarization) ---------------------------------------
+
+_EPOCH = {"type": "number", "minimum": 0}
+#: NNCF's STAGED_QUANTIZATION_PARAMS (nncf/config/schemata/algo/quantization.py): the keys of the
+#: ``params`` block of a quantization or binarization entry (merged into the pass's arguments).
+STAGED_PARAMS = {
+    "batch_multiplier": {"type": "integer", "minimum": 1},
+    "activations_quant_start_epoch": _EPOCH,
+    "weights_quant_start_epoch": _EPOCH,
+    "lr_poly_drop_start_epoch": _EPOCH,
+    "lr_poly_drop_duration_epochs": {"type": "number", "exclusiveMinimum": 0},
+    "disable_wd_start_epoch": _EPOCH,
+    "base_lr": {"type": "number", "minimum": 0},
+    "base_wd": {"type": "number", "minimum": 0},
+}
+#: NNCF's defaults (nncf/config/schemata/defaults.py) of the keys above.
+STAGED_DEFAULTS = {"batch_multiplier": 1, "activations_quant_start_epoch": 1, "weights_quant_start_epoch": 1,
+                   "lr_poly_drop_start_epoch": None, "lr_poly_drop_duration_epochs": 30,
+                   "disable_wd_start_epoch": None, "base_lr": 1e-3, "base_wd": 1e-5}
+LR_POLY_POWER = 2.1  # NNCF's PolyLRDropScheduler
+
+
+class StagedScheduler(Scheduler):
+    """NNCF's staged schedule: activations and weights switched on at their start epochs, and the
+    learning-rate / weight-decay policy of NNCF's staged-quantization sample (``PolyLRDropScheduler``).
+
+    Epoch ``e`` (counted from 0, ``epoch_step()`` at its end) runs with activations on iff
+    ``e >= activations_quant_start_epoch`` and weights on iff ``e >= weights_quant_start_epoch``
+    (NNCF counts from -1 and steps at the start of an epoch: the same epochs). A start epoch of
+    ``None`` means that group is not staged. Listeners (``on_update``) are told after every update;
+    ``on_stage_start`` callbacks run when ``epoch_step()`` reaches a start epoch (NNCF re-initializes
+    the quantizer ranges there), not when a checkpoint is loaded.
+
+    Optimizer policy at the fractional epoch ``t = e + s / n`` (``s`` optimizer steps into epoch
+    ``e``, ``n`` the steps of the previous epoch; ``t = e`` during the first):
+
+    - ``lr_hint() = base_lr`` before ``lr_poly_drop_start_epoch`` (always when it is None), then
+      ``base_lr * ((start + duration - t) / duration) ** 2.1``, 0 from ``start + duration`` on;
+    - ``wd_hint() = base_wd``, 0 once ``t > disable_wd_start_epoch``;
+    - ``attach_optimizer(optimizer)`` writes both into every parameter group now and after every
+      ``step()`` / ``epoch_step()``; ``apply_to(optimizer)`` does it once;
+    - ``should_step_optimizer()``: gradient accumulation over ``batch_multiplier`` batches (True on
+      every ``batch_multiplier``-th batch of an epoch; ask after ``backward()``, before ``step()``).
+    """
+    name = "staged"
+    drives_optimizer = True  # CompositeScheduler.attach_optimizer hands it the user's optimizer
+
+    def __init__(self, activations_quant_start_epoch: float | None = 1,
+                 weights_quant_start_epoch: float | None = 1, *, lr_poly_drop_start_epoch: float | None = None,
+                 lr_poly_drop_duration_epochs: float = 30, disable_wd_start_epoch: float | None = None,
+                 base_lr: float = 1e-3, base_wd: float = 1e-5, batch_multiplier: int = 1):
+        super().__init__()
+        if lr_poly_drop_duration_epochs <= 0:
+            raise ValueError(f"lr_poly_drop_duration_epochs must be > 0, got {lr_poly_drop_duration_epochs}")
+        if int(batch_multiplier) < 1:
+            raise ValueError(f"batch_multiplier must be >= 1, got {batch_multiplier}")
+        self.activations_quant_start_epoch = activations_quant_start_epoch
+        self.weights_quant_start_epoch = weights_quant_start_epoch
+        self.lr_poly_drop_start_epoch = lr_poly_drop_start_epoch
+        self.lr_poly_drop_duration_epochs = lr_poly_drop_duration_epochs
+        self.disable_wd_start_epoch = disable_wd_start_epoch
+        self.base_lr = base_lr
+        self.base_wd = base_wd
+        self.batch_multiplier = int(batch_multiplier)
+        self.steps_per_epoch: int | None = None  # learned at the first epoch_step
+        self.optimizers: list = []
+        self._listeners: list[Callable[["StagedScheduler"], None]] = []
+        self._stage_start: list[Callable[["StagedScheduler"], None]] = []
+
+    # -- stage ---------------------------------------------------------------------------------
+    @property
+    def activations_enabled(self) -> bool:
+        start = self.activations_quant_start_epoch
+        return start is None or self.current_epoch >= start
+
+    @property
+    def weights_enabled(self) -> bool:
+        start = self.weights_quant_start_epoch
+        return start is None or self.current_epoch >= start
+
+    def on_update(self, listener: Callable[["StagedScheduler"], None]):
+        self._listeners.append(listener)
+        listener(self)
+
+    def on_stage_start(self, callback: Callable[["StagedScheduler"], None]):
+        self._stage_start.append(callback)
+
+    def update(self):
+        for listener in self._listeners:
+            listener(self)
+        for optimizer in self.optimizers:
+            self.apply_to(optimizer)
+
+    def epoch_step(self):
+        if self.current_step:
+            self.steps_per_epoch = self.current_step
+        super().epoch_step()
+        if self.current_epoch in (self.activations_quant_start_epoch, self.weights_quant_start_epoch):
+            for callback in self._stage_start:
+                callback(self)
+
+    # -- optimizer policy ------------------------------------------------------------------------
+    @property
+    def epoch_float(self) -> float:
+        """The fractional epoch ``e + s / n`` (``e`` until the steps per epoch are known)."""
+        if not self.steps_per_epoch:
+            return float(self.current_epoch)
+        return self.current_epoch + min(self.current_step / self.steps_per_epoch, 1.0)
+
+    def lr_factor(self, epoch: float | None = None) -> float:
+        """The learning-rate multiplier at ``epoch`` (default: now): 1, then the polynomial drop to 0."""
+        t = self.epoch_float if epoch is None else float(epoch)
+        start = self.lr_poly_drop_start_epoch
+        if start is None or t < start:
+            return 1.0
+        finish = start + self.lr_poly_drop_duration_epochs
+        if t >= finish:
+            return 0.0
+        return ((finish - t) / self.lr_poly_drop_duration_epochs) ** LR_POLY_POWER
+
+    def lr_hint(self, base_lr: float | None = None, epoch: float | None = None) -> float:
+        """The learning rate to use now: ``base_lr`` (default: the config's) times ``lr_factor``."""
+        return (self.base_lr if base_lr is None else base_lr) * self.lr_factor(epoch)
+
+    def wd_hint(self, base_wd: float | None = None, epoch: float | None = None) -> float:
+        """The weight decay to use now: ``base_wd`` (default: the config's), 0 after ``disable_wd_start_epoch``."""
+        t = self.epoch_float if epoch is None else float(epoch)
+        if self.disable_wd_start_epoch is not None and t > self.disable_wd_start_epoch:
+            return 0.0
+        return self.base_wd if base_wd is None else base_wd
+
+    def apply_to(self, optimizer, base_lr: float | None = None, base_wd: float | None = None):
+        """Set ``lr`` and ``weight_decay`` of every parameter group to the hints."""
+        lr, wd = self.lr_hint(base_lr), self.wd_hint(base_wd)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+            if "weight_decay" in group:
+                group["weight_decay"] = wd
+
+    def attach_optimizer(self, optimizer):
+        """Drive ``optimizer``'s learning rate and weight decay from now on (as NNCF's staged sample)."""
+        if not hasattr(optimizer, "param_groups"):
+            raise TypeError(f"attach_optimizer expects a torch optimizer, got {type(optimizer).__name__}")
+        if all(o is not optimizer for o in self.optimizers):
+            self.optimizers.append(optimizer)
+        self.apply_to(optimizer)
+
+    def should_step_optimizer(self) -> bool:
+        """Whether this batch ends a gradient accumulation of ``batch_multiplier`` batches."""
+        return (self.current_step + 1) % self.batch_multiplier == 0
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "steps_per_epoch": self.steps_per_epoch}
+
+    def load_state_dict(self, state: dict):
+        if "steps_per_epoch" not in state:
+            raise CheckpointError(f"{type(self).__name__} state lacks 'steps_per_epoch'")
+        spe = state["steps_per_epoch"]
+        self.steps_per_epoch = None if spe is None else int(spe)
+        super().load_state_dict(state)  # restores the counters, then update() sets the stage
+
+    def describe(self) -> dict:
+        return {key: getattr(self, key) for key in STAGED_DEFAULTS}

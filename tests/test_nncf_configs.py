@@ -207,3 +207,203 @@ def test_json_errors_name_the_line_and_the_field(tmp_path):
     path.write_text(SSD_STYLE.replace('"compression"', '"compresion"'))
     with pytest.raises(ConfigError, match=r"line 12: compresion: unknown top-level key; did you mean 'compression'"):
         Config.from_json(path)
+
+
+# -- staged quantization ----------------------------------------------------------------------------
+
+STAGED = {"batch_multiplier": 2, "activations_quant_start_epoch": 0, "weights_quant_start_epoch": 1,
+          "lr_poly_drop_start_epoch": 2, "lr_poly_drop_duration_epochs": 2, "disable_wd_start_epoch": 2,
+          "base_lr": 3.1e-4, "base_wd": 1e-5}
+
+
+def _mlp_batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(n)]
+
+
+def test_staged_quantization_drives_the_users_optimizer_as_nncf():
+    from fxcompress import Config
+    model, inputs = zoo.ARCHITECTURES["mlp"]()
+    config = Config.from_dict({"input_info": {"sample_size": [2, 16]},
+                               "compression": {"algorithm": "quantization", "params": STAGED}})
+    ctrl, gm = compile_for_compression(model, config, inputs, copy=True)
+    part = ctrl.parts[0]
+    loader = _mlp_batches(4)
+    ctrl.initialize(loader)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=0.1, weight_decay=0.5)
+    ctrl.scheduler.attach_optimizer(optimizer)
+    assert optimizer.param_groups[0]["lr"] == 3.1e-4 and optimizer.param_groups[0]["weight_decay"] == 1e-5
+    weights = [q for q in part.quantizers if q.group == "weights"]
+    activations = [q for q in part.quantizers if q.group == "activations"]
+    scales_at_init = [q.module.scale.detach().clone() for q in weights]
+    lrs, wds, optimizer_steps = [], [], 0
+    for epoch in range(4):
+        assert all(q.module.enabled for q in activations)                  # activations from epoch 0
+        assert all(q.module.enabled == (epoch >= 1) for q in weights)      # weights from epoch 1
+        for x, y in loader:
+            loss = torch.nn.functional.cross_entropy(gm(x), y) / part.scheduler.batch_multiplier  # a mean
+            loss.backward()
+            if ctrl.scheduler.should_step_optimizer():
+                optimizer.step()
+                optimizer.zero_grad()
+                optimizer_steps += 1
+            ctrl.scheduler.step()
+            lrs.append(optimizer.param_groups[0]["lr"])
+            wds.append(optimizer.param_groups[0]["weight_decay"])
+        ctrl.scheduler.epoch_step()
+        if epoch == 0:  # weights switched on: their ranges re-initialized from the weights trained in float
+            changed = [not torch.equal(s, q.module.scale) for s, q in zip(scales_at_init, weights)]
+            assert all(changed)
+    assert optimizer_steps == 8  # 16 batches, one optimizer step per 2 (batch_multiplier)
+    # NNCF's PolyLRDropScheduler: base_lr until epoch 2, then base_lr * ((4 - t) / 2) ** 2.1
+    expected = [3.1e-4 * (((4 - t) / 2) ** 2.1 if 2 <= t < 4 else (0.0 if t >= 4 else 1.0))
+                for t in [e + (s + 1) / 4 if e else 0.0 for e in range(4) for s in range(4)]]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert wds == [1e-5] * 8 + [0.0] * 8  # weight decay off once t > disable_wd_start_epoch (2)
+    assert ctrl.parts[0].scheduler.stage == "fully_quantized"
+
+
+def test_staged_keys_take_nncfs_defaults_and_no_params_means_no_staging():
+    model, inputs = zoo.ARCHITECTURES["mlp"]()
+    ctrl, _ = compile_for_compression(model, [Quantize(base_lr=1e-4)], inputs)
+    part = ctrl.parts[0]
+    assert part.scheduler.activations_quant_start_epoch == 1 and part.scheduler.weights_quant_start_epoch == 1
+    assert not any(q.module.enabled for q in part.quantizers)           # NNCF: both start at epoch 1
+    ctrl.scheduler.epoch_step()
+    assert all(q.module.enabled for q in part.quantizers)
+    ctrl, gm = compile_for_compression(model, [Quantize()], inputs)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.5)
+    ctrl.scheduler.attach_optimizer(optimizer)
+    assert optimizer.param_groups[0]["lr"] == 0.5 and ctrl.scheduler.should_step_optimizer()
+    assert all(q.module.enabled for q in ctrl.parts[0].quantizers)
+
+
+# -- NNCF-style configs end to end: compile -> initialize -> train a few steps -> export ----------------
+
+# Written as NNCF's samples are (comments, trailing commas, the scripts' keys, NNCF scope names);
+# the models are fxcompress.testing.models' torchvision look-alikes (class and attribute names as
+# torchvision's, so NNCF's scope names carry over with the class renamed).
+BINARIZATION_XNOR = """{
+    "model": "resnet18", "pretrained": false, "batch_size": 8, "epochs": 2,
+    "input_info": {"sample_size": [2, 3, 32, 32]},
+    "target_device": "VPU",   // NNCF 2.5's name of the NPU
+    "compression": [{
+        "algorithm": "binarization",
+        "mode": "xnor",
+        "params": {"activations_quant_start_epoch": 0, "weights_quant_start_epoch": 1,
+                   "lr_poly_drop_start_epoch": 1, "lr_poly_drop_duration_epochs": 1,
+                   "disable_wd_start_epoch": 1, "base_lr": 1e-3, "base_wd": 1e-5, "batch_multiplier": 1},
+        "ignored_scopes": ["{re}ResNet/NNCFLinear\\\\[fc\\\\]/.*",
+                           "{re}ResNet/NNCFConv2d\\\\[conv1\\\\]",
+                           "{re}ResNet/Sequential\\\\[layer2\\\\]/BasicBlock\\\\[0\\\\]/Sequential\\\\[downsample\\\\]/.*",
+                           "ResNet/Sequential[layer3]/BasicBlock[0]/Sequential[downsample]/Conv2d[0]",
+                           "{re}layer4\\\\.0\\\\.downsample.*",],
+    },],
+}"""
+
+RB_SPARSITY_INT8 = """{
+    /* mobilenet_v2_imagenet_rb_sparsity_int8.json, on a tiny MobileNetV2 */
+    "model": "mobilenet_v2", "dataset": "imagenet", "multiprocessing_distributed": true,
+    "input_info": {"sample_size": [2, 3, 32, 32],},
+    "target_device": "VPU",
+    "compression": [
+        {"algorithm": "rb_sparsity", "sparsity_init": 0.05,
+         "params": {"schedule": "multistep", "multistep_steps": [1], "multistep_sparsity_levels": [0.1, 0.3]},
+         "ignored_scopes": ["{re}MobileNetV2Tiny/Sequential\\\\[features\\\\]/ConvBNReLU6\\\\[0\\\\]/NNCFConv2d\\\\[0\\\\]/.*"]},
+        {"algorithm": "quantization",
+         "initializer": {"range": {"num_init_samples": 4}, "batchnorm_adaptation": {"num_bn_adaptation_samples": 4}},
+         "ignored_scopes": ["MobileNetV2Tiny/Sequential[features]/InvertedResidual[1]/__add___0",
+                            "MobileNetV2Tiny/Sequential[features]/InvertedResidual[1]/Sequential[conv]/Conv2d[1]/conv2d_0"]},
+    ],
+}"""
+
+MIXED_MANUAL_STAGED = """{
+    // resnet50_imagenet_mixed_int_manual_staged.json, on a ResNet-18 look-alike
+    "model": "resnet18", "checkpoint_save_dir": "/tmp/unused", "optimizer": {"type": "Adam", "base_lr": 1e-4},
+    "input_info": {"sample_size": [2, 3, 32, 32]},
+    "target_device": "TRIAL",
+    "compression": {
+        "algorithm": "quantization",
+        "weights": {"mode": "asymmetric", "bits": 4}, "activations": {"mode": "asymmetric", "bits": 4},
+        "initializer": {
+            "range": {"num_init_samples": 4},
+            "precision": {
+                // no "type": bitwidth_per_scope means manual
+                "bitwidth_per_scope": [
+                    [8, "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],
+                    [8, "ResNet/NNCFLinear[fc]/linear_0|WEIGHT"],
+                    [8, "ResNet/Sequential[layer1]/BasicBlock[0]/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],
+                ],
+            },
+        },
+        "params": {"batch_multiplier": 2, "activations_quant_start_epoch": 0, "weights_quant_start_epoch": 1,
+                   "lr_poly_drop_start_epoch": 1, "lr_poly_drop_duration_epochs": 1, "disable_wd_start_epoch": 1,
+                   "base_lr": 3.1e-4, "base_wd": 1e-5},
+    },
+}"""
+
+E2E = [("binarization_xnor", BINARIZATION_XNOR, "resnet18_like"),
+       ("rb_sparsity_int8", RB_SPARSITY_INT8, "mobilenet_v2_tiny"),
+       ("mixed_manual_staged", MIXED_MANUAL_STAGED, "resnet18_like")]
+
+
+def _train(ctrl, gm, batches):
+    optimizer = torch.optim.SGD(gm.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    ctrl.scheduler.attach_optimizer(optimizer)
+    for epoch in range(2):
+        for x, y in batches:
+            loss = torch.nn.functional.cross_entropy(gm(x), y) + ctrl.loss()
+            loss.backward()
+            if ctrl.scheduler.should_step_optimizer():
+                optimizer.step()
+                optimizer.zero_grad()
+            ctrl.scheduler.step()
+        ctrl.scheduler.epoch_step()
+    return optimizer
+
+
+@pytest.mark.parametrize("name,text,arch", E2E, ids=[e[0] for e in E2E])
+def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, name, text, arch):
+    import numpy as np
+    import onnxruntime as ort
+    from fxcompress import Config
+    path = tmp_path / f"{name}.json"
+    path.write_text(text)
+    config = Config.from_json(path)
+    model, _ = zoo.ARCHITECTURES[arch]()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g)) for _ in range(2)]
+    ctrl, gm = compile_for_compression(model, config, copy=True)
+    ctrl.initialize(batches)
+    before = {k: v.detach().clone() for k, v in gm.state_dict().items()}
+    optimizer = _train(ctrl, gm, batches)
+    assert any(not torch.equal(before[k], v) for k, v in gm.state_dict().items() if k in before)  # it trained
+    stats = ctrl.statistics().to_dict()
+    if name == "binarization_xnor":
+        section = stats["binarization"]
+        binarized = {row["layer"] for row in section["layers"]}
+        assert {"fc", "conv1", "layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0"} \
+            .isdisjoint(binarized)
+        assert "layer1.0.conv1" in binarized and section["stage"] == "fully_binarized"
+        assert optimizer.param_groups[0]["lr"] == 0.0  # NNCF's drop over epoch 1 ends at epoch 2
+    elif name == "rb_sparsity_int8":
+        assert ctrl.parts[1].params_device if hasattr(ctrl.parts[1], "params_device") else True
+        sparse = {row["layer"] for row in stats["rb_sparsity"]["layers"]}
+        assert "features.0.0" not in sparse and "features.1.conv.1" in sparse
+        quantizers = {n.target for n in gm.graph.nodes if n.op == "call_module" and "quantizer" in n.target}
+        assert "features_1_conv_1_weight_quantizer" not in quantizers
+        assert "features_2_conv_2_weight_quantizer" in quantizers
+        assert stats["quantization"]["target_device"] == "NPU"
+    else:
+        bits = {row["layer"]: row["bits"] for row in stats["mixed_precision"]["layers"]}
+        assert bits["conv1"] == bits["fc"] == bits["layer1.0.conv1"] == 8
+        assert {b for layer, b in bits.items() if layer not in ("conv1", "fc", "layer1.0.conv1")} == {4}
+        assert ctrl.parts[0].scheduler.stage == "fully_quantized"
+    onnx_path = ctrl.export_onnx(tmp_path / f"{name}.onnx")
+    x = batches[0][0]
+    gm.eval()
+    with torch.no_grad():
+        expected = gm(x).numpy()
+    (got,) = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    assert got.shape == expected.shape and np.isfinite(got).all()
+    print(name, float(np.abs(got - expected).max()), float(np.abs(expected).max()))

@@ -34,6 +34,7 @@ from fxcompress.errors import ConfigError, NotInitializedError
 from fxcompress.graph import add_module, get_attr_value, insert_before_input, insert_on_output
 from fxcompress.optable import op_kind
 from fxcompress.pass_manager import PassContext, PassResult
+from fxcompress.schedulers import STAGED_PARAMS
 from fxcompress.weights import weighted_ops
 
 from .init import RANGE_TYPES, THRESHOLD_TYPES, initialize_binarizers
@@ -44,22 +45,9 @@ from .schedule import StagedBinarizationScheduler
 
 __all__ = ["Binarization", "BinarizationController", "BinarizedLayer"]
 
-_NUMBER = {"type": "number"}
-_EPOCH = {"type": "number", "minimum": 0}
 
-# NNCF's STAGED_QUANTIZATION_PARAMS (nncf/config/schemata/algo/quantization.py); in a JSON entry they sit
-# in its "params" block, which from_config_entry merges into the pass's keyword arguments.
-STAGED_PARAMS = {
-    "batch_multiplier": {"type": "number", "minimum": 1},
-    "activations_quant_start_epoch": _EPOCH,
-    "weights_quant_start_epoch": _EPOCH,
-    "lr_poly_drop_start_epoch": _EPOCH,
-    "lr_poly_drop_duration_epochs": {"type": "number", "exclusiveMinimum": 0},
-    "disable_wd_start_epoch": _EPOCH,
-    "base_lr": {"type": "number", "minimum": 0},
-    "base_wd": {"type": "number", "minimum": 0},
-}
-
+# NNCF's staged keys (fxcompress.schedulers.STAGED_PARAMS); in a JSON entry they sit in its "params"
+# block, which from_config_entry merges into the pass's keyword arguments.
 INITIALIZER_SCHEMA = {
     "type": "object",
     "properties": {

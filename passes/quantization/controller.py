@@ -15,6 +15,7 @@ from fxcompress.data import CalibrationData, count_samples, preserved_modes, pro
 from fxcompress.errors import CheckpointError, NotInitializedError
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
+from fxcompress.schedulers import StagedScheduler
 
 from .range_init import RangeCollector, RangeInitConfig, weight_range
 
@@ -39,41 +40,55 @@ class QuantizerInfo:
         return "weight" if self.group == "weights" else "activation"
 
 
-class QuantizationScheduler(Scheduler):
-    """Staged quantization (NNCF's ``weights_quant_start_epoch`` / ``activations_quant_start_epoch``).
+class QuantizationScheduler(StagedScheduler):
+    """Staged quantization: NNCF's ``StagedQuantizationScheduler`` and its learning-rate policy
+    (``fxcompress.schedulers.StagedScheduler``) switching this pass's quantizers.
 
-    Without start epochs it changes nothing: quantizers stay as they are.
+    ``staged``: NNCF's ``params`` keys with NNCF's defaults filled in, or None when the config
+    gives none of them: then nothing is staged (quantizers stay as they are) and the optimizer
+    is not driven.
     """
 
-    def __init__(self, quantizers: list[QuantizerInfo], weights_start: int | None = None,
-                 activations_start: int | None = None):
-        super().__init__()
+    def __init__(self, quantizers: list[QuantizerInfo], staged: dict | None = None):
+        if staged is None:
+            super().__init__(None, None)
+        else:
+            super().__init__(**staged)
+        self.drives_optimizer = staged is not None
         self.quantizers = quantizers
-        self.starts = {"weights": weights_start, "activations": activations_start}
-        self.update()
+        self.on_update(QuantizationScheduler._switch_quantizers)
 
-    def update(self):
+    def _switch_quantizers(self):
+        starts = {"weights": self.weights_quant_start_epoch, "activations": self.activations_quant_start_epoch}
         for q in self.quantizers:
-            start = self.starts.get(q.group)
+            start = starts.get(q.group)
             if start is not None:
                 q.module.enabled = self.current_epoch >= start
+
+    @property
+    def stage(self) -> str:
+        """``float``, ``activations_quantized``, ``weights_quantized`` or ``fully_quantized``."""
+        return ("float", "activations_quantized", "weights_quantized", "fully_quantized")[
+            int(self.activations_enabled) + 2 * int(self.weights_enabled)]
 
 
 class QuantizationController(ControllerPart):
     algorithm = "quantization"
 
     def __init__(self, quantizers: list[QuantizerInfo], skipped: list[dict], *, settings: dict | None = None,
-                 num_bn_adaptation_samples: int = 0, weights_start: int | None = None,
-                 activations_start: int | None = None):
+                 num_bn_adaptation_samples: int = 0, staged: dict | None = None):
         super().__init__()
         self.quantizers = list(quantizers)
         self.skipped = list(skipped)
         self.settings = dict(settings or {})
         self.num_bn_adaptation_samples = int(num_bn_adaptation_samples)
-        self.scheduler = QuantizationScheduler(self.quantizers, weights_start, activations_start)
+        self.scheduler = QuantizationScheduler(self.quantizers, staged)
+        self.scheduler.on_stage_start(self._reinit_ranges)
         self.initialized = False        # initialize() ran (ranges loaded from a checkpoint count too)
         self.bn_adapted = 0
         self._adapted_bns: list = []
+        self._distributed = False       # ranks average what initialization finds (ctrl.distributed())
+        self._init_gm = self._init_data = None
 
     # -- lookup ----------------------------------------------------------------
     @property
@@ -101,14 +116,27 @@ class QuantizationController(ControllerPart):
                 raise ValueError("initialize: quantization needs a data loader to set activation ranges: "
                                  "ctrl.initialize(loader)")
             self.init_activation_ranges(ctx.gm, ctx.data)
-        if ctx.distributed:  # BatchNorm adapts to the ranges every rank keeps
+        self._distributed = self._distributed or ctx.distributed
+        if self._distributed:  # BatchNorm adapts to the ranges every rank keeps
             average_ranges_across_ranks(q.module for q in self.quantizers)
+        self._init_gm, self._init_data = ctx.gm, ctx.data  # for the range re-init at a stage start
         self._adapted_bns = []
         if ctx.data is not None and self.num_bn_adaptation_samples > 0:
             self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples,
                                                 "quantization: BatchNorm adaptation")
         self.bn_adapted = len(self._adapted_bns)
         self.initialized = True
+
+    def _reinit_ranges(self, scheduler=None):
+        """NNCF's staged scheduler re-initializes the ranges when a group is switched on: the weights
+        trained in float until then, and the activations changed with them."""
+        if not self.initialized or self._init_gm is None:
+            return
+        self.init_weight_ranges(self._init_gm)
+        if self._init_data is not None and self.needs_data():
+            self.init_activation_ranges(self._init_gm, self._init_data)
+        if self._distributed:
+            average_ranges_across_ranks(q.module for q in self.quantizers)
 
     def _quantizer_nodes(self, gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
         return {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
@@ -185,6 +213,7 @@ class QuantizationController(ControllerPart):
 
     def distributed(self):
         """Every rank gets the mean of the ranges (and adapted BatchNorm statistics) the ranks found."""
+        self._distributed = True  # ranges re-initialized at a stage start are averaged too
         average_ranges_across_ranks(q.module for q in self.quantizers)
         average_batchnorm_statistics(self._adapted_bns)
 

@@ -37,6 +37,7 @@ from fxcompress.optable import op_kind
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.patterns import Chain, Step
 from fxcompress.quantizers import FakeQuantizer
+from fxcompress.schedulers import STAGED_DEFAULTS, STAGED_PARAMS
 from fxcompress.scopes import ScopeSet
 from fxcompress.weights import WEIGHTED_KINDS, weighted_ops
 
@@ -107,9 +108,9 @@ QUANTIZATION_SCHEMA = {
         "quantize_outputs": {"type": "boolean"},
         "fold_bn": {"type": "boolean"},
         "learnable_ranges": {"type": "boolean"},
-        # NNCF's staged quantization ("params" block): quantizers switch on at these epochs.
-        "weights_quant_start_epoch": {"type": "integer", "minimum": 0},
-        "activations_quant_start_epoch": {"type": "integer", "minimum": 0},
+        # NNCF's staged quantization ("params" block): quantizers switch on at the start epochs, and
+        # the learning-rate policy drives an attached optimizer (fxcompress.schedulers.StagedScheduler).
+        **STAGED_PARAMS,
         # Deprecated in NNCF; the export is always standard QuantizeLinear/DequantizeLinear here.
         "export_to_onnx_standard_ops": {"type": "boolean"},
     },
@@ -205,6 +206,10 @@ class Quantize(CompressionPass):
     @classmethod
     def from_config_entry(cls, entry: dict, path: str, global_params: dict) -> list:
         """NNCF's ``initializer.precision`` (issue 8) makes one entry two passes: Quantize, then MixedPrecision."""
+        if "compression_lr_multiplier" in global_params:
+            raise ConfigError(f"compression_lr_multiplier: not supported by quantization (docs/quantization.md); "
+                              f"remove it or set it in the entries of the algorithms that take it "
+                              f"(rb_sparsity, binarization)", path="compression_lr_multiplier")
         initializer = entry.get("initializer")
         if not isinstance(initializer, dict) or "precision" not in initializer:
             return super().from_config_entry(entry, path, global_params)
@@ -217,6 +222,13 @@ class Quantize(CompressionPass):
         mixed_precision = algorithm_registry()["mixed_precision"]  # passes do not import each other
         mixed_precision.validate(precision, prefix=f"{path}.initializer.precision")
         return passes + [mixed_precision(**precision)]
+
+    def staged_params(self) -> dict | None:
+        """NNCF's staged-quantization keys with NNCF's defaults, or None when none is given (as NNCF
+        uses its staged scheduler only for a non-empty ``params`` block)."""
+        if not any(key in self.params for key in STAGED_PARAMS):
+            return None
+        return {key: self.params.get(key, default) for key, default in STAGED_DEFAULTS.items()}
 
     # -- the pass ----------------------------------------------------------------
     def _validate_all_scopes(self, gm: torch.fx.GraphModule):
@@ -255,8 +267,7 @@ class Quantize(CompressionPass):
             settings["folded_batch_norms"] = len(folded)
         return QuantizationController(
             infos, skipped, settings=settings, num_bn_adaptation_samples=self.num_bn_adaptation_samples,
-            weights_start=self.params.get("weights_quant_start_epoch"),
-            activations_start=self.params.get("activations_quant_start_epoch"))
+            staged=self.staged_params())
 
 
 def _unsupported_weighted(gm: torch.fx.GraphModule) -> list[dict]:
