@@ -219,3 +219,27 @@ def test_early_exit_stops_at_the_first_epoch_within_budget(digits):
     assert all(a < minimal for a in accuracies[:-1]) and accuracies[-1] >= minimal
     assert trained == list(range(len(accuracies) - 1)) and loop.cumulative_epochs == len(trained) < 10
     assert evaluate_accuracy(gm, test) == accuracies[-1]
+
+
+def test_early_exit_without_meeting_the_budget_restores_the_most_accurate_epoch():
+    part = ScriptedLevel(0.5)
+    model = torch.nn.Linear(1, 1)
+    ctrl = CompressionController(None, [part])
+    accuracies = iter([0.5, 0.9, 0.7])  # before training, after epoch 1, after epoch 2
+    lines = []
+    loop = create_accuracy_aware_training_loop(
+        block("early_exit", maximal_absolute_accuracy_degradation=0.01, maximal_total_epochs=2), ctrl, 0.99,
+        report=lines.append)
+
+    def train_epoch(ctrl_, model_, epoch, optimizer, lr_scheduler):
+        with torch.no_grad():
+            model_.weight.fill_(epoch + 1)
+
+    def validate(model_, epoch=None):
+        return next(accuracies, float(model_.weight))
+
+    loop.run(model, train_epoch, validate)  # no optimizers: configure_optimizers_fn is optional
+    assert [(r.epoch, r.phase, r.accuracy) for r in loop.history] == [
+        (0, "early_exit", 0.5), (1, "early_exit", 0.9), (2, "early_exit", 0.7), (2, "final", 1.0)]
+    assert model.weight.item() == 1.0  # the weights after epoch 1, the most accurate
+    assert "not met in 2 epochs" in lines[-2]
