@@ -243,3 +243,40 @@ def test_early_exit_without_meeting_the_budget_restores_the_most_accurate_epoch(
         (0, "early_exit", 0.5), (1, "early_exit", 0.9), (2, "early_exit", 0.7), (2, "final", 1.0)]
     assert model.weight.item() == 1.0  # the weights after epoch 1, the most accurate
     assert "not met in 2 epochs" in lines[-2]
+
+
+def test_set_compression_rate_fixes_the_level_of_sparsity_and_pruning_controllers():
+    from fxcompress.passes import FilterPruning, RBSparsity
+    from fxcompress.testing import DigitsCNN
+    model = DigitsCNN(seed=0).eval()
+    x = model.example_input()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, gm = compile_for_compression(model, [
+            MagnitudeSparsity(sparsity_target=0.5, sparsity_target_epoch=10),
+            FilterPruning(pruning_target=0.5, pruning_steps=10, prune_first_conv=True)], x, copy=True)
+        rb_ctrl, _ = compile_for_compression(model, [RBSparsity(sparsity_target=0.5, sparsity_target_epoch=10)], x,
+                                             copy=True)
+    magnitude, pruning = ctrl.parts
+    magnitude.set_compression_rate(0.7)
+    pruning.set_compression_rate(0.25)
+    rb_ctrl.parts[0].set_compression_rate(0.6)
+    for _ in range(3):  # the schedules move on; the fixed levels stay
+        ctrl.scheduler.epoch_step()
+        rb_ctrl.scheduler.epoch_step()
+    stats = ctrl.statistics().to_dict()
+    assert stats["magnitude_sparsity"]["sparsity"] == pytest.approx(0.7, abs=1e-4)
+    assert stats["magnitude_sparsity"]["current_target"] == magnitude.compression_rate == 0.7
+    assert stats["filter_pruning"]["pruning_level"] == pruning.compression_rate == 0.25
+    assert [row["pruned"] for row in stats["filter_pruning"]["layers"]] == [4, 8, 8]  # a quarter of 16, 32, 32
+    assert rb_ctrl.statistics().to_dict()["rb_sparsity"]["target_density"] == pytest.approx(0.4)
+    # after a checkpoint round trip the same level does not recompute the masks
+    masks = [layer.mask.mask.clone() for layer in magnitude.layers]
+    state = ctrl.state_dict()
+    with torch.no_grad():
+        gm.conv2.weight.mul_(-1).add_(1)  # weights that would give other masks
+    ctrl.load_state_dict(state)
+    magnitude.set_compression_rate(0.7)
+    assert all(torch.equal(m, layer.mask.mask) for m, layer in zip(masks, magnitude.layers))
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        magnitude.set_compression_rate(1.0)
