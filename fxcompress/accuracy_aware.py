@@ -194,7 +194,7 @@ class _BaseLoop:
         self._train_epoch_fn, self._validate_fn = train_epoch_fn, validate_fn
         self._configure_optimizers_fn, self._dump_checkpoint_fn = configure_optimizers_fn, dump_checkpoint_fn
         if self.uncompressed_accuracy is None:
-            self.uncompressed_accuracy = float(validate_fn(self.uncompressed_model, epoch=0))
+            self.uncompressed_accuracy = self._measure(self.uncompressed_model)
         self.history, self.cumulative_epochs, self.best = [], 0, None
         self._configure_optimizers()
 
@@ -224,10 +224,13 @@ class _BaseLoop:
         self.training_epochs += 1
         self.cumulative_epochs += 1
 
-    def _validate(self, model, phase: str, step: float | None = None) -> float:
+    def _measure(self, model) -> float:
         import torch
         with torch.no_grad():
-            accuracy = float(self._validate_fn(model, epoch=self.cumulative_epochs))
+            return float(self._validate_fn(model, epoch=self.cumulative_epochs))
+
+    def _validate(self, model, phase: str, step: float | None = None) -> float:
+        accuracy = self._measure(model)
         self.best_accuracy_since_reset = max(self.best_accuracy_since_reset, accuracy)
         record = EpochRecord(self.cumulative_epochs, phase, self.compression_rate, accuracy,
                              accuracy - self.minimal_tolerable_accuracy, step)
@@ -247,6 +250,10 @@ class _BaseLoop:
         self.report(f"[accuracy-aware {self.mode}] epoch {r.epoch} ({r.phase}): compression rate {rate}{step}, "
                     f"accuracy {r.accuracy:.4f} (uncompressed {self.uncompressed_accuracy:.4f}, minimal "
                     f"tolerable {self.minimal_tolerable_accuracy:.4f}), budget {r.accuracy_budget:+.4f}")
+
+    def _note(self, message: str):
+        if self.report is not None:
+            self.report(f"[accuracy-aware {self.mode}] {message}")
 
     # -- the best model -----------------------------------------------------------------------
     def _keep(self, model, accuracy: float):
@@ -322,7 +329,11 @@ class EarlyExitCompressionTrainingLoop(_BaseLoop):
         self._start(model, train_epoch_fn, validate_fn, configure_optimizers_fn, dump_checkpoint_fn)
         if self._early_exit_phase(model, self.params["maximal_total_epochs"], EARLY_EXIT):
             return self._finish(model)
-        if self.best is not None:  # the budget was never met: the most accurate compressed epoch
+        if self.best is None:
+            self._note("the compression schedules never reached their targets; the model is left as trained last")
+        else:  # the budget was never met: the most accurate fully compressed epoch
+            self._note(f"the accuracy budget was not met in {self.params['maximal_total_epochs']} epochs; "
+                       f"restoring the most accurate fully compressed epoch")
             self._restore_best(model)
             self._validate(model, "final")
         return self._finish(model)
@@ -421,9 +432,6 @@ class AdaptiveCompressionTrainingLoop(EarlyExitCompressionTrainingLoop):
         self._validate(model, "final")
         return self._finish(model)
 
-    def _note(self, message: str):
-        if self.report is not None:
-            self.report(f"[accuracy-aware {self.mode}] {message}")
 
 
 _LOOPS = {EARLY_EXIT: EarlyExitCompressionTrainingLoop, ADAPTIVE: AdaptiveCompressionTrainingLoop}

@@ -259,6 +259,7 @@ def _ddp_worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes (as the quantization DDP test)
 def test_distributed_data_parallel_averages_the_distillation_gradients():
     import socket
     import torch.multiprocessing as mp
