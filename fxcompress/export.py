@@ -45,8 +45,10 @@ import torch
 from .tracing import normalize_example_inputs
 
 __all__ = ["export_onnx", "register_onnx_translation", "onnx_translations", "DEFAULT_OPSET",
-           "quantize_dequantize", "dequantize_weight", "storage_dtype"]
+           "quantize_dequantize", "dequantize_weight", "storage_dtype", "SIGNED_TO_UNSIGNED"]
 
+# Added to a signed 8-bit activation grid's integers (and zero point) to write it as uint8: same values.
+SIGNED_TO_UNSIGNED = 128
 DEFAULT_OPSET = 21  # 4-bit QDQ needs opset 21 (OPENVINO.md); ORT and OpenVINO read it.
 _TRANSLATIONS: dict = {}
 
@@ -262,6 +264,51 @@ def _store_quantized_constants(model) -> int:
     return stored
 
 
+# Ops through which ONNX Runtime's QDQPropagationTransformer moves a DequantizeLinear.
+_SHAPE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Gather",
+                        "Expand", "Identity", "Tile", "Split"})
+
+
+def _unsigned_before_shape_ops(model) -> int:
+    """Write an int8 activation QDQ that a shape op reads as uint8 (integers and zero point + 128).
+
+    The same values. ONNX Runtime 1.32's default session cannot load int8 activation
+    QDQ ahead of a shape op (its QDQ propagation and its x86 int8-to-uint8 rewrite
+    together produce an invalid QuantizeLinear; reproduction in docs/export.md). The
+    lowering writes such activations as uint8 already; this catches the shape ops the
+    exporter's decompositions add (scaled_dot_product_attention). Returns how many.
+    """
+    import numpy as np
+    import onnx_ir as ir
+    graph = model.graph
+    changed = 0
+    for node in list(graph):
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 3:
+            continue
+        zero_point = node.inputs[2]
+        if zero_point is None or zero_point.const_value is None:
+            continue
+        zp = zero_point.const_value.numpy()
+        if zp.dtype != np.int8:
+            continue
+        dequantizers = [user for user, _ in node.outputs[0].uses()]
+        if not all(d.op_type == "DequantizeLinear" and d.inputs[2] is zero_point for d in dequantizers):
+            continue
+        if not any(user.op_type in _SHAPE_OPS for d in dequantizers for user, _ in d.outputs[0].uses()):
+            continue
+        name = f"{zero_point.name}_uint8"
+        shifted = ir.Value(name=name, const_value=ir.tensor((zp.astype(np.int16) + SIGNED_TO_UNSIGNED)
+                                                          .astype(np.uint8), name=name))
+        graph.register_initializer(shifted)
+        for q_or_dq in [node, *dequantizers]:
+            q_or_dq.replace_input_with(2, shifted)
+        if "output_dtype" in node.attributes:
+            del node.attributes["output_dtype"]
+        node.outputs[0].dtype = ir.DataType.UINT8
+        changed += 1
+    return changed
+
+
 _TORCHLIB_REGISTRIES: dict = {}
 
 
@@ -333,6 +380,7 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
     if optimize:
         _optimize(program)
         _store_quantized_constants(program.model)
+    _unsigned_before_shape_ops(program.model)
     program.save(path)
     expected = _count_weight_dequantizations(module)
     if expected:

@@ -61,6 +61,10 @@ OPS: tuple[OpKind, ...] = (
            weight_arg=1, bias_arg=2, weight_out_axis=1, tags=frozenset({"weighted", "int8_compute"})),
     OpKind("linear", (nn.Linear,), (F.linear,), weight_arg=1, bias_arg=2, weight_out_axis=0,
            tags=frozenset({"weighted", "int8_compute"})),
+    # torch.addmm(bias, x, weight) with a [in, out] weight: a linear layer with a transposed weight, as
+    # transformers' Conv1D (GPT-2 and others) computes it; output channels on weight axis 1.
+    OpKind("addmm", (), (torch.addmm,), ("addmm",), weight_arg=2, bias_arg=0, weight_out_axis=1,
+           tags=frozenset({"weighted", "int8_compute"})),
     OpKind("matmul", (), (operator.matmul, torch.matmul, torch.bmm, torch.mm), ("matmul", "bmm", "mm"),
            tags=frozenset({"int8_compute"})),
     # q, k, v are its first three inputs; OpenVINO runs it (fused) in int8 when they are quantized.

@@ -27,7 +27,7 @@ from .optable import OpKind, op_kind
 
 __all__ = ["WeightedOp", "weighted_ops", "functionalize", "WEIGHTED_KINDS"]
 
-WEIGHTED_KINDS = ("conv", "conv_transpose", "linear")
+WEIGHTED_KINDS = ("conv", "conv_transpose", "linear", "addmm")  # addmm: transformers' Conv1D (GPT-2)
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,

@@ -60,6 +60,8 @@ __all__ = [
     "SESpec", "RareConvSpec", "HeadSpec",
     "MLPSpec", "LinearSpec", "ResidualLinearSpec", "ConcatLinearSpec",
     "AttentionNetSpec", "AttentionSpec",
+    "InvertedResidualSpec", "ShuffleSpec", "ConvNeXtSpec", "channel_shuffle", "deployment_models",
+    "EXAMPLE_BLOCK_NETS",
 ]
 
 MAX_CHANNELS = 32
@@ -795,6 +797,177 @@ def _draw_rare(draw: Any, c: int, h: int, w: int):
     return spec, (spec.out_ch, *spec.out_hw(h, w))
 
 
+# --------------------- deployment blocks (MobileNet, ShuffleNet, ConvNeXt) ---------------------
+
+MOBILE_ACTIVATIONS: tuple[str, ...] = ("nn.ReLU6", "F.relu6", "F.hardtanh(0,6)", "nn.Hardswish", "F.hardswish",
+                                       "nn.SiLU", "F.silu")
+
+
+@dataclass(frozen=True)
+class InvertedResidualSpec:
+    """MobileNetV2/V3 block: [1x1 expand+BN+act] -> kxk depthwise+BN+act -> [squeeze-excite]
+    -> 1x1 project+BN, plus the input when the shape allows (stride 1, same channels)."""
+
+    in_ch: int
+    hidden: int        # == in_ch: no expansion conv
+    out_ch: int
+    kernel: int
+    stride: int
+    act: str           # a MOBILE_ACTIVATIONS entry
+    se: SESpec | None
+
+    @property
+    def residual(self) -> bool:
+        return self.stride == 1 and self.in_ch == self.out_ch
+
+    def build(self) -> nn.Module:
+        return InvertedResidual(self)
+
+    def __str__(self) -> str:
+        se = f", {self.se}" if self.se is not None else ""
+        return (f"inverted_residual({self.in_ch}->{self.hidden}->{self.out_ch}, dw{self.kernel}x{self.kernel}"
+                f" s{self.stride}, act={self.act}{se}{', +x' if self.residual else ''})")
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, spec: InvertedResidualSpec):
+        super().__init__()
+        k = spec.kernel
+        self.expand = (ConvBNAct(ConvSpec(spec.in_ch, spec.hidden, 1, 1, 0, 1, False, True, spec.act))
+                       if spec.hidden != spec.in_ch else None)
+        self.depthwise = ConvBNAct(ConvSpec(spec.hidden, spec.hidden, k, spec.stride, k // 2, spec.hidden, False,
+                                            True, spec.act))
+        self.se = SEBlock(spec.se) if spec.se is not None else None
+        self.project = ConvBNAct(ConvSpec(spec.hidden, spec.out_ch, 1, 1, 0, 1, False, True, "none"))
+        self.residual = spec.residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.expand(x) if self.expand is not None else x
+        y = self.depthwise(y)
+        if self.se is not None:
+            y = self.se(y)
+        y = self.project(y)
+        return x + y if self.residual else y
+
+
+SHUFFLE_FORMS: tuple[str, ...] = ("view+transpose+view", "reshape+permute+flatten")
+
+
+def channel_shuffle(x: torch.Tensor, groups: int, form: str) -> torch.Tensor:
+    """ShuffleNet's channel shuffle written as ``form``."""
+    n, c, h, w = x.shape
+    if form == "view+transpose+view":
+        return x.view(n, groups, c // groups, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+    if form == "reshape+permute+flatten":
+        return x.reshape(n, groups, c // groups, h, w).permute(0, 2, 1, 3, 4).flatten(1, 2)
+    raise ValueError(f"unknown shuffle form {form!r}")
+
+
+@dataclass(frozen=True)
+class ShuffleSpec:
+    """ShuffleNetV2 unit (stride 1): split channels in two halves, one through
+    1x1(+grouped)+BN+ReLU -> 3x3 depthwise+BN -> 1x1+BN+ReLU, concat, channel shuffle."""
+
+    channels: int       # even
+    branch_groups: int  # groups of the branch's first 1x1 conv (ShuffleNetV1-style grouped 1x1 when > 1)
+    split: str          # "chunk" or "slice"
+    shuffle: str        # a SHUFFLE_FORMS entry
+
+    def build(self) -> nn.Module:
+        return ShuffleUnit(self)
+
+    def __str__(self) -> str:
+        g = f"g{self.branch_groups}," if self.branch_groups > 1 else ""
+        return f"shuffle_unit({self.channels}, {g}split={self.split}, shuffle='{self.shuffle}')"
+
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, spec: ShuffleSpec):
+        super().__init__()
+        half = spec.channels // 2
+        self.branch = nn.Sequential(
+            ConvBNAct(ConvSpec(half, half, 1, 1, 0, spec.branch_groups, False, True, "nn.ReLU")),
+            ConvBNAct(ConvSpec(half, half, 3, 1, 1, half, False, True, "none")),
+            ConvBNAct(ConvSpec(half, half, 1, 1, 0, 1, False, True, "nn.ReLU")))
+        self.split, self.shuffle = spec.split, spec.shuffle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.split == "chunk":
+            a, b = x.chunk(2, dim=1)
+        else:
+            half = x.shape[1] // 2
+            a, b = x[:, :half], x[:, half:]
+        return channel_shuffle(torch.cat([a, self.branch(b)], 1), 2, self.shuffle)
+
+
+@dataclass(frozen=True)
+class ConvNeXtSpec:
+    """ConvNeXt block: kxk depthwise -> permute to NHWC -> LayerNorm -> Linear(c, e*c) -> GELU
+    -> Linear(e*c, c) -> [layer scale] -> permute back -> + x."""
+
+    channels: int
+    kernel: int
+    expansion: int
+    layer_scale: bool
+    permute: str        # "permute" or "x.permute"
+
+    def build(self) -> nn.Module:
+        return ConvNeXtBlock(self)
+
+    def __str__(self) -> str:
+        return (f"convnext({self.channels}, dw{self.kernel}x{self.kernel}, LN, x{self.expansion} mlp"
+                f"{', layer scale' if self.layer_scale else ''}, {self.permute})")
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, spec: ConvNeXtSpec):
+        super().__init__()
+        c = spec.channels
+        self.dwconv = nn.Conv2d(c, c, spec.kernel, padding=spec.kernel // 2, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.pwconv1 = nn.Linear(c, spec.expansion * c)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(spec.expansion * c, c)
+        self.gamma = nn.Parameter(0.5 + torch.rand(c)) if spec.layer_scale else None
+        self.permute_form = spec.permute
+
+    def _permute(self, x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return torch.permute(x, dims) if self.permute_form == "permute" else x.permute(*dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._permute(self.dwconv(x), (0, 2, 3, 1))
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        if self.gamma is not None:
+            y = self.gamma * y
+        return x + self._permute(y, (0, 3, 1, 2))
+
+
+def _draw_inverted_residual(draw: Any, c: int, h: int, w: int):
+    hidden = c * draw(st.sampled_from([m for m in (1, 2, 4) if c * m <= MAX_CHANNELS] or [1]))
+    stride = draw(st.sampled_from([1, 2])) if min(h, w) >= 4 else 1
+    out = draw(st.one_of(st.just(c), st.integers(1, MAX_CHANNELS)))
+    se = None
+    if draw(st.booleans()):
+        se = SESpec(hidden, max(1, hidden // 4), "F.adaptive_avg_pool2d", "nn.ReLU",
+                    draw(st.sampled_from(["F.hardsigmoid", "nn.Sigmoid"])), draw(st.sampled_from(["*", "torch.mul"])))
+    spec = InvertedResidualSpec(c, hidden, out, draw(st.sampled_from([3, 5])), stride,
+                                draw(st.sampled_from(MOBILE_ACTIVATIONS)), se)
+    return spec, (out, (h - 1) // stride + 1, (w - 1) // stride + 1)
+
+
+def _draw_shuffle(draw: Any, c: int, h: int, w: int):
+    half = c // 2
+    groups = draw(st.sampled_from([g for g in _divisors(half) if g <= 4]))
+    return ShuffleSpec(c, groups, draw(st.sampled_from(["chunk", "slice"])),
+                       draw(st.sampled_from(SHUFFLE_FORMS))), (c, h, w)
+
+
+def _draw_convnext(draw: Any, c: int, h: int, w: int):
+    spec = ConvNeXtSpec(c, draw(st.sampled_from([3, 7])), draw(st.sampled_from([2, 4])), draw(st.booleans()),
+                        draw(st.sampled_from(["permute", "x.permute"])))
+    return spec, (c, h, w)
+
+
 _BLOCK_DRAWERS: dict[str, Callable[..., Any]] = {
     "conv": _draw_conv_block,
     "residual": _draw_residual,
@@ -802,7 +975,11 @@ _BLOCK_DRAWERS: dict[str, Callable[..., Any]] = {
     "merge": _draw_merge,
     "squeeze_excite": _draw_se,
     "rare_conv": _draw_rare,
+    "inverted_residual": _draw_inverted_residual,
+    "shuffle_unit": _draw_shuffle,
+    "convnext": _draw_convnext,
 }
+DEPLOYMENT_BLOCKS: tuple[str, ...] = ("inverted_residual", "shuffle_unit", "convnext")
 
 
 def _draw_head(draw: Any, c: int, h: int, w: int) -> HeadSpec:
@@ -826,11 +1003,15 @@ def _draw_head(draw: Any, c: int, h: int, w: int) -> HeadSpec:
 
 @st.composite
 def conv_nets(draw: Any, *, include_rare_ops: bool = False, min_blocks: int = 2,
-              max_blocks: int = 4, batch_size: int = 2, multi_output: bool = False) -> ModelCase:
+              max_blocks: int = 4, batch_size: int = 2, multi_output: bool = False,
+              deployment_blocks: bool = False) -> ModelCase:
     """Random valid CNNs over ``[batch_size, C, H, W]`` inputs (C in {1, 3, 4},
     H, W in 8..16), ``min_blocks..max_blocks`` blocks (the first a conv, residual
     or merge block; later ones also pooling, squeeze-excite and, with
-    ``include_rare_ops=True``, Conv1d / Conv3d / ConvTranspose2d), then a head."""
+    ``include_rare_ops=True``, Conv1d / Conv3d / ConvTranspose2d), then a head.
+    ``deployment_blocks=True`` adds MobileNet inverted residuals (ReLU6/hardswish/SiLU,
+    squeeze-excite), ShuffleNet units (channel split, concat, channel shuffle, grouped
+    1x1) and ConvNeXt blocks (depthwise conv, permutes, LayerNorm, linears)."""
     seed = draw(_SEEDS)
     c0 = draw(st.sampled_from([3, 1, 4]))
     h0 = draw(st.integers(8, 16))
@@ -839,11 +1020,14 @@ def conv_nets(draw: Any, *, include_rare_ops: bool = False, min_blocks: int = 2,
     kinds = ["conv", "residual", "pool", "merge", "squeeze_excite"]
     if include_rare_ops:
         kinds.append("rare_conv")
+    if deployment_blocks:
+        kinds += DEPLOYMENT_BLOCKS
     blocks = []
     if not 1 <= min_blocks <= max_blocks:
         raise ValueError(f"need 1 <= min_blocks <= max_blocks, got {min_blocks}, {max_blocks}")
     for i in range(draw(st.integers(min_blocks, max_blocks))):
-        allowed = [k for k in kinds if not (k == "pool" and min(h, w) < 2)]
+        allowed = [k for k in kinds if not (k == "pool" and min(h, w) < 2)
+                   and not (k == "shuffle_unit" and c % 2)]
         if i == 0:
             allowed = ["conv", "residual", "merge"]
         kind = draw(st.sampled_from(allowed))
@@ -1279,3 +1463,36 @@ def models(*, include_rare_ops: bool = False, multi_output: bool = False
         mlps(multi_output=multi_output),
         attention_blocks(include_rare_ops=include_rare_ops, multi_output=multi_output),
     )
+
+
+def deployment_models() -> st.SearchStrategy[ModelCase]:
+    """Models the way deployed architectures are built: conv nets with MobileNet / ShuffleNet /
+    ConvNeXt blocks, and attention blocks (explicit or ``F.scaled_dot_product_attention``)."""
+    return st.one_of(conv_nets(deployment_blocks=True, max_blocks=3),
+                     attention_blocks(include_rare_ops=True, max_blocks=1))
+
+
+def _example_net(*blocks: Any, channels: int, seed: int = 0) -> nn.Module:
+    stem = ConvSpec(3, blocks[0].in_ch if hasattr(blocks[0], "in_ch") else channels, 3, 2, 1, 1, False, True,
+                    "nn.Hardswish")
+    head = HeadSpec("nn.AdaptiveAvgPool2d(1)", "torch.flatten(x,1)", channels, 16, "nn.Hardswish", 0.0, 10)
+    return ConvNetSpec(seed, (2, 3, 16, 16), (ConvBlockSpec(stem), *blocks), head).build().model
+
+
+def _se(c: int) -> SESpec:
+    return SESpec(c, max(1, c // 4), "F.adaptive_avg_pool2d", "nn.ReLU", "F.hardsigmoid", "*")
+
+
+# Fixed nets of the deployment blocks on [2, 3, 16, 16] inputs (a stem conv, the blocks, a pooled
+# linear head), for benchmarks and example-based tests.
+EXAMPLE_BLOCK_NETS: dict[str, Callable[[], nn.Module]] = {
+    "mobilenet_v3_blocks": lambda: _example_net(
+        InvertedResidualSpec(8, 8, 8, 3, 1, "nn.ReLU6", _se(8)),
+        InvertedResidualSpec(8, 32, 16, 5, 2, "nn.Hardswish", _se(32)),
+        InvertedResidualSpec(16, 48, 16, 3, 1, "nn.Hardswish", None), channels=16),
+    "shufflenet_blocks": lambda: _example_net(
+        ShuffleSpec(16, 1, "chunk", "view+transpose+view"), ShuffleSpec(16, 2, "slice", "reshape+permute+flatten"),
+        channels=16),
+    "convnext_blocks": lambda: _example_net(
+        ConvNeXtSpec(16, 7, 4, True, "permute"), ConvNeXtSpec(16, 3, 2, False, "x.permute"), channels=16),
+}

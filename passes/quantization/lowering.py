@@ -31,6 +31,7 @@ quantizer node it replaces and its name; ``inserted_by`` names the lowering pass
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxcompress.errors import PassError
-from fxcompress.export import storage_dtype
+from fxcompress.export import SIGNED_TO_UNSIGNED, storage_dtype
 from fxcompress.graph import copy_meta, get_attr_value, unique_name
 from fxcompress.optable import kind_of
 from fxcompress.pass_manager import Pass, PassContext, PassResult
@@ -338,6 +339,58 @@ class FoldBatchNorm(Pass):
         return None
 
 
+# Ops that only move or select values: a quantized tensor's values stay on its grid through them.
+_SHAPE_KINDS = frozenset({"flatten", "reshape", "transpose", "dropout", "identity"})
+# Consumers OpenVINO runs in int8 only with signed activations: matmuls of two activations
+# (q @ k^T). scaled_dot_product_attention is not here: the exporter decomposes it with reshapes
+# and a Mul between its inputs and the MatMul, so its inputs are never int8 MatMul operands.
+_SIGNED_CONSUMERS = frozenset({"matmul"})
+
+
+def _is_shape_op_on(node: torch.fx.Node, tensor: torch.fx.Node, gm) -> bool:
+    """``node`` reshapes/permutes/slices ``tensor`` (its first argument)."""
+    if not node.args or node.args[0] is not tensor:
+        return False
+    if node.op == "call_function" and node.target is operator.getitem:
+        return True  # slicing a tensor (tuples of chunk/split outputs are not quantizer outputs)
+    return kind_of(node, gm) in _SHAPE_KINDS
+
+
+def _consumers(gm, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The users of ``node``'s values, looking through shape ops."""
+    out = []
+    for user in node.users:
+        out += _consumers(gm, user) if _is_shape_op_on(user, node, gm) else [user]
+    return out
+
+
+def _feeds_only_activation_matmuls(gm, node: torch.fx.Node) -> bool:
+    consumers = _consumers(gm, node)
+    return bool(consumers) and all(kind_of(c, gm) in _SIGNED_CONSUMERS for c in consumers)
+
+
+def _sink_through_shape_ops(gm: torch.fx.GraphModule, qdq: torch.fx.Node):
+    """Move a per-tensor activation QDQ below the shape ops that read it, next to its consumers.
+
+    ``view(QDQ(x))`` becomes ``QDQ(view(x))``: the same values (a shape op moves values,
+    the quantizer maps each one alone). ONNX Runtime's QDQ propagation moves int8 QDQ
+    across shape ops itself and then fails to load the file (docs/export.md); a QDQ that
+    already sits at its consumer is left alone.
+    """
+    graph = gm.graph
+    for user in list(qdq.users):
+        if not _is_shape_op_on(user, qdq, gm):
+            continue
+        user.args = (qdq.args[0],) + tuple(user.args[1:])
+        with graph.inserting_after(user):
+            moved = graph.call_function(_QUANTIZE_DEQUANTIZE, (user, *qdq.args[1:]))
+        user.replace_all_uses_with(moved, delete_user_cb=lambda n: n is not moved)
+        copy_meta(user, moved, LowerQuantizers.name)
+        _sink_through_shape_ops(gm, moved)
+    if not qdq.users:
+        graph.erase_node(qdq)
+
+
 class LowerQuantizers(Pass):
     """Every FakeQuantizer becomes an export op: integer weights, or a frozen activation QDQ."""
     name = "lower_quantizers"
@@ -367,12 +420,14 @@ class LowerQuantizers(Pass):
                 kind = f"{storage_dtype(frozen.quant_min, frozen.quant_max)} weight"
             else:
                 new = self._activation(gm, quantizer, node)
-                kind = "QuantizeLinear/DequantizeLinear"
+                kind = f"QuantizeLinear/DequantizeLinear ({new.args[2].meta['dtype']})"
             copy_meta(node, new, self.name)
             name = node.name
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             new.name = name
+            if new.target is _QUANTIZE_DEQUANTIZE and new.args[2].meta["dtype"] == torch.int8:
+                _sink_through_shape_ops(gm, new)
             self.lowered.append({"quantizer": name, "as": kind, "bits": quantizer.spec.bits,
                                  "range": [quantizer.quant_min, quantizer.quant_max]})
         if self.lowered:
@@ -381,9 +436,17 @@ class LowerQuantizers(Pass):
 
     def _activation(self, gm, quantizer: FakeQuantizer, node: torch.fx.Node) -> torch.fx.Node:
         qmin, qmax = quantizer.quant_min, quantizer.quant_max
-        dtype = storage_dtype(qmin, qmax)
         scale = quantizer.effective_scale().detach().to(torch.float32).reshape(-1)
         zero_point = quantizer.zero_point.detach().round()
+        if qmin < 0 and not (quantizer.axis is None and _feeds_only_activation_matmuls(gm, node)):
+            # A signed grid written as uint8, every integer shifted by 128 (a symmetric int8
+            # activation is uint8 with zero point 128): the same values, and the form ONNX
+            # Runtime's own quantization tool writes. int8 activations next to shape ops break
+            # ORT's default session (docs/export.md, "ONNX Runtime"). Operands of activation
+            # matmuls / attention stay int8: OpenVINO runs those in int8 only with signed inputs.
+            qmin, qmax, zero_point = qmin + SIGNED_TO_UNSIGNED, qmax + SIGNED_TO_UNSIGNED, \
+                zero_point + SIGNED_TO_UNSIGNED
+        dtype = storage_dtype(qmin, qmax)
         if zero_point.min() < torch.iinfo(dtype).min or zero_point.max() > torch.iinfo(dtype).max:
             raise PassError(f"{node.target}: zero point outside the {dtype} range, cannot export")
         zero_point = zero_point.to(dtype).reshape(-1)
@@ -396,6 +459,7 @@ class LowerQuantizers(Pass):
         with graph.inserting_before(node):
             s = graph.get_attr(_register_tensor(gm, f"{node.target}_scale", scale))
             zp = graph.get_attr(_register_tensor(gm, f"{node.target}_zero_point", zero_point))
+            zp.meta.update({"shape": tuple(zero_point.shape), "dtype": dtype})
             return graph.call_function(_QUANTIZE_DEQUANTIZE, (node.args[0], s, zp, qmin, qmax, axis))
 
 

@@ -12,9 +12,10 @@ The rules (``DEVICE_RULES``, one declarative table per target device) say which
 inputs of which op kinds OpenVINO's plugin needs quantized to run the op in
 integers (../shared/OPENVINO.md):
 
-- weights of conv / transposed conv / linear (and 2-D parameters multiplied
-  by ``matmul``): per output channel on the weight's output axis (1 for
-  transposed convs; with groups that axis has ``out_channels / groups``
+- weights of conv / transposed conv / linear / ``addmm`` (transformers'
+  ``Conv1D``, a ``[in, out]`` weight) (and 2-D parameters multiplied by
+  ``matmul``): per output channel on the weight's output axis (1 for
+  transposed convs and ``addmm``; with groups that axis has ``out_channels / groups``
   entries, which is what gets a scale each);
 - activation inputs of conv, linear, matmul (both operands), pooling (avg),
   both inputs of residual adds, q/k/v of ``scaled_dot_product_attention``
@@ -96,6 +97,7 @@ _CPU_INPUTS = {
     "conv": InputRule((0,), "conv input", ("input",)),
     "conv_transpose": InputRule((0,), "transposed conv input", ("input",)),
     "linear": InputRule((0,), "linear input", ("input",)),
+    "addmm": InputRule((1,), "linear input", ("input", "mat1")),  # addmm(bias, x, weight): Conv1D
     "matmul": InputRule((0, 1), "matmul operand", ("input", "other"), all_dynamic=True, symmetric=True),
     "attention": InputRule((0, 1, 2), "attention q/k/v", ("query", "key", "value"), symmetric=True,
                            signed=True),

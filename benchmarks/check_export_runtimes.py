@@ -1,0 +1,284 @@
+"""Does every architecture's int8 export load and agree in ONNX Runtime and OpenVINO?
+
+For each model: ``Quantize(bits=8, quantize_outputs=True)`` (the output gets a quantizer,
+so "one step at the output" is defined), ``initialize()`` on a few random batches,
+``export_onnx()``, then
+
+- ONNX Runtime at every optimization level (``all`` = the default session,
+  ``ext``, ``basic``, ``none``): loads? max |error| at the output in steps of the
+  output quantizer, against the fake-quantized graph;
+- OpenVINO CPU with ``INFERENCE_PRECISION_HINT=f32``: loads? the same error;
+  convs/matmuls that run in integers (``openvino_compute_layers``);
+- ``--locate``: the first activation quantizer whose value departs by more than
+  one of its steps in a runtime (each quantizer's DequantizeLinear made the
+  model's only output, so the runtime fuses everything upstream as in the full
+  model), for finding where a runtime executes the QDQ graph differently.
+
+Models: the project's zoo and blocks (MobileNetV3-like, ShuffleNet-like,
+ConvNeXt-like, attention), a tiny Hugging Face BERT and GPT-2 when
+``transformers`` is installed, and torchvision / timm models (random weights,
+nothing downloaded) when those are installed (``--zoo torchvision``).
+
+    .venv/bin/python benchmarks/check_export_runtimes.py                 # project models, ~5 min on 2 cores
+    .venv/bin/python benchmarks/check_export_runtimes.py --models mbv3_block --locate
+    /path/to/venv-with-torchvision/bin/python benchmarks/check_export_runtimes.py --zoo torchvision
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import traceback
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if importlib.util.find_spec("fxcompress.passes") is None:  # a venv without the package installed
+    spec = importlib.util.spec_from_file_location("fxcompress.passes", ROOT / "passes" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "passes")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fxcompress.passes"] = module
+    spec.loader.exec_module(module)
+
+from fxcompress import compile_for_compression  # noqa: E402
+from fxcompress.passes import Quantize  # noqa: E402
+from fxcompress.runtime import openvino_compile, openvino_compute_layers, openvino_infer  # noqa: E402
+from fxcompress.testing import build  # noqa: E402
+
+LEVELS = ("all", "ext", "basic", "none")
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def _bert():
+    from transformers import BertConfig, BertModel
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    model = BertModel(config).eval()
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = model
+
+        def forward(self, ids):
+            return self.bert(input_ids=ids).last_hidden_state
+
+    return Encoder(), (torch.randint(0, 100, (2, 8)),)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2Model
+    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    model = GPT2Model(config).eval()
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt2 = model
+
+        def forward(self, ids):
+            return self.gpt2(input_ids=ids, use_cache=False).last_hidden_state
+
+    return Decoder(), (torch.randint(0, 100, (2, 8)),)
+
+
+def project_models() -> dict:
+    from fxcompress.testing import strategies as blocks  # needs hypothesis (dev extras)
+
+    def zoo(name):
+        return lambda: (lambda c: (c.model, c.example_inputs))(build(name))
+
+    out = {name: zoo(name) for name in ("resnet_tiny", "mobilenet_v2_tiny", "densenet_tiny", "mlp",
+                                        "transformer_encoder_tiny_features")}
+    out.update({name: (lambda f=factory: (f(), (torch.randn(2, 3, 16, 16),)))
+                for name, factory in blocks.EXAMPLE_BLOCK_NETS.items()})
+    if importlib.util.find_spec("transformers") is not None:
+        out.update({"hf_bert": _bert, "hf_gpt2": _gpt2})
+    return out
+
+
+def torchvision_models() -> dict:
+    import timm
+    import torchvision.models as tv
+    image = lambda size=64: (torch.randn(2, 3, size, size),)  # noqa: E731
+    out = {name: (lambda n=name: (getattr(tv, n)(weights=None).eval(), image()))
+           for name in ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0",
+                        "regnet_x_400mf", "convnext_tiny", "resnet18")}
+    out["googlenet"] = lambda: (tv.googlenet(weights=None, aux_logits=False, init_weights=True).eval(), image())
+    out["timm_vit_tiny"] = lambda: (timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
+                                    .eval(), image())
+    out.update({"hf_bert": _bert, "hf_gpt2": _gpt2})
+    return out
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+def _ort_session(path, level: str):
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "ext": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[level]
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_run(session, inputs):
+    return session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})[0]
+
+
+def _output_step(gm) -> float:
+    """One step of the quantizer on the model's output (quantize_outputs=True puts one there)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    node = output.args[0]
+    node = node[0] if isinstance(node, (tuple, list)) else node
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if module is None or not hasattr(module, "effective_scale"):
+        raise RuntimeError("the output is not quantized")
+    return float(module.effective_scale().detach().max())
+
+
+def check(name: str, model: nn.Module, inputs: tuple, folder: Path, locate: bool) -> dict:
+    model.eval()
+    ctrl, gm = compile_for_compression(model, [Quantize(bits=8, quantize_outputs=True)], example_inputs=inputs)
+    g = torch.Generator().manual_seed(1)
+    batches = [tuple(x if not x.is_floating_point() else torch.randn(x.shape, generator=g) for x in inputs)
+               for _ in range(3)]
+    ctrl.initialize(batches)
+    gm.eval()
+    path = ctrl.export_onnx(folder / f"{name}.onnx")
+    with torch.no_grad():
+        expected = gm(*inputs).numpy()
+    step = _output_step(gm)
+    row = {"model": name}
+    for level in LEVELS:
+        try:
+            row[f"ort_{level}"] = float(np.abs(_ort_run(_ort_session(path, level), inputs) - expected).max()) / step
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            row[f"ort_{level}"] = f"FAIL: {str(exc).splitlines()[0][:120]}"
+    try:
+        compiled = openvino_compile(path, precision="f32")
+        row["ov"] = float(np.abs(openvino_infer(compiled, *inputs)[0] - expected).max()) / step
+        report = openvino_compute_layers(compiled)
+        row["ov_int8"] = f"{len(report.integer)}/{len(report.layers)}"
+    except Exception as exc:  # noqa: BLE001
+        row["ov"] = f"FAIL: {str(exc).splitlines()[0][:120]}"
+    if locate:
+        row["first_departure"] = first_departures(ctrl.lower(), path, inputs)
+    return row
+
+
+def _lowered_activations(lowered, inputs) -> list[tuple[str, np.ndarray, float]]:
+    """(name, value, step) of every activation QDQ of the lowered graph, in graph order."""
+    target = torch.ops.fxcompress.quantize_dequantize.default
+    values = []
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target is target:
+                scale = self.env[n.args[1]] if isinstance(n.args[1], torch.fx.Node) else n.args[1]
+                values.append((n.name, out.detach().numpy(), float(scale.max())))
+            return out
+
+    with torch.no_grad():
+        Recorder(lowered).run(*inputs)
+    return values
+
+
+def first_departures(lowered, path, inputs) -> dict:
+    """Per runtime, the first quantizer (graph order) whose value departs by more than one step."""
+    import onnx
+    model = onnx.load(path)
+    constants = {t.name for t in model.graph.initializer}
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in constants
+          and n.output[0].startswith("quantize_dequantize")]
+    dq.sort(key=lambda n: int(n.output[0].rpartition("_")[2]) if n.output[0][-1].isdigit() else 0)
+    reference = _lowered_activations(lowered, inputs)
+    if len(dq) != len(reference):
+        return {"error": f"{len(dq)} activation DequantizeLinear in the file, {len(reference)} in the graph"}
+    result = {}
+    for runtime in ("ort_none", "ort_all", "ov"):
+        result[runtime] = None
+        for node, (name, value, step) in zip(dq, reference):
+            cut = onnx.ModelProto()
+            cut.CopyFrom(model)
+            del cut.graph.output[:]
+            cut.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None))
+            cut_path = Path(path).with_suffix(".cut.onnx")
+            onnx.save(cut, cut_path)
+            if runtime.startswith("ort_"):
+                got = _ort_run(_ort_session(cut_path, runtime[4:]), inputs)
+            else:
+                got = openvino_infer(openvino_compile(cut_path, precision="f32"), *inputs)[0]
+            err = float(np.abs(got - value).max()) / step
+            if err > 1.0 + 1e-3:
+                result[runtime] = f"{name} ({err:.2f} steps)"
+                break
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", choices=("project", "torchvision"), default="project")
+    parser.add_argument("--models", nargs="*", help="only these")
+    parser.add_argument("--locate", action="store_true", help="find the first quantizer departing by > 1 step")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    factories = project_models() if args.zoo == "project" else torchvision_models()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, factory in factories.items():
+            if args.models and name not in args.models:
+                continue
+            log(f"{name} ...")
+            try:
+                model, inputs = factory()
+                rows.append(check(name, model, inputs, Path(tmp), args.locate))
+            except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end
+                traceback.print_exc()
+                rows.append({"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}"})
+            log(rows[-1])
+    print(table(rows))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return "" if value is None else str(value)
+
+
+def table(rows) -> str:
+    head = "| model | ORT default (all) | ORT extended | ORT basic | ORT disabled | OpenVINO f32 | OV int8 convs/matmuls |"
+    lines = [head, "|" + "---|" * 7]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | export failed: {r['error']} |||||")
+            continue
+        lines.append("| " + " | ".join([r["model"]] + [_cell(r.get(k)) for k in
+                                                       ("ort_all", "ort_ext", "ort_basic", "ort_none", "ov",
+                                                        "ov_int8")]) + " |")
+        if r.get("first_departure"):
+            lines.append(f"|  first departure: {r['first_departure']} |||||||")
+    return "\n".join(lines) + "\n\nerrors: max |runtime - fake-quantized| at the output, in steps of the output " \
+                              "quantizer (FAIL: the session does not load)"
+
+
+if __name__ == "__main__":
+    main()
