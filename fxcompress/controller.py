@@ -201,6 +201,9 @@ class ControllerPart:
     def check_exportable(self):
         """Raise a clear error when the part's state cannot be exported yet (e.g. before initialize)."""
 
+    def set_calibration_data(self, ctx: InitContext):
+        """Keep the data for re-initializations during training (staged quantization's stage starts)."""
+
     def needs_data(self) -> bool:
         """True when ``initialize`` cannot do its job without a data loader."""
         return False
@@ -270,6 +273,19 @@ class CompressionController:
         return part
 
     # -- training loop -------------------------------------------------
+    def set_calibration_data(self, data_loader: Iterable, *, input_fn: Callable | None = None, device=None):
+        """Hand the parts the loader that re-initializations during training use, without initializing.
+
+        ``initialize(loader)`` does this too. A run resumed from a checkpoint calls it after
+        ``load_state_dict`` (as NNCF keeps the init loader registered in its config), so that a
+        later stage start (staged quantization re-initializes ranges) sees the same data as the
+        uninterrupted run would.
+        """
+        data = CalibrationData(data_loader, input_fn, device, model=self.gm)
+        for part in self.parts:
+            part.set_calibration_data(InitContext(self.gm, data, self._distributed))
+        return self
+
     def initialize(self, data_loader: Iterable | None = None, *, input_fn: Callable | None = None,
                    device=None):
         """Range init, BN adaptation, Hessian traces, importance: whatever the parts need."""

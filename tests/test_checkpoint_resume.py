@@ -194,6 +194,7 @@ def test_resumed_training_is_bitwise_the_uninterrupted_run(name):
 
     torch.manual_seed(1234)  # whatever the RNG did meanwhile, the checkpoint restores what the run needs
     ctrl2, gm2, optimizer2 = _resume(name, checkpoint, controller_first=name == "pipeline")
+    ctrl2.set_calibration_data(loader)  # staged quantization re-initializes ranges at a stage start
     assert str(ctrl2.statistics()) == str(saved_statistics)
     _train(ctrl2, gm2, optimizer2, loader, events[SAVE_AT:])
     _assert_same_state(gm2, gm.state_dict())

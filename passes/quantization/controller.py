@@ -119,7 +119,7 @@ class QuantizationController(ControllerPart):
         self._distributed = self._distributed or ctx.distributed
         if self._distributed:  # BatchNorm adapts to the ranges every rank keeps
             average_ranges_across_ranks(q.module for q in self.quantizers)
-        self._init_gm, self._init_data = ctx.gm, ctx.data  # for the range re-init at a stage start
+        self.set_calibration_data(ctx)
         self._adapted_bns = []
         if ctx.data is not None and self.num_bn_adaptation_samples > 0:
             self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples,
@@ -127,10 +127,19 @@ class QuantizationController(ControllerPart):
         self.bn_adapted = len(self._adapted_bns)
         self.initialized = True
 
+    def set_calibration_data(self, ctx: InitContext):
+        self._init_gm, self._init_data = ctx.gm, ctx.data  # for the range re-init at a stage start
+
     def _reinit_ranges(self, scheduler=None):
         """NNCF's staged scheduler re-initializes the ranges when a group is switched on: the weights
         trained in float until then, and the activations changed with them."""
-        if not self.initialized or self._init_gm is None:
+        if not self.initialized:
+            return
+        if self._init_gm is None:  # resumed from a checkpoint without ctrl.set_calibration_data(loader)
+            warnings.warn("quantization: a quantization stage starts but the controller has no data to "
+                          "re-initialize ranges with (a resumed run): the ranges stay as loaded; call "
+                          "ctrl.set_calibration_data(loader) after ctrl.load_state_dict(...) to re-initialize "
+                          "them as the uninterrupted run does", stacklevel=3)
             return
         self.init_weight_ranges(self._init_gm)
         if self._init_data is not None and self.needs_data():
