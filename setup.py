@@ -87,12 +87,12 @@ def _first_error(lines: list[str], limit: int = 400) -> str:
                 if follow.strip() and not follow[0].isspace():
                     break
                 message.append(follow.strip())
-            return _shorten(" ".join(part for part in message if part).rstrip(":"), limit)
+            return _shorten(" ".join(part for part in message if part).rstrip(":. "), limit)
     for line in lines:
         if re.search(r"\berror\b|\bfatal\b|FAILED:", line, re.IGNORECASE):
-            return _shorten(line.strip(), limit)
+            return _shorten(line.strip().rstrip(". "), limit)
     last = [line.strip() for line in lines if line.strip()]
-    return _shorten(last[-1] if last else "no output", limit)
+    return _shorten(last[-1].rstrip(". ") if last else "no output", limit)
 
 
 def _shorten(text: str, limit: int) -> str:
@@ -189,8 +189,16 @@ class BuildOps(build_ext):
         configure += shlex.split(os.environ.get("CMAKE_ARGS", "")) + extra_args
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
         with open(log, "w") as log_file:
-            for cmd in (configure, [cmake, "--build", str(build_dir), "--parallel", jobs]):
-                self._run(cmd, log_file, log)
+            try:
+                self._run(configure, log_file, log)
+            except OpsBuildFailed:
+                # A failed configure leaves a half-written cache (e.g. an empty
+                # CMAKE_CUDA_ARCHITECTURES) that would fail the next build too,
+                # even after the toolchain is fixed: the next one starts afresh.
+                (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+                shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+                raise
+            self._run([cmake, "--build", str(build_dir), "--parallel", jobs], log_file, log)
         return build_dir
 
     @staticmethod
