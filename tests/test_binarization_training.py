@@ -70,4 +70,5 @@ def test_staged_binarization_recovers_digits_accuracy(capsys, one_thread, train_
     assert stats["stage"] == "fully_binarized" and [r["layer"] for r in stats["layers"]] == ["conv2", "conv3"]
     report("binarization_xnor", train_seed, fp32=fp32_acc, untrained=untrained_binary_acc, acc=accuracies[-1],
            drop=fp32_acc - accuracies[-1])
+    # measured over seeds 0-2 with ATen at AVX2 and at its baseline: 0.7 to 2.9 points below fp32 (docs/testing.md)
     assert accuracies[-1] >= fp32_acc - 0.05

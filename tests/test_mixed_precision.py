@@ -241,6 +241,9 @@ def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assi
     report("hawq", train_seed, hawq_2=str(hawq_2).replace(" ", ""), vs_uniform4=accuracy(hawq_2) - accuracy([4, 4, 4, 4]),
            vs_violating_mean=accuracy(hawq_2) - mean_violating, hawq_35=str(hawq_35).replace(" ", ""),
            vs_uniform2=accuracy(hawq_35) - accuracy([2, 2, 2, 2]))
+    # Measured over seeds 0-2 with ATen at AVX2 and at its baseline (docs/testing.md): HAWQ keeps uniform
+    # 4-bit at 2.0 in all 6 runs, 2.5-3.3 points above the violating mean; (8, 2, 2, 2) at 3.5, 11-16 points
+    # above uniform 2-bit. The traces depend on the CPU's float rounding, so the choice is compared, not fixed.
     assert ratio_2 >= 2.0 and ratio_35 >= 3.5
     assert accuracy(hawq_2) >= accuracy([4, 4, 4, 4])
     assert accuracy(hawq_2) >= mean_violating

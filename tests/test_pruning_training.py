@@ -22,8 +22,10 @@ def test_digits_cnn_with_half_the_filters_pruned_and_fine_tuned_stays_within_1_5
     stats = ctrl.statistics()["filter_pruning"]
     assert stats.summary["filters_pruned_ratio"] == 0.5
     assert [row["ratio"] for row in stats.layers] == [0.5, 0.5, 0.5]
+    # 4 epochs: with 3 the worst of 6 runs (seeds 0-2 x AVX2/default ATen) dropped 1.33 points, against a
+    # 1.5-point bar; with 4 the worst drop is 0.89 (docs/testing.md)
     with seeded(train_seed):
-        fine_tune(ctrl, gm, train, epochs=3, lr=2e-3)
+        fine_tune(ctrl, gm, train, epochs=4, lr=2e-3)
     pruned = evaluate_accuracy(gm, test)
     report("filter_pruning_50", train_seed, fp32=fp32, acc=pruned, drop=fp32 - pruned)
     folded = ctrl.strip()
@@ -83,8 +85,8 @@ def test_pruning_and_quantization_export_a_smaller_qdq_model_that_openvino_runs_
     assert pruned.float_initializer_bytes < dense.float_initializer_bytes  # scales and biases shrink too
 
     compiled = openvino_compile(path, precision="f32")
-    report = openvino_compute_layers(compiled)
-    assert report.layers and not report.floating, str(report)
+    layers = openvino_compute_layers(compiled)
+    assert layers.layers and not layers.floating, str(layers)
 
     xs, _ = next(iter(test))
     (ov_out,) = openvino_infer(compiled, xs)

@@ -85,6 +85,7 @@ def test_minilm_post_training_int8_embeddings(minilm_model):
         embeddings = mean_pool(gm(**inputs), inputs["attention_mask"])
     cosine = (embeddings * reference).sum(-1)
     report("minilm_int8", None, cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
+    # post-training and deterministic: 0.9926 with ATen at AVX2, 0.9925 at its baseline (docs/testing.md)
     assert cosine.mean() >= 0.99, f"mean cosine {cosine.mean():.4f} (min {cosine.min():.4f})"
     part.check_exportable()
     print(f"all-MiniLM-L6-v2 int8 (preset mixed): cosine to fp32 mean {cosine.mean():.4f}, "
