@@ -54,6 +54,8 @@ def onnx_accuracy(path: str, loader) -> dict[str, float]:
         pass
     try:
         import openvino as ov
+        # the plugin's default precision, as a user would deploy: bf16 for the non-quantized parts on
+        # CPUs with bf16 (AVX-512 BF16, AMX), f32 elsewhere, so a few images may differ between machines
         compiled = ov.Core().compile_model(path, "CPU")
         logits = np.concatenate([compiled(xs[i:i + 64])[0] for i in range(0, len(xs), 64)])
         results["openvino"] = float((logits.argmax(1) == ys).mean())

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from fxcompress import compile_for_compression
 from fxcompress.passes import Binarization
-from fxcompress.testing import digits_loaders, evaluate_accuracy, train_digits_cnn
+from fxcompress.testing import evaluate_accuracy
+from training import digits_setup, report
 
 EPOCHS = 2
 
@@ -30,11 +31,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_staged_binarization_recovers_digits_accuracy(capsys, one_thread):
-    torch.manual_seed(0)
-    train_loader, test_loader = digits_loaders(batch_size=64, seed=0)
-    fp32 = train_digits_cnn()
-    fp32_acc = evaluate_accuracy(fp32, test_loader)
+def test_staged_binarization_recovers_digits_accuracy(capsys, one_thread, train_seed):
+    fp32, train_loader, test_loader, fp32_acc = digits_setup(train_seed)
     start = time.perf_counter()
     ctrl, gm = compile_for_compression(
         copy.deepcopy(fp32),
@@ -70,4 +68,7 @@ def test_staged_binarization_recovers_digits_accuracy(capsys, one_thread):
               f"after epochs {', '.join(f'{a:.4f}' for a in accuracies)}  ({elapsed:.1f} s)")
     assert stages == ["activations_binarized", "fully_binarized"]
     assert stats["stage"] == "fully_binarized" and [r["layer"] for r in stats["layers"]] == ["conv2", "conv3"]
+    report("binarization_xnor", train_seed, fp32=fp32_acc, untrained=untrained_binary_acc, acc=accuracies[-1],
+           drop=fp32_acc - accuracies[-1])
+    # measured over seeds 0-2 with ATen at AVX2 and at its baseline: 0.7 to 2.9 points below fp32 (docs/testing.md)
     assert accuracies[-1] >= fp32_acc - 0.05

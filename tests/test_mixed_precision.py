@@ -20,7 +20,8 @@ from fxcompress.data import CalibrationData
 from fxcompress.passes.mixed_precision import estimate_average_traces
 from fxcompress.passes.mixed_precision.selection import compression_ratio, monotone_configurations
 from fxcompress.quantizers import FakeQuantizer
-from fxcompress.testing import DigitsCNN, digits_loaders, evaluate_accuracy, train_digits_cnn
+from fxcompress.testing import DigitsCNN, digits_loaders, evaluate_accuracy
+from training import digits_setup, report
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 # fast quantization init for tests: few range-init samples, no BatchNorm adaptation
@@ -35,12 +36,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    train, test = digits_loaders(batch_size=64)
-    return train_digits_cnn(), train, test
 
 
 def calibration(n=128, seed=0):
@@ -160,8 +155,8 @@ def test_hawq_set_bits_keeps_the_ranges(tmp_path):
         torch.testing.assert_close(q.effective_scale() * 7, w.abs().amax(dim=dims), rtol=1e-5, atol=1e-7)
 
 
-def test_digits_hawq_needs_data_and_reports_its_search(digits):
-    model, train, test = digits
+def test_digits_hawq_needs_data_and_reports_its_search():
+    model, train, _, _ = digits_setup(0)
     ctrl, gm = compile_digits(MixedPrecision(bits=[2, 4, 8], compression_ratio=2.0, num_data_points=64,
                                              iter_number=8), model=model)
     assert part_of(ctrl).needs_data()
@@ -185,9 +180,11 @@ def _with_bits(gm, layers, bits):
     return g
 
 
-def _finetune_accuracy(gm, test, epochs=1, lr=1e-3):
-    train, _ = digits_loaders(batch_size=64, seed=1)
-    torch.manual_seed(0)
+def _finetune_accuracy(gm, seed, epochs=1, lr=1e-3):
+    """The same fine-tune for every assignment: a fresh loader on the model's own split (its test images
+    never train), the same batch order and RNG."""
+    train, test = digits_loaders(batch_size=64, seed=seed)
+    torch.manual_seed(seed)
     opt = torch.optim.Adam(gm.parameters(), lr=lr)
     gm.train()
     for _ in range(epochs):
@@ -198,7 +195,7 @@ def _finetune_accuracy(gm, test, epochs=1, lr=1e-3):
     return evaluate_accuracy(gm.eval(), test)
 
 
-def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assignments(digits, tmp_path):
+def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assignments(train_seed, tmp_path):
     """Same short fine-tune (1 epoch, Adam 1e-3) for every assignment; figures in benchmarks/RESULTS.md.
 
     (a) budget 2.0: HAWQ's choice vs uniform 4-bit (ratio 2.0), and vs 6 random assignments that violate
@@ -207,7 +204,7 @@ def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assi
     """
     import random
 
-    model, train, test = digits
+    model, train, _, _ = digits_setup(train_seed)
     ctrl, gm = compile_digits(MixedPrecision(bits=[2, 4, 8], compression_ratio=2.0, num_data_points=128,
                                              iter_number=24, dump_init_precision_data=True, dump_dir=str(tmp_path)),
                               model=model)
@@ -218,20 +215,17 @@ def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assi
 
     def accuracy(bits):
         if tuple(bits) not in acc:
-            acc[tuple(bits)] = _finetune_accuracy(_with_bits(gm, layers, bits), test)
+            acc[tuple(bits)] = _finetune_accuracy(_with_bits(gm, layers, bits), train_seed)
         return acc[tuple(bits)]
 
     # (a)
     hawq_2 = part.current_bits()
     ratio_2 = compression_ratio(hawq_2, flops, groups)
-    assert ratio_2 >= 2.0
-    assert accuracy(hawq_2) >= accuracy([4, 4, 4, 4])
     monotone = set(monotone_configurations(part.traces, [2, 4, 8]))
     violating = [c for c in itertools.product([2, 4, 8], repeat=4)
                  if c not in monotone and abs(compression_ratio(c, flops, groups) / ratio_2 - 1) <= 0.05]
     sample = random.Random(0).sample(violating, 6)
     mean_violating = sum(accuracy(c) for c in sample) / len(sample)
-    assert accuracy(hawq_2) >= mean_violating
 
     # (b) the same traces (dumped above) at a higher budget
     ctrl_b, gm_b = compile_digits(MixedPrecision(bits=[2, 4, 8], compression_ratio=3.5,
@@ -240,12 +234,20 @@ def test_digits_hawq_is_at_least_as_accurate_as_uniform_and_order_violating_assi
     ctrl_b.initialize(calibration())
     hawq_35 = part_of(ctrl_b).current_bits()
     ratio_35 = compression_ratio(hawq_35, flops, groups)
-    assert ratio_35 >= 3.5
-    assert accuracy(hawq_35) >= accuracy([2, 2, 2, 2])
-    print(json.dumps({"traces": part.traces, "hawq_2.0": [hawq_2, ratio_2, acc[tuple(hawq_2)]],
-                      "uniform4": acc[(4, 4, 4, 4)], "hawq_3.5": [hawq_35, ratio_35, acc[tuple(hawq_35)]],
-                      "uniform2": acc[(2, 2, 2, 2)],
+    print(json.dumps({"traces": part.traces, "hawq_2.0": [hawq_2, ratio_2, accuracy(hawq_2)],
+                      "uniform4": accuracy([4, 4, 4, 4]), "hawq_3.5": [hawq_35, ratio_35, accuracy(hawq_35)],
+                      "uniform2": accuracy([2, 2, 2, 2]),
                       "violating": [[c, compression_ratio(c, flops, groups), acc[c]] for c in sample]}))
+    report("hawq", train_seed, hawq_2=str(hawq_2).replace(" ", ""), vs_uniform4=accuracy(hawq_2) - accuracy([4, 4, 4, 4]),
+           vs_violating_mean=accuracy(hawq_2) - mean_violating, hawq_35=str(hawq_35).replace(" ", ""),
+           vs_uniform2=accuracy(hawq_35) - accuracy([2, 2, 2, 2]))
+    # Measured over seeds 0-2 with ATen at AVX2 and at its baseline (docs/testing.md): HAWQ keeps uniform
+    # 4-bit at 2.0 in all 6 runs, 2.5-3.3 points above the violating mean; (8, 2, 2, 2) at 3.5, 11-16 points
+    # above uniform 2-bit. The traces depend on the CPU's float rounding, so the choice is compared, not fixed.
+    assert ratio_2 >= 2.0 and ratio_35 >= 3.5
+    assert accuracy(hawq_2) >= accuracy([4, 4, 4, 4])
+    assert accuracy(hawq_2) >= mean_violating
+    assert accuracy(hawq_35) >= accuracy([2, 2, 2, 2])
 
 
 # -- manual mode -------------------------------------------------------------------------------------------

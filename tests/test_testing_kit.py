@@ -360,7 +360,7 @@ def test_trained_digits_cnn_accuracy():
     model = train_digits_cnn()  # cached in $FXCOMPRESS_CACHE or ~/.cache/fxcompress
     assert not model.training
     _, test = digits_loaders()
-    assert evaluate_accuracy(model, test) >= 0.95
+    assert evaluate_accuracy(model, test) >= 0.95  # 0.984-0.996 over train seeds 0-4 (docs/testing.md)
 
 
 def test_digits_cnn_cache_round_trip(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The user's fine-tuning loop from the README and the digits setup, shared by the accuracy tests."""
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +21,16 @@ def digits_setup(seed: int):
     return model, train, test, fp32
 
 
-def report(test: str, seed: int, **figures):
-    """One line of figures per run (``pytest -rP``): what docs/testing.md's margins are measured from."""
+def report(test: str, seed, **figures):
+    """One line of figures per run: printed (``pytest -rP``) and, when ``FXCOMPRESS_FIGURES`` names a
+    file, appended to it as it happens; benchmarks/accuracy_margins.sh measures the margins from them."""
     cap = torch.backends.cpu.get_cpu_capability()
     values = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items())
-    print(f"[figures] {test} seed={seed} cpu={cap} {values}")
+    line = f"[figures] {test} seed={seed} cpu={cap} {values}"
+    print(line)
+    if os.environ.get("FXCOMPRESS_FIGURES"):
+        with open(os.environ["FXCOMPRESS_FIGURES"], "a") as f:
+            f.write(line + "\n")
 
 
 def fine_tune(ctrl, gm, loader, epochs: int, *, lr: float = 1e-3, betas=(0.9, 0.999), params=None):

@@ -1,17 +1,21 @@
 """Regularization-based sparsity (NNCF's ``rb_sparsity``): masks learned with a density loss.
 
-Every weight has a trainable logit (``RBMask``, initialized to ``logit(0.99)``);
-training applies a stochastic binary mask, eval the deterministic
-``[sigmoid(logit) > 0.5]``. ``ctrl.loss()`` is NNCF's ``SparseLoss``:
+Every weight has a trainable logit (``RBMask``, initialized to ``logit(0.99)``).
+Until ``sparsity_freeze_epoch`` the weights train under a sampled binary mask
+(keep probability ``sigmoid(logit)``) while ``ctrl.loss()``, NNCF's ``SparseLoss``,
 
     global: ((sum_l sum(m_l) / sum_l n_l - (1 - level)) / p) ** 2
     local:  ((sum_l |sum(m_l) / n_l - (1 - level)|) / p) ** 2
 
 with ``m = [sigmoid(logit) > 0.5]`` (straight-through), ``p = 0.05`` and
 ``level`` the schedule's current sparsity level (default schedule:
-exponential), so the mean density is driven to ``1 - level``. From
-``sparsity_freeze_epoch`` on, the loss is off and the masks are deterministic
-and fixed (the logits get no gradient).
+exponential), pulls the deterministic mask's density to ``1 - level``; the
+task loss decides which logits stay above 0. From ``sparsity_freeze_epoch``
+on (NNCF's zero-based epoch index: the first epoch trained with frozen masks)
+the loss is off, the masks are the deterministic ones and fixed (the logits
+get no gradient), and the weights train under the final mask, which is what
+recovers the accuracy lost to the sampled masks. Freezing warns when the masks
+are more than ``p`` off the scheduled density (the logits had not got there).
 """
 from __future__ import annotations
 
