@@ -145,9 +145,14 @@ class TensorSnapshot:
                 self.saved.append(_SavedTensor(name, t, t.data, t._version, t.requires_grad, t.grad,
                                                t.detach().clone()))
 
-    def changed(self) -> list[str]:
-        """Names (as in ``named_parameters()``/``named_buffers()``) of the tensors changed in place."""
-        return [s.name for s in self.saved if s.changed()]
+    def tensors(self) -> list[torch.Tensor]:
+        return [s.tensor for s in self.saved]
+
+    def changed(self, among: list[torch.Tensor] | None = None) -> list[str]:
+        """Names (as in ``named_parameters()``/``named_buffers()``) of the tensors changed in place;
+        with ``among``, only those that are among these tensors."""
+        keep = None if among is None else {id(t) for t in among}
+        return [s.name for s in self.saved if (keep is None or id(s.tensor) in keep) and s.changed()]
 
     def restore(self) -> list[str]:
         """Restore every changed tensor; returns their names."""
