@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 __all__ = [
-    "shallow_module_copy", "detach_submodules", "GraphSnapshot", "TensorSnapshot", "tensor_ids", "unique_name",
+    "shallow_module_copy", "detach_submodules", "GraphSnapshot", "TensorSnapshot", "unique_name",
     "add_module", "insert_on_output", "insert_before_input", "copy_meta", "get_attr_value",
 ]
 
@@ -145,12 +145,14 @@ class TensorSnapshot:
                 self.saved.append(_SavedTensor(name, t, t.data, t._version, t.requires_grad, t.grad,
                                                t.detach().clone()))
 
-    def changed(self, among: set[int] | None = None) -> list[str]:
-        """Names (as in ``named_parameters()``/``named_buffers()``) of the tensors changed in place.
+    def tensors(self) -> list[torch.Tensor]:
+        return [s.tensor for s in self.saved]
 
-        ``among``: only tensors whose ``id`` is in this set (e.g. those the user's model holds).
-        """
-        return [s.name for s in self.saved if (among is None or id(s.tensor) in among) and s.changed()]
+    def changed(self, among: list[torch.Tensor] | None = None) -> list[str]:
+        """Names (as in ``named_parameters()``/``named_buffers()``) of the tensors changed in place;
+        with ``among``, only those that are among these tensors."""
+        keep = None if among is None else {id(t) for t in among}
+        return [s.name for s in self.saved if (keep is None or id(s.tensor) in keep) and s.changed()]
 
     def restore(self) -> list[str]:
         """Restore every changed tensor; returns their names."""
@@ -158,11 +160,6 @@ class TensorSnapshot:
         for s in changed:
             s.restore()
         return [s.name for s in changed]
-
-
-def tensor_ids(root: torch.nn.Module) -> set[int]:
-    """The ``id`` of every parameter, buffer and tensor attribute in a module tree."""
-    return {id(t) for _, t in _named_tensors(root)}
 
 
 def _named_tensors(root: torch.nn.Module):

@@ -2,9 +2,11 @@
 
 A pass is a small object with a ``name`` and ``__call__(gm, ctx) -> PassResult``
 (as ``torch.fx.passes.infra.pass_base``). It may mutate ``gm`` in place; it
-must not write into existing parameter or buffer tensors in place: they are
-shared with the user's model, so a rewrite that changes weights creates new
-tensors (a pass that does is rolled back with a ``PassError`` naming them).
+must not write into the parameter and buffer tensors the graph had when the
+manager got it in place: they are shared with the user's model, so a rewrite
+that changes weights creates new tensors (a pass that does is rolled back with
+a ``PassError`` naming them). Tensors an earlier pass created (a quantizer's
+scale) may be changed in place.
 
 The manager runs passes in order and, after each one: lints the graph,
 recompiles, refreshes shape metadata, records a diff, and in debug mode checks
@@ -26,7 +28,7 @@ import torch.fx
 
 from . import inspect as fx_inspect
 from .errors import FxCompressError, PassError
-from .graph import GraphSnapshot, TensorSnapshot, tensor_ids
+from .graph import GraphSnapshot, TensorSnapshot
 from .tracing import propagate_metadata
 
 __all__ = ["Pass", "PassResult", "PassContext", "PassRecord", "PassManager"]
@@ -117,24 +119,24 @@ class PassManager:
         self.debug = debug
         self.atol, self.rtol = atol, rtol
         self.records: list[PassRecord] = []
+        # The tensors the graph had when this manager first saw it: for compile_for_compression,
+        # the user's model's. Passes must not write into them; tensors passes created may be.
+        self._original_tensors: list[torch.Tensor] | None = None
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> list[PassResult]:
         """Run all passes on ``gm`` in place; returns their results (records in ``self.records``)."""
         ctx = ctx or PassContext.for_graph(gm, self.debug)
-        # The tensors the graph holds before any pass are (or may be) the user's model's; a tensor
-        # a pass created (a quantizer's scale) is the graph's own, and later passes may tune it.
-        shared = tensor_ids(gm)
         results = []
         for p in self.passes:
-            results.append(self.run_one(p, gm, ctx, shared))
+            results.append(self.run_one(p, gm, ctx))
         return results
 
-    def run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext,
-                shared: set[int] | None = None) -> PassResult:
-        """Run one pass; ``shared``: ids of tensors no pass may write in place (default: all of ``gm``'s)."""
+    def run_one(self, p: Pass, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         name = getattr(p, "name", type(p).__name__)
         snapshot = GraphSnapshot(gm)
         values = TensorSnapshot(gm)
+        if self._original_tensors is None:
+            self._original_tensors = values.tensors()
         before_code = gm.code
         reference = self._reference_outputs(gm, ctx) if self.debug else None
         start = time.perf_counter()
@@ -144,11 +146,11 @@ class PassManager:
                 raise PassError(f"pass '{name}' returned {type(result).__name__}, expected a PassResult")
             if result.graph_module is not gm:
                 raise PassError(f"pass '{name}' must rewrite the GraphModule it is given in place")
-            written = values.changed(among=shared)
+            written = values.changed(among=self._original_tensors)
             if written:
-                raise PassError(f"pass '{name}' wrote into {len(written)} existing parameter or buffer tensors in "
-                                f"place ({', '.join(written[:5])}{', ...' if len(written) > 5 else ''}); they are "
-                                f"shared with the user's model, so a pass must create new tensors instead")
+                raise PassError(f"pass '{name}' wrote into {len(written)} of the model's parameter or buffer "
+                                f"tensors in place ({', '.join(written[:5])}{', ...' if len(written) > 5 else ''}); "
+                                f"they are shared with the user's model, so a pass must create new tensors instead")
             gm.graph.lint()
             gm.recompile()
             if ctx.example_inputs or ctx.example_kwargs:

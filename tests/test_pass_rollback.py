@@ -122,8 +122,8 @@ def test_failed_pass_restores_the_graph_module_it_was_given(model):
 def test_a_pass_that_writes_shared_tensors_in_place_is_refused_and_rolled_back(model):
     x = model.example_input()
     values, structure = _values(model), _module_state(model)
-    with pytest.raises(PassError, match=r"pass 'sabotage' wrote into 8 existing parameter or buffer tensors in "
-                                        r"place \(conv1.weight, bn1.running_mean, bn1.num_batches_tracked, "
+    with pytest.raises(PassError, match=r"pass 'sabotage' wrote into 8 of the model's parameter or buffer tensors "
+                                        r"in place \(conv1.weight, bn1.running_mean, bn1.num_batches_tracked, "
                                         r"layer1.conv1.weight, layer1.bn1.running_var, ...\).*create new tensors"):
         compile_for_compression(model, [Sabotage(fail=False)], (x,))
     _assert_bitwise(values, model)
@@ -154,3 +154,21 @@ def test_compiling_does_not_share_hooks_with_the_users_model(model):
     gm.conv1.register_forward_hook(lambda m, i, o: o * 0)
     assert not model.conv1._forward_hooks
     assert gm.conv1.weight is model.conv1.weight  # tensors stay shared, as documented
+
+
+def test_a_pass_may_change_tensors_an_earlier_pass_created(model):
+    """Only the model's own tensors are off limits: MixedPrecision re-ranges Quantize's quantizers in place."""
+    class Rescale(Pass):
+        name = "rescale"
+
+        def call(self, gm, ctx):
+            with torch.no_grad():
+                gm.conv1_weight_quantizer.scale.mul_(2)
+            return PassResult(gm, True)
+
+    values = _values(model)
+    ctrl, gm = compile_for_compression(model, [Quantize(bits=8, initializer=QUICK), Rescale()],
+                                       (model.example_input(),))
+    _, reference = compile_for_compression(model, [Quantize(bits=8, initializer=QUICK)], (model.example_input(),))
+    assert torch.equal(gm.conv1_weight_quantizer.scale, 2 * reference.conv1_weight_quantizer.scale)
+    _assert_bitwise(values, model)
