@@ -221,3 +221,21 @@ def test_a_bad_controller_checkpoint_loads_nothing(corrupt, message):
         ctrl2.load_state_dict(state)
     _assert_equal(_round_trip(ctrl2.state_dict()), before_ctrl)
     _assert_same_state(gm2, before_gm)
+
+
+@pytest.mark.parametrize("name", ["quantization", "binarization"])
+def test_switches_set_by_hand_survive_a_checkpoint(name):
+    torch.manual_seed(0)
+    ctrl, gm, inputs = _compile(name)
+    loader = _loader(inputs[0], STEPS_PER_EPOCH)
+    ctrl.initialize(loader)
+    _train(ctrl, gm, _optimizer(gm), loader, _events()[:SAVE_AT])  # epoch 1: activations on
+    if name == "quantization":
+        ctrl.quantization.activation_quantizers[0].module.enabled = False  # e.g. to look at one layer in float
+    else:
+        ctrl.binarization.set_binarization(activations=False, weights=True)
+    checkpoint = _checkpoint(ctrl, gm, _optimizer(gm))
+    ctrl2, gm2, _ = _resume(name, checkpoint)
+    assert str(ctrl2.statistics()) == str(ctrl.statistics())
+    gm.eval(), gm2.eval()
+    assert torch.equal(gm2(inputs[0]), gm(inputs[0]))

@@ -30,7 +30,7 @@ from fxcompress.batchnorm import BATCHNORM_ADAPTATION_SCHEMA, adapt_batchnorm, a
 from fxcompress.config import register_algorithm
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.distributed import broadcast_from_rank0
-from fxcompress.errors import ConfigError, NotInitializedError
+from fxcompress.errors import CheckpointError, ConfigError, NotInitializedError
 from fxcompress.graph import add_module, get_attr_value, insert_before_input, insert_on_output
 from fxcompress.optable import op_kind
 from fxcompress.pass_manager import PassContext, PassResult
@@ -255,12 +255,23 @@ class BinarizationController(ControllerPart):
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         # Hidden parameters (log_scale, threshold) and `initialized` live in gm.state_dict();
-        # the stage is a function of the scheduler's counters.
-        return {"scheduler": self.scheduler.state_dict(), "initialized_from_data": self.initialized_from_data}
+        # the stage is a function of the scheduler's counters. The switches are saved too, so a
+        # set_binarization() by hand is still in effect after loading (until the next step).
+        return {"scheduler": self.scheduler.state_dict(), "initialized_from_data": self.initialized_from_data,
+                "enabled": {"activations": [bool(l.activation_binarizer.enabled) for l in self.layers],
+                            "weights": [bool(l.weight_binarizer.enabled) for l in self.layers]}}
 
     def load_state_dict(self, state: dict):
+        enabled = state.get("enabled")
+        if enabled is not None and any(len(enabled[k]) != len(self.layers) for k in ("activations", "weights")):
+            raise CheckpointError(f"binarization controller state has switches for {len(enabled['activations'])} "
+                                  f"layers, this model binarizes {len(self.layers)}: not the same model")
         self.initialized_from_data = bool(state.get("initialized_from_data", False))
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])  # sets the switches of the saved stage
+        if enabled is not None:
+            for layer, act, weight in zip(self.layers, enabled["activations"], enabled["weights"]):
+                layer.activation_binarizer.enabled = bool(act)
+                layer.weight_binarizer.enabled = bool(weight)
 
     def lowering_passes(self):
         return [LowerBinarizers([layer.weight_binarizer_name for layer in self.layers],

@@ -289,6 +289,9 @@ class QuantizationController(ControllerPart):
         if missing or unexpected:
             raise CheckpointError(f"quantization controller state does not match this model's quantizers: "
                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        # the scheduler first: its update() applies the staged start epochs, then the saved
+        # switches win (a quantizer the user turned off stays off, as in the saved run)
+        self.scheduler.load_state_dict(state["scheduler"])
         for q in self.quantizers:
             saved = state["quantizers"][q.name]
             q.module.enabled = bool(saved["enabled"])
@@ -296,4 +299,3 @@ class QuantizationController(ControllerPart):
                 q.module.spec = replace(q.module.spec, bits=int(saved["bits"]))
         self.initialized = bool(state.get("initialized", False))
         self.bn_adapted = int(state.get("bn_adapted", 0))
-        self.scheduler.load_state_dict(state["scheduler"])
