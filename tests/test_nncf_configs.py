@@ -181,9 +181,9 @@ def test_top_level_keys_apply_as_in_nncf():
         config = Config.from_dict({**base, "accuracy_aware_training": {"mode": "early_exit"},
                                    "compression": {"algorithm": "quantization"}})
     assert config.data["accuracy_aware_training"] == {"mode": "early_exit"}
-    with pytest.raises(ConfigError, match=r"initializer.precision.type: 'autoq' is not one of"):
-        Config.from_dict({**base, "compression": {"algorithm": "quantization",
-                                                  "initializer": {"precision": {"type": "autoq"}}}})
+    with pytest.raises(ConfigError, match=r"initializer.precision.type: NNCF's 'autoq' .* is not supported"):
+        Config.from_dict({**base, "compression": {"algorithm": "quantization", "initializer": {
+            "precision": {"type": "autoq", "eval_subset_ratio": 0.5, "warmup_iter_number": 2}}}})
 
 
 # -- JSON as NNCF reads it, and the samples' extra keys ------------------------------------------------
