@@ -321,7 +321,7 @@ def test_unreachable_compression_ratio_is_a_config_error_with_the_reachable_rang
 
 
 @pytest.mark.parametrize("params, match", [
-    ({"type": "autoq"}, r"type.*'hawq', 'manual'"),
+    ({"type": "autoq"}, r"type: NNCF's 'autoq' .* not supported; 'hawq' chooses"),
     ({"type": "manual"}, "needs bitwidth_per_scope"),
     ({"type": "hawq", "bitwidth_per_scope": [[4, "conv1"]]}, "applies to type 'manual' only"),
     ({"bits": [1, 8]}, r"bits\[0\]"),

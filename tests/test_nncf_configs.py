@@ -162,6 +162,30 @@ def test_bitwidth_per_scope_without_type_means_manual(resnet):
     assert {b for name, b in bits.items() if name not in ("conv1_weight_quantizer", "fc_weight_quantizer")} == {8}
 
 
+# -- NNCF 2.5's other top-level keys ------------------------------------------------------------------
+
+def test_top_level_keys_apply_as_in_nncf():
+    from fxcompress import Config, ConfigError
+    base = {"input_info": {"sample_size": [1, 3, 32, 32]}}
+    config = Config.from_dict({**base, "target_scopes": ["layer1"], "ignored_scopes": ["fc"],
+                               "compression_lr_multiplier": 3.0, "disable_shape_matching": True,
+                               "compression": [{"algorithm": "rb_sparsity", "target_scopes": ["layer2"],
+                                                "ignored_scopes": ["conv1"]},
+                                               {"algorithm": "magnitude_sparsity"}]})
+    rb, magnitude = config.passes
+    assert rb.params["target_scopes"] == ["layer1"] and rb.params["ignored_scopes"] == ["fc", "conv1"]
+    assert rb.params["compression_lr_multiplier"] == 3.0 and "compression_lr_multiplier" not in magnitude.params
+    with pytest.raises(ConfigError, match="compression_lr_multiplier: not supported by quantization"):
+        Config.from_dict({**base, "compression_lr_multiplier": 3.0, "compression": {"algorithm": "quantization"}})
+    with pytest.warns(UserWarning, match="accuracy_aware_training is NNCF's training loop"):
+        config = Config.from_dict({**base, "accuracy_aware_training": {"mode": "early_exit"},
+                                   "compression": {"algorithm": "quantization"}})
+    assert config.data["accuracy_aware_training"] == {"mode": "early_exit"}
+    with pytest.raises(ConfigError, match=r"initializer.precision.type: NNCF's 'autoq' .* is not supported"):
+        Config.from_dict({**base, "compression": {"algorithm": "quantization", "initializer": {
+            "precision": {"type": "autoq", "eval_subset_ratio": 0.5, "warmup_iter_number": 2}}}})
+
+
 # -- JSON as NNCF reads it, and the samples' extra keys ------------------------------------------------
 
 SSD_STYLE = """{
@@ -387,7 +411,6 @@ def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, nam
         assert "layer1.0.conv1" in binarized and section["stage"] == "fully_binarized"
         assert optimizer.param_groups[0]["lr"] == 0.0  # NNCF's drop over epoch 1 ends at epoch 2
     elif name == "rb_sparsity_int8":
-        assert ctrl.parts[1].params_device if hasattr(ctrl.parts[1], "params_device") else True
         sparse = {row["layer"] for row in stats["rb_sparsity"]["layers"]}
         assert "features.0.0" not in sparse and "features.1.conv.1" in sparse
         quantizers = {n.target for n in gm.graph.nodes if n.op == "call_module" and "quantizer" in n.target}
@@ -406,4 +429,5 @@ def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, nam
         expected = gm(x).numpy()
     (got,) = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     assert got.shape == expected.shape and np.isfinite(got).all()
-    print(name, float(np.abs(got - expected).max()), float(np.abs(expected).max()))
+    if name == "binarization_xnor":  # no quantizer: the export computes the same function
+        assert np.abs(got - expected).max() < 1e-4

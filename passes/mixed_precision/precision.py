@@ -86,6 +86,10 @@ class MixedPrecision(CompressionPass):
 
     @classmethod
     def validate(cls, params: dict, prefix: str) -> dict:
+        if params.get("type") == "autoq":  # before its own keys (eval_subset_ratio, ...) read as unknown
+            raise ConfigError(f"{prefix}.type: NNCF's 'autoq' (a reinforcement-learning search) is not supported; "
+                              f"'hawq' chooses the bit widths automatically (docs/nncf_configs.md)",
+                              path=f"{prefix}.type")
         if "type" not in params and params.get("bitwidth_per_scope"):
             params = {**params, "type": "manual"}  # NNCF: bit widths given per scope mean manual precision
         return super().validate(params, prefix)
