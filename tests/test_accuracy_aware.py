@@ -142,8 +142,9 @@ def test_search_steps_up_within_budget_down_after_patience_and_halves_the_step_o
 
 # -- digits ----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def digits():
+    """Fresh loaders per test: a test's figures do not depend on what ran before it."""
     model = train_digits_cnn()
     train, test = digits_loaders(batch_size=64, seed=0)
     return model, train, test, evaluate_accuracy(model, test)
