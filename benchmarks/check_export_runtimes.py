@@ -152,9 +152,11 @@ def _output_step(gm) -> float:
     return float(module.effective_scale().detach().max())
 
 
-def check(name: str, model: nn.Module, inputs: tuple, folder: Path, locate: bool) -> dict:
+def check(name: str, model: nn.Module, inputs: tuple, folder: Path, locate: bool, bn_adaptation: bool = True) -> dict:
     model.eval()
-    ctrl, gm = compile_for_compression(model, [Quantize(bits=8, quantize_outputs=True)], example_inputs=inputs)
+    init = {} if bn_adaptation else {"initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}}
+    ctrl, gm = compile_for_compression(model, [Quantize(bits=8, quantize_outputs=True, **init)],
+                                       example_inputs=inputs)
     g = torch.Generator().manual_seed(1)
     batches = [tuple(x if not x.is_floating_point() else torch.randn(x.shape, generator=g) for x in inputs)
                for _ in range(3)]
@@ -237,6 +239,8 @@ def main(argv=None):
     parser.add_argument("--zoo", choices=("project", "torchvision"), default="project")
     parser.add_argument("--models", nargs="*", help="only these")
     parser.add_argument("--locate", action="store_true", help="find the first quantizer departing by > 1 step")
+    parser.add_argument("--no-bn-adaptation", action="store_true",
+                        help="initialize() without BatchNorm adaptation (ranges then match the final statistics)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -250,7 +254,7 @@ def main(argv=None):
             log(f"{name} ...")
             try:
                 model, inputs = factory()
-                rows.append(check(name, model, inputs, Path(tmp), args.locate))
+                rows.append(check(name, model, inputs, Path(tmp), args.locate, not args.no_bn_adaptation))
             except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end
                 traceback.print_exc()
                 rows.append({"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}"})

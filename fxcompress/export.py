@@ -21,7 +21,7 @@ Two things live here:
 
 * ``export_onnx`` and the translation table (``register_onnx_translation``:
   an op overload -> a plain Python function using an onnxscript opset module,
-  see ../shared/OPENVINO.md). The batch dimension of every input is dynamic
+  see docs/export.md). The batch dimension of every input is dynamic
   unless ``dynamic_batch=False``; a graph specialized on the example batch size
   (a ``view(2, -1)`` baked in by shape-specialized tracing) is exported with
   static shapes and a warning saying so.
@@ -49,7 +49,7 @@ __all__ = ["export_onnx", "register_onnx_translation", "onnx_translations", "DEF
 
 # Added to a signed 8-bit activation grid's integers (and zero point) to write it as uint8: same values.
 SIGNED_TO_UNSIGNED = 128
-DEFAULT_OPSET = 21  # 4-bit QDQ needs opset 21 (OPENVINO.md); ORT and OpenVINO read it.
+DEFAULT_OPSET = 21  # 4-bit QDQ needs opset 21 (docs/export.md); ORT and OpenVINO read it.
 _TRANSLATIONS: dict = {}
 
 

@@ -43,7 +43,7 @@ from fxcompress.export import SIGNED_TO_UNSIGNED, storage_dtype
 from fxcompress.graph import copy_meta, get_attr_value, unique_name
 from fxcompress.optable import kind_of
 from fxcompress.pass_manager import Pass, PassContext, PassResult
-from fxcompress.patterns import Chain
+from fxcompress.patterns import Chain, Step
 from fxcompress.quantizers import FakeQuantizer
 from fxcompress.weights import weighted_ops
 
@@ -239,12 +239,56 @@ def _tensor_attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
 # passes
 # ---------------------------------------------------------------------------
 
+def _batch_norm_statistics(gm, bn_node: torch.fx.Node):
+    """``(mean, var, gamma, beta, eps)`` (float64) of an eval BatchNorm, module or ``F.batch_norm``;
+    or why it cannot be folded."""
+    if bn_node.op == "call_module":
+        bn = gm.get_submodule(bn_node.target)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            return f"{type(bn).__name__} is not a BatchNorm"
+        if bn.training or bn.running_mean is None or len(bn_node.args) != 1 or bn_node.kwargs:
+            return "BatchNorm uses batch statistics (training mode or no running stats)"
+        tensors, eps = (bn.running_mean, bn.running_var, bn.weight, bn.bias), bn.eps
+    else:  # F.batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum, eps)
+        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+        args = dict(zip(names, bn_node.args)) | dict(bn_node.kwargs)
+        if args.get("training", False) is not False:
+            return "functional batch_norm with training=True (batch statistics) is not folded"
+        tensors = []
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            value = args.get(name)
+            tensor = _tensor_attr(gm, value)
+            if value is not None and tensor is None:
+                return f"functional batch_norm: {name} is computed, not a parameter or buffer"
+            tensors.append(tensor)
+        if tensors[0] is None or tensors[1] is None:
+            return "functional batch_norm without running statistics"
+        eps = float(args.get("eps", 1e-5))
+    mean, var, gamma, beta = (t.detach().to(torch.float64) if t is not None else None for t in tensors)
+    gamma = gamma if gamma is not None else torch.ones_like(var)
+    beta = beta if beta is not None else torch.zeros_like(var)
+    return mean, var, gamma, beta, eps
+
+
+def _scale_output_channels(weight: torch.Tensor, factor: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
+    """``weight`` with output channel ``c`` multiplied by ``factor[c]``; a grouped transposed conv's
+    weight ``[I, O/g, k...]`` holds output channel ``g * (O/g) + j`` in the rows of group ``g``, column ``j``."""
+    if groups == 1:
+        shape = [1] * weight.dim()
+        shape[axis] = -1
+        return weight * factor.reshape(shape)
+    rows, cols = weight.shape[0], weight.shape[1]
+    grouped = weight.reshape(groups, rows // groups, cols, *weight.shape[2:])
+    f = factor.reshape(groups, 1, cols, *([1] * (weight.dim() - 2)))
+    return (grouped * f).reshape(weight.shape)
+
+
 class FoldBatchNorm(Pass):
     """Fold eval BatchNorm into the preceding conv, exactly, through its weight quantizer."""
     name = "fold_batch_norm"
     lowering_order = BN_FOLD_ORDER
     preserves_outputs = True
-    _CHAIN = Chain("conv", "batch_norm")
+    _CHAIN = Chain(Step("conv", "conv_transpose"), "batch_norm")
 
     def __init__(self):
         self.folded: list[dict] = []
@@ -252,12 +296,13 @@ class FoldBatchNorm(Pass):
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self.folded, self.skipped = [], []
-        module_convs = sum(1 for n in gm.graph.nodes if n.op == "call_module" and kind_of(n, gm) == "conv")
-        convs = {op.node: op for op in weighted_ops(gm, kinds=("conv",))}
+        kinds = ("conv", "conv_transpose")
+        module_convs = sum(1 for n in gm.graph.nodes if n.op == "call_module" and kind_of(n, gm) in kinds)
+        convs = {op.node: op for op in weighted_ops(gm, kinds=kinds)}
         functionalized = module_convs != sum(1 for n in gm.graph.nodes
-                                             if n.op == "call_module" and kind_of(n, gm) == "conv")
+                                             if n.op == "call_module" and kind_of(n, gm) in kinds)
         for match in list(self._CHAIN.find(gm)):
-            conv, bn_node = match["conv"], match["batch_norm"]
+            conv, bn_node = match.first, match["batch_norm"]
             scope = bn_node.meta.get("module_path", bn_node.name)
             reason = self._fold(gm, convs.get(conv), bn_node)
             if reason:
@@ -273,11 +318,12 @@ class FoldBatchNorm(Pass):
         if op is None:
             return "the conv is not in functional form"
         conv = op.node
-        bn = gm.get_submodule(bn_node.target) if bn_node.op == "call_module" else None
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            return "functional batch_norm is not folded"
-        if bn.training or bn.running_mean is None or len(bn_node.args) != 1 or bn_node.kwargs:
-            return "BatchNorm uses batch statistics (training mode or no running stats)"
+        stats = _batch_norm_statistics(gm, bn_node)
+        if isinstance(stats, str):
+            return stats
+        mean, var, gamma, beta, eps = stats
+        groups = conv.args[6] if len(conv.args) > 6 else conv.kwargs.get("groups", 1)
+        grouped_transposed = op.kind.name == "conv_transpose" and groups != 1
         bias_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
         bias = _tensor_attr(gm, bias_node)
         if bias_node is not None and bias is None:
@@ -294,13 +340,15 @@ class FoldBatchNorm(Pass):
         if weight is None:
             return f"the weight edge holds {weight_in.format_node()[:60]!r}, not a weight (quantizer)"
 
+        if grouped_transposed and quantizer is not None:
+            # Output channel g * (O/g) + j is weight column j of group g: one per-channel weight scale
+            # (axis 1, O/g entries) serves every group, so a factor per output channel cannot go into it.
+            return ("BatchNorm kept: after a grouped transposed conv with a weight quantizer, the output "
+                    "channels are not one weight axis (its scales are shared by the groups)")
         with torch.no_grad():
-            var = bn.running_var.to(torch.float64)
-            gamma = bn.weight.to(torch.float64) if bn.weight is not None else torch.ones_like(var)
-            beta = bn.bias.to(torch.float64) if bn.bias is not None else torch.zeros_like(var)
-            factor = gamma / torch.sqrt(var + bn.eps)
+            factor = gamma / torch.sqrt(var + eps)
             old_bias = bias.to(torch.float64) if bias is not None else torch.zeros_like(var)
-            new_bias = ((old_bias - bn.running_mean.to(torch.float64)) * factor + beta).to(torch.float32)
+            new_bias = ((old_bias - mean) * factor + beta).to(torch.float32)
 
         base = _base_name(conv)
         graph = gm.graph
@@ -312,8 +360,8 @@ class FoldBatchNorm(Pass):
                         "full range, whose negation does not fit")
             new_weight = _integer_weight_node(gm, folded, f"{base}_weight", conv, self.name)
         else:
-            shape = [-1] + [1] * (weight.dim() - 1)
-            w = (weight.detach().to(torch.float64) * factor.reshape(shape)).to(weight.dtype)
+            w = _scale_output_channels(weight.detach().to(torch.float64), factor, op.out_axis,
+                                       groups if grouped_transposed else 1).to(weight.dtype)
             with graph.inserting_before(conv):
                 new_weight = graph.get_attr(_register_tensor(gm, f"{base}_weight_folded", w, parameter=True))
             new_weight.meta.update({"shape": tuple(w.shape), "dtype": w.dtype, "inserted_by": self.name})

@@ -10,7 +10,7 @@ nodes. So the policy is testable on its own: trace, annotate, count.
 
 The rules (``DEVICE_RULES``, one declarative table per target device) say which
 inputs of which op kinds OpenVINO's plugin needs quantized to run the op in
-integers (../shared/OPENVINO.md):
+integers (docs/export.md, "What OpenVINO runs in int8"):
 
 - weights of conv / transposed conv / linear / ``addmm`` (transformers'
   ``Conv1D``, a ``[in, out]`` weight) (and 2-D parameters multiplied by
@@ -457,7 +457,7 @@ class _Planner:
         if not self.settings.weights.selects((path,)):
             self.skip(path or node.name, "matmul weight: excluded by weights.ignored_scopes/target_scopes")
             return True
-        # [M, K] @ x: rows are the outputs; x @ [K, N]: columns (OPENVINO.md: a [K, N] weight on axis 1)
+        # [M, K] @ x: rows are the outputs; x @ [K, N]: columns (a [K, N] weight on axis 1: OpenVINO runs axis 0 in f32)
         self.add_weight(operand, node, 0 if index == 0 else 1, path, source.target.replace(".", "_"),
                         "matmul weight")
         self.weight_points[operand].name = f"{source.target.replace('.', '_')}_quantizer"
