@@ -299,8 +299,6 @@ def test_checkpoints_load_with_weights_only():
     assert ctrl2.scheduler.current_epoch == ctrl.scheduler.current_epoch == 1
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 12: statistics and counters are not all restored from ctrl.state_dict()")
 def test_statistics_are_identical_after_a_checkpoint_round_trip():
     model = DigitsCNN(seed=0).eval()
     passes = lambda: [MagnitudeSparsity(sparsity_init=0.2, sparsity_target=0.5, sparsity_target_epoch=2),  # noqa: E731
@@ -317,8 +315,6 @@ def test_statistics_are_identical_after_a_checkpoint_round_trip():
 
 # -- the user's model is never mutated --------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 11: BatchNorm adaptation in initialize() writes the user's BatchNorm buffers")
 def test_the_users_model_is_never_mutated_by_compile_initialize_export_or_strip(tmp_path):
     model = DigitsCNN(seed=0).eval()
     values, structure = bitwise_state(model), module_structure(model)
@@ -435,7 +431,6 @@ def test_a_compiled_transformer_runs_at_any_batch_size_and_sequence_length():
     assert out["last_hidden_state"].shape == (3, 12, 16)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: ONNX Runtime's default session refuses QDQ around shape ops")
 def test_every_export_loads_in_onnx_runtimes_default_session(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model = _tiny_bert()
