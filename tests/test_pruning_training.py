@@ -23,7 +23,7 @@ def test_digits_cnn_with_half_the_filters_pruned_and_fine_tuned_stays_within_1_5
     assert stats.summary["filters_pruned_ratio"] == 0.5
     assert [row["ratio"] for row in stats.layers] == [0.5, 0.5, 0.5]
     # 4 epochs: with 3 the worst of 6 runs (seeds 0-2 x AVX2/default ATen) dropped 1.33 points, against a
-    # 1.5-point bar; with 4 the worst drop is 0.89 (docs/testing.md)
+    # 1.5-point bar; with 4 the worst of 8 runs (seeds 0-4) drops 0.89 (docs/testing.md)
     with seeded(train_seed):
         fine_tune(ctrl, gm, train, epochs=4, lr=2e-3)
     pruned = evaluate_accuracy(gm, test)
