@@ -21,7 +21,7 @@ Two things live here:
 
 * ``export_onnx`` and the translation table (``register_onnx_translation``:
   an op overload -> a plain Python function using an onnxscript opset module,
-  see ../shared/OPENVINO.md). The batch dimension of every input is dynamic
+  see docs/design.md, runtime facts). The batch dimension of every input is dynamic
   unless ``dynamic_batch=False``; a graph specialized on the example batch size
   (a ``view(2, -1)`` baked in by shape-specialized tracing) is exported with
   static shapes and a warning saying so.

@@ -10,7 +10,7 @@ nodes. So the policy is testable on its own: trace, annotate, count.
 
 The rules (``DEVICE_RULES``, one declarative table per target device) say which
 inputs of which op kinds OpenVINO's plugin needs quantized to run the op in
-integers (../shared/OPENVINO.md):
+integers (docs/design.md, runtime facts):
 
 - weights of conv / transposed conv / linear (and 2-D parameters multiplied
   by ``matmul``): per output channel on the weight's output axis (1 for
