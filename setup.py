@@ -38,7 +38,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
-# passes/ is imported as fxcompress.passes (DESIGN.md); pyproject.toml maps the folder.
+# passes/ is imported as fxcompress.passes (docs/design.md); pyproject.toml maps the folder.
 PACKAGES = (["fxcompress"] + [f"fxcompress.{p}" for p in find_packages("fxcompress")]
             + ["fxcompress.passes"] + [f"fxcompress.passes.{p}" for p in find_packages("passes")])
 

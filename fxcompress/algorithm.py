@@ -1,7 +1,7 @@
 """Base class of the compression passes: arguments validated by the JSON schema of their config entry.
 
 A pass's keyword arguments are exactly the keys of its NNCF-style config entry
-(DESIGN.md: "pass arguments mirror the JSON names"), so one JSON schema per
+(docs/design.md: "pass arguments mirror the JSON names"), so one JSON schema per
 algorithm validates both ``Quantize(bits=8, ...)`` and
 ``{"algorithm": "quantization", "bits": 8, ...}``; a config entry and the pass
 built from the same values are interchangeable. Unknown keys are errors with a

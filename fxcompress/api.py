@@ -67,7 +67,8 @@ def _input_info_error(config: Config, exc: InputShapeError) -> ConfigError:
         entries = {f"input_info[{i}]": item for i, item in enumerate(info)}
     named = [fields[key] for key in exc.inputs if key in fields] or list(entries)
     shown = " and ".join(f"{field}.sample_size {list(entries[field]['sample_size'])}" for field in named)
-    return ConfigError(f"{shown} does not fit the model: {exc.reason}", path=f"{named[0]}.sample_size")
+    verb = "do not fit" if len(named) > 1 else "does not fit"
+    return ConfigError(f"{shown} {verb} the model: {exc.reason}", path=f"{named[0]}.sample_size")
 
 
 def compile_for_compression(model: torch.nn.Module, passes_or_config=None, example_inputs: Any = None, *,

@@ -31,7 +31,7 @@ class Scheduler:
     """Counts optimizer steps and epochs; algorithms subclass it and react in ``update()``.
 
     Call ``step()`` after every optimizer step and ``epoch_step()`` once per epoch
-    (at its end, as in DESIGN.md's loop). ``current_epoch`` starts at 0 and
+    (at its end, as in docs/design.md's loop). ``current_epoch`` starts at 0 and
     ``current_step`` counts steps within the current epoch.
     """
 

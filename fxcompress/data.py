@@ -1,6 +1,6 @@
 """Turning a user's data loader into model inputs, for initialization and calibration.
 
-``initialize(loader)`` accepts any iterable of batches (DESIGN.md):
+``initialize(loader)`` accepts any iterable of batches (docs/design.md):
 - a tensor: the model's single input;
 - a tuple/list whose first element is the model input (``(input, target)``);
   that element may itself be a tuple of tensors for a model with several inputs;

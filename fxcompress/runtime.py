@@ -11,7 +11,7 @@
   (``primitiveType``); ``runtimePrecision`` alone misleads for weight-only
   layers, so a Convolution / MatMul / FullyConnected counts as integer only
   when its activation input is u8/i8 (u1: binary) *and* its kernel is an
-  integer one (../shared/OPENVINO.md).
+  integer one (docs/design.md, runtime facts).
 
 onnxruntime and openvino are imported on first use (dev extras), so importing
 this module needs neither.

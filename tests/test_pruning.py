@@ -1,6 +1,6 @@
 """FilterPruning: dependency analysis, masks, fold, cost prediction, schedules, config and errors.
 
-The central property (DESIGN.md's quality bar): on random networks with residuals,
+The central property (docs/design.md's quality bar): on random networks with residuals,
 concats, depthwise convs and flatten -> linear, the folded (physically smaller)
 model computes what the masked model computes, and its FLOPs and parameter counts
 are exactly what the analysis predicted.

@@ -1,7 +1,7 @@
 """Finding what mixed precision acts on: the weight quantizers of conv/linear layers and the
 activation quantizers that feed them, read from the graph alone.
 
-Mixed precision never imports the quantization pass (DESIGN.md: passes talk
+Mixed precision never imports the quantization pass (docs/design.md: passes talk
 through the graph and ``node.meta``). A *quantized layer* is a conv, transposed
 conv or linear op whose weight edge (``fxcompress.weights``) passes through a
 ``FakeQuantizer`` module; the quantizer's input is the weight as that quantizer
