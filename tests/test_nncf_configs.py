@@ -177,10 +177,6 @@ def test_top_level_keys_apply_as_in_nncf():
     assert rb.params["compression_lr_multiplier"] == 3.0 and "compression_lr_multiplier" not in magnitude.params
     with pytest.raises(ConfigError, match="compression_lr_multiplier: not supported by quantization"):
         Config.from_dict({**base, "compression_lr_multiplier": 3.0, "compression": {"algorithm": "quantization"}})
-    with pytest.warns(UserWarning, match="accuracy_aware_training is NNCF's training loop"):
-        config = Config.from_dict({**base, "accuracy_aware_training": {"mode": "early_exit"},
-                                   "compression": {"algorithm": "quantization"}})
-    assert config.data["accuracy_aware_training"] == {"mode": "early_exit"}
     with pytest.raises(ConfigError, match=r"initializer.precision.type: NNCF's 'autoq' .* is not supported"):
         Config.from_dict({**base, "compression": {"algorithm": "quantization", "initializer": {
             "precision": {"type": "autoq", "eval_subset_ratio": 0.5, "warmup_iter_number": 2}}}})
