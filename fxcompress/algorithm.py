@@ -109,10 +109,8 @@ class CompressionPass(Pass):
         merged = copy.deepcopy(cls.defaults)
         merged.update(copy.deepcopy(params))
         cls.check(merged, prefix)
-        device = merged.get("target_device")
-        merged["target_device"] = DEVICE_ALIASES.get(device, device)
-        if device is None:
-            del merged["target_device"]
+        if merged.get("target_device") in DEVICE_ALIASES:
+            merged["target_device"] = DEVICE_ALIASES[merged["target_device"]]
         return merged
 
     @classmethod

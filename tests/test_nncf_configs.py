@@ -177,10 +177,6 @@ def test_top_level_keys_apply_as_in_nncf():
     assert rb.params["compression_lr_multiplier"] == 3.0 and "compression_lr_multiplier" not in magnitude.params
     with pytest.raises(ConfigError, match="compression_lr_multiplier: not supported by quantization"):
         Config.from_dict({**base, "compression_lr_multiplier": 3.0, "compression": {"algorithm": "quantization"}})
-    with pytest.warns(UserWarning, match="accuracy_aware_training is NNCF's training loop"):
-        config = Config.from_dict({**base, "accuracy_aware_training": {"mode": "early_exit"},
-                                   "compression": {"algorithm": "quantization"}})
-    assert config.data["accuracy_aware_training"] == {"mode": "early_exit"}
     with pytest.raises(ConfigError, match=r"initializer.precision.type: NNCF's 'autoq' .* is not supported"):
         Config.from_dict({**base, "compression": {"algorithm": "quantization", "initializer": {
             "precision": {"type": "autoq", "eval_subset_ratio": 0.5, "warmup_iter_number": 2}}}})
@@ -431,3 +427,14 @@ def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, nam
     assert got.shape == expected.shape and np.isfinite(got).all()
     if name == "binarization_xnor":  # no quantizer: the export computes the same function
         assert np.abs(got - expected).max() < 1e-4
+
+
+def test_scope_override_on_an_nncf_operation_name(resnet):
+    model, inputs, _ = resnet
+    ctrl, gm = compile_for_compression(model, [Quantize(scope_overrides={"activations": {
+        "{re}ResNet/Sequential\\[layer1\\]/BasicBlock\\[0\\]/__iadd___0": {"bits": 4}}})], inputs)
+    bits = {n.target: gm.get_submodule(n.target).spec.bits for n in gm.graph.nodes
+            if n.op == "call_module" and n.target.endswith("quantizer") and "weight" not in n.target}
+    # the add's two inputs: bn2's output, and the block input (the stem ReLU's output, through the max pool)
+    assert {name for name, b in bits.items() if b == 4} == {"layer1_0_add_input_quantizer", "relu_output_quantizer"}
+    assert len(bits) > 10 and {b for b in bits.values()} == {4, 8}

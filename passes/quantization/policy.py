@@ -160,8 +160,9 @@ class QuantizationSettings:
     quantize_inputs: bool
     quantize_outputs: bool
 
-    def override_for(self, group: str, scopes: tuple[str, ...]) -> dict:
-        """Merged values of the overrides matching any of ``scopes`` (later entries win)."""
+    def override_for(self, group: str, scopes: tuple) -> dict:
+        """Merged values of the overrides matching any of ``scopes`` (module paths or fx nodes; later
+        entries win)."""
         merged: dict = {}
         for o in self.overrides.get(group, ()):
             if any(o.scopes.matches(s) for s in scopes if s):
@@ -595,7 +596,8 @@ def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: 
     nonnegative = _nonnegative(producer, gm, rules, {})
     scopes = tuple(dict.fromkeys([s.meta.get("module_path", "") for s in req.serves if s.op != "output"]
                                  + [producer.meta.get("module_path", "")]))
-    override = settings.override_for("activations", scopes)
+    # matched on the nodes: NNCF operation scopes ({re}.*/__add___0) name them, module scopes their paths
+    override = settings.override_for("activations", tuple(s for s in req.serves if s.op != "output") + (producer,))
     shape = producer.meta.get("shape")
     ndim = len(shape) if isinstance(shape, tuple) else 0
     spec, fixed = _activation_spec(settings, override, nonnegative, req.symmetric, req.signed, ndim)
