@@ -202,7 +202,7 @@ def _lowered_activations(lowered, inputs) -> list[tuple[str, np.ndarray, float]]
     return values
 
 
-def first_departures(lowered, path, inputs) -> dict:
+def first_departures(lowered, path, inputs, runtimes=("ort_none", "ort_all", "ov")) -> dict:
     """Per runtime, the first quantizer (graph order) whose value departs by more than one step."""
     import onnx
     model = onnx.load(path)
@@ -214,7 +214,7 @@ def first_departures(lowered, path, inputs) -> dict:
     if len(dq) != len(reference):
         return {"error": f"{len(dq)} activation DequantizeLinear in the file, {len(reference)} in the graph"}
     result = {}
-    for runtime in ("ort_none", "ort_all", "ov"):
+    for runtime in runtimes:
         result[runtime] = None
         for node, (name, value, step) in zip(dq, reference):
             cut = onnx.ModelProto()
