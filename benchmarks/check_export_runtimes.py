@@ -41,7 +41,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-if importlib.util.find_spec("fxcompress.passes") is None:  # a venv without the package installed
+_passes = importlib.util.find_spec("fxcompress.passes")
+if _passes is None or not str(_passes.origin).startswith(str(ROOT)):
+    # A venv without this checkout installed (or with another one): map this checkout's passes/.
     spec = importlib.util.spec_from_file_location("fxcompress.passes", ROOT / "passes" / "__init__.py",
                                                   submodule_search_locations=[str(ROOT / "passes")])
     module = importlib.util.module_from_spec(spec)
