@@ -41,7 +41,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-if importlib.util.find_spec("fxcompress.passes") is None:  # a venv without the package installed
+_passes = importlib.util.find_spec("fxcompress.passes")
+if _passes is None or not str(_passes.origin).startswith(str(ROOT)):
+    # A venv without this checkout installed (or with another one): map this checkout's passes/.
     spec = importlib.util.spec_from_file_location("fxcompress.passes", ROOT / "passes" / "__init__.py",
                                                   submodule_search_locations=[str(ROOT / "passes")])
     module = importlib.util.module_from_spec(spec)
@@ -202,7 +204,7 @@ def _lowered_activations(lowered, inputs) -> list[tuple[str, np.ndarray, float]]
     return values
 
 
-def first_departures(lowered, path, inputs) -> dict:
+def first_departures(lowered, path, inputs, runtimes=("ort_none", "ort_all", "ov")) -> dict:
     """Per runtime, the first quantizer (graph order) whose value departs by more than one step."""
     import onnx
     model = onnx.load(path)
@@ -214,7 +216,7 @@ def first_departures(lowered, path, inputs) -> dict:
     if len(dq) != len(reference):
         return {"error": f"{len(dq)} activation DequantizeLinear in the file, {len(reference)} in the graph"}
     result = {}
-    for runtime in ("ort_none", "ort_all", "ov"):
+    for runtime in runtimes:
         result[runtime] = None
         for node, (name, value, step) in zip(dq, reference):
             cut = onnx.ModelProto()

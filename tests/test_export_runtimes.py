@@ -154,6 +154,7 @@ def test_zoo_loads_and_agrees_everywhere(name, tmp_path):
     assert len(report.integer) == count_weighted(gm)
 
 
+@pytest.mark.slow
 def test_hugging_face_bert_loads_everywhere(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
