@@ -18,14 +18,13 @@ Prints a Markdown table (the RESULTS.md section is pasted from it).
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import torch
 import torch.nn.functional as F
 
-from fxcompress import compile_for_compression
 from fxcompress.passes import FilterPruning, KnowledgeDistillation, MagnitudeSparsity, Quantize
-from timing import interleaved_medians, training_model, training_step, training_step_arguments
+from timing import (compiled_training_model, interleaved_medians, training_model, training_step,
+                    training_step_arguments)
 
 COMPRESSIONS = {
     "none (fp32)": lambda: [],
@@ -39,21 +38,11 @@ def with_kd(make):
     return lambda: [KnowledgeDistillation(type="softmax", temperature=2.0)] + make()
 
 
-def compiled(passes, model_name: str, device: str):
-    model, x, classes = training_model(model_name)
-    y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
-    model, x, y = model.to(device), x.to(device), y.to(device)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ctrl, gm = compile_for_compression(model, passes, example_inputs=(x,), copy=True)
-        ctrl.initialize([(x, y)])
-    gm.train()
-    return ctrl, gm, x, y
 
 
 def saved_for_backward_bytes(passes, model_name: str, device: str) -> int:
     """Bytes autograd saves during one training forward (+ ctrl.loss()) of the compiled model."""
-    ctrl, gm, x, y = compiled(passes, model_name, device)
+    ctrl, gm, x, y = compiled_training_model(passes, model_name, device)
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -97,7 +86,7 @@ def main():
     print("|---|---|---|---|---|---|" + ("---|" if cuda else ""))
     for name, make in COMPRESSIONS.items():
         plain, kd = times[name], times[name + " + KD"]
-        ctrl, _, _, _ = compiled(with_kd(make)(), args.model, args.device)
+        ctrl, _, _, _ = compiled_training_model(with_kd(make)(), args.model, args.device)
         teacher = ctrl.parts[0].teacher_memory_bytes()
         saved = (saved_for_backward_bytes(with_kd(make)(), args.model, args.device)
                  / saved_for_backward_bytes(make(), args.model, args.device))

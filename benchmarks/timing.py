@@ -40,8 +40,8 @@ def training_model(model_name: str):
     return ResNetTiny(num_classes=10, width=16, seed=0), torch.randn(32, 3, 32, 32), 10
 
 
-def training_step(passes: list, model_name: str, device: str) -> Callable[[], None]:
-    """One step of the user's loop on a compiled model: forward, ctrl.loss(), backward, Adam, scheduler."""
+def compiled_training_model(passes: list, model_name: str, device: str):
+    """``(ctrl, gm, x, y)``: the model compiled with ``passes``, initialized on one batch, in train mode."""
     model, x, classes = training_model(model_name)
     y = torch.randint(0, classes, (x.shape[0],), generator=torch.Generator().manual_seed(0))
     model, x, y = model.to(device), x.to(device), y.to(device)
@@ -50,6 +50,12 @@ def training_step(passes: list, model_name: str, device: str) -> Callable[[], No
         ctrl, gm = compile_for_compression(model, passes, example_inputs=(x,), copy=True)
         ctrl.initialize([(x, y)])
     gm.train()
+    return ctrl, gm, x, y
+
+
+def training_step(passes: list, model_name: str, device: str) -> Callable[[], None]:
+    """One step of the user's loop on a compiled model: forward, ctrl.loss(), backward, Adam, scheduler."""
+    ctrl, gm, x, y = compiled_training_model(passes, model_name, device)
     opt = torch.optim.Adam(gm.parameters(), lr=1e-4)
 
     def step():
