@@ -417,26 +417,40 @@ def _feeds_only_activation_matmuls(gm, node: torch.fx.Node) -> bool:
     return bool(consumers) and all(kind_of(c, gm) in _SIGNED_CONSUMERS for c in consumers)
 
 
-def _sink_through_shape_ops(gm: torch.fx.GraphModule, qdq: torch.fx.Node):
-    """Move a per-tensor activation QDQ below the shape ops that read it, next to its consumers.
+def _requantize_after_shape_ops(gm: torch.fx.GraphModule, qdq: torch.fx.Node):
+    """Give the consumers behind shape ops their own int8 QDQ; the shape ops read the same grid as uint8.
 
-    ``view(QDQ(x))`` becomes ``QDQ(view(x))``: the same values (a shape op moves values,
-    the quantizer maps each one alone). ONNX Runtime's QDQ propagation moves int8 QDQ
-    across shape ops itself and then fails to load the file (docs/export.md); a QDQ that
-    already sits at its consumer is left alone.
+    ``matmul(view(QDQ_s8(x)))`` becomes ``matmul(QDQ_s8(view(QDQ_u8(x))))``: the same values (a
+    shape op moves values; a second QDQ of the same grid is the identity). ONNX Runtime cannot
+    load an int8 QDQ ahead of a shape op (its QDQ propagation, docs/export.md), OpenVINO runs the
+    matmul in int8 only with the signed QDQ at its input, and the uint8 QDQ at the producer keeps
+    OpenVINO from moving per-channel weight dequantization through the shape ops (which failed
+    to compile for a one-token sequence).
     """
+    if not any(_is_shape_op_on(u, qdq, gm) for u in qdq.users):
+        return
+    x, scale, zp, qmin, qmax, axis = qdq.args
     graph = gm.graph
-    for user in list(qdq.users):
-        if not _is_shape_op_on(user, qdq, gm):
-            continue
-        user.args = (qdq.args[0],) + tuple(user.args[1:])
-        with graph.inserting_after(user):
-            moved = graph.call_function(_QUANTIZE_DEQUANTIZE, (user, *qdq.args[1:]))
-        user.replace_all_uses_with(moved, delete_user_cb=lambda n: n is not moved)
-        copy_meta(user, moved, LowerQuantizers.name)
-        _sink_through_shape_ops(gm, moved)
-    if not qdq.users:
-        graph.erase_node(qdq)
+
+    def visit(node: torch.fx.Node):
+        for user in list(node.users):
+            if not _is_shape_op_on(user, node, gm):
+                continue
+            consumers = [u for u in user.users if not _is_shape_op_on(u, user, gm)]
+            if consumers:
+                with graph.inserting_after(user):
+                    signed = graph.call_function(_QUANTIZE_DEQUANTIZE, (user, scale, zp, qmin, qmax, axis))
+                copy_meta(user, signed, LowerQuantizers.name)
+                for consumer in consumers:
+                    consumer.replace_input_with(user, signed)
+            visit(user)
+
+    visit(qdq)
+    unsigned = (get_attr_value(gm, zp.target).to(torch.int16) + SIGNED_TO_UNSIGNED).to(torch.uint8)
+    with graph.inserting_before(qdq):
+        unsigned_zp = graph.get_attr(_register_tensor(gm, f"{zp.target}_uint8", unsigned))
+    unsigned_zp.meta.update({"shape": tuple(unsigned.shape), "dtype": torch.uint8})
+    qdq.args = (x, scale, unsigned_zp, qmin + SIGNED_TO_UNSIGNED, qmax + SIGNED_TO_UNSIGNED, axis)
 
 
 class LowerQuantizers(Pass):
@@ -475,7 +489,7 @@ class LowerQuantizers(Pass):
             graph.erase_node(node)
             new.name = name
             if new.target is _QUANTIZE_DEQUANTIZE and new.args[2].meta["dtype"] == torch.int8:
-                _sink_through_shape_ops(gm, new)
+                _requantize_after_shape_ops(gm, new)
             self.lowered.append({"quantizer": name, "as": kind, "bits": quantizer.spec.bits,
                                  "range": [quantizer.quant_min, quantizer.quant_max]})
         if self.lowered:
