@@ -26,7 +26,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .data import CalibrationData, preserved_modes, progress_bar
+from .data import CalibrationData
 from .distributed import average_across_ranks
 
 __all__ = ["DEFAULT_NUM_BN_ADAPTATION_SAMPLES", "BATCHNORM_ADAPTATION_SCHEMA", "batchnorm_layers",
@@ -61,7 +61,6 @@ def average_batchnorm_statistics(layers: list[nn.modules.batchnorm._BatchNorm]):
                           if t is not None])
 
 
-@torch.no_grad()
 def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
                     progress: str | None = "BatchNorm adaptation") -> list[nn.Module]:
     """Re-estimate the running statistics of ``gm``'s BatchNorm layers on ``num_samples`` samples.
@@ -71,14 +70,5 @@ def adapt_batchnorm(gm: nn.Module, data: CalibrationData, num_samples: int,
     layers = batchnorm_layers(gm)
     if not layers or num_samples <= 0:
         return []
-    batches = 0
-    with preserved_modes(gm):
-        gm.eval()
-        for bn in layers:
-            bn.train()
-        for args, kwargs in progress_bar(data.batches(num_samples), progress):
-            gm(*args, **kwargs)
-            batches += 1
-    if batches == 0:
-        raise ValueError("initialize: the data loader yielded no batches for BatchNorm adaptation")
+    data.run(gm, num_samples, progress=progress, train_modules=layers, purpose="BatchNorm adaptation")
     return layers

@@ -95,16 +95,23 @@ class CalibrationData:
                 return
 
     def run(self, module: torch.nn.Module, num_samples: int | None = None, *,
-            progress: str | None = None) -> int:
-        """Forward passes over the data in eval mode, without gradients; returns how many batches ran."""
+            progress: str | None = None, train_modules: Iterable[torch.nn.Module] = (),
+            purpose: str = "") -> int:
+        """Forward passes over the data in eval mode, without gradients; returns how many batches ran.
+
+        ``train_modules`` run in train mode meanwhile (BatchNorm adaptation); every module's flag is
+        restored after. ``purpose`` names the step in the error for a loader without batches.
+        """
         count = 0
         with preserved_modes(module), torch.no_grad():
             module.eval()
+            for m in train_modules:
+                m.train()
             for args, kwargs in progress_bar(self.batches(num_samples), progress):
                 module(*args, **kwargs)
                 count += 1
         if count == 0:
-            raise ValueError("initialize: the data loader yielded no batches")
+            raise ValueError(f"initialize: the data loader yielded no batches{' for ' + purpose if purpose else ''}")
         return count
 
 
