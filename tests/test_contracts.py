@@ -22,7 +22,8 @@ from fxcompress import (CheckpointError, Config, ConfigError, ScopeError, TraceE
                         load_state, trace)
 from fxcompress.passes import (Binarization, ConstSparsity, FilterPruning, MagnitudeSparsity, MixedPrecision,
                                Quantize, RBSparsity)
-from fxcompress.testing import DigitsCNN, ResNetTiny, assert_modules_agree
+from fxcompress.testing import (DigitsCNN, ResNetTiny, assert_modules_agree, assert_state_unchanged,
+                                module_structure, state_snapshot)
 
 X = DigitsCNN(seed=0).example_input(batch=4)
 # quick initialization: a few range-init samples
@@ -41,24 +42,6 @@ def digits(*passes, copy_model=False, model=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # schedule hints are not what these tests are about
         return compile_for_compression(model, list(passes), example_inputs=(X,), copy=copy_model)
-
-
-def bitwise_state(module: nn.Module) -> dict:
-    return {k: v.clone() for k, v in module.state_dict(keep_vars=True).items()}
-
-
-def assert_same_state(before: dict, module: nn.Module):
-    after = module.state_dict(keep_vars=True)
-    assert list(after) == list(before)
-    for key, value in before.items():
-        assert torch.equal(after[key], value), f"{key} changed"
-
-
-def module_structure(model: nn.Module) -> dict:
-    """Each module's attributes (by identity), hooks and tensors: what "never mutated" covers besides values."""
-    return {path: ({k: v for k, v in vars(m).items() if not isinstance(v, dict)},
-                   {k: dict(v) for k, v in vars(m).items() if isinstance(v, dict)})
-            for path, m in model.named_modules()}
 
 
 # -- the compiled model ---------------------------------------------------------------------------------
@@ -180,7 +163,7 @@ def test_pass_arguments_mirror_the_json_names():
         "compression": {"algorithm": "quantization", "bits": 8, "preset": "mixed", "ignored_scopes": ["fc"]}},
         example_inputs=(X,))
     assert from_python.code == from_config.code
-    assert_same_state(bitwise_state(from_python), from_config)
+    assert_state_unchanged(state_snapshot(from_python), from_config)
 
 
 def test_a_scope_that_matches_nothing_is_an_error_naming_it():
@@ -279,7 +262,7 @@ def test_load_state_strips_the_module_prefix_of_ddp():
     ctrl, gm = _trained_pipeline()
     _, fresh = digits(MagnitudeSparsity(sparsity_init=0.2), Quantize(bits=8, initializer=QUICK), copy_model=True)
     load_state(fresh, {f"module.{k}": v for k, v in gm.state_dict().items()})
-    assert_same_state(bitwise_state(gm), fresh)
+    assert_state_unchanged(state_snapshot(gm), fresh)
     with pytest.raises(CheckpointError, match="missing keys"):
         load_state(fresh, {k: v for k, v in gm.state_dict().items() if "quantizer" not in k})
 
@@ -317,7 +300,7 @@ def test_statistics_are_identical_after_a_checkpoint_round_trip():
 
 def test_the_users_model_is_never_mutated_by_compile_initialize_export_or_strip(tmp_path):
     model = DigitsCNN(seed=0).eval()
-    values, structure = bitwise_state(model), module_structure(model)
+    values, structure = state_snapshot(model), module_structure(model)
     adapt = {"batchnorm_adaptation": {"num_bn_adaptation_samples": 8}}
     ctrl, gm = compile_for_compression(model, [MagnitudeSparsity(sparsity_init=0.5, initializer=adapt),
                                                FilterPruning(pruning_init=0.3),
@@ -328,7 +311,7 @@ def test_the_users_model_is_never_mutated_by_compile_initialize_export_or_strip(
     ctrl.initialize(batches())
     ctrl.export_onnx(str(tmp_path / "model.onnx"))
     ctrl.strip()
-    assert_same_state(values, model)
+    assert_state_unchanged(values, model)
     assert module_structure(model) == structure
 
 
@@ -343,12 +326,12 @@ def test_a_failed_compile_leaves_the_model_untouched_and_returns_nothing():
             raise RuntimeError("boom")
 
     model = DigitsCNN(seed=0).eval()
-    values, structure = bitwise_state(model), module_structure(model)
+    values, structure = state_snapshot(model), module_structure(model)
     result = None
     with pytest.raises(Exception, match="pass 'failing' failed and was rolled back"):
         result = compile_for_compression(model, [Quantize(bits=8), Failing()], example_inputs=(X,))
     assert result is None
-    assert_same_state(values, model)
+    assert_state_unchanged(values, model)
     assert module_structure(model) == structure
 
 

@@ -11,7 +11,8 @@ import torch.nn as nn
 from fxcompress import ConfigError, PassError, compile_for_compression, trace
 from fxcompress.pass_manager import Pass, PassContext, PassManager, PassResult
 from fxcompress.passes import Quantize
-from fxcompress.testing import ResNetTiny, assert_modules_agree
+from fxcompress.testing import (ResNetTiny, assert_modules_agree, assert_state_unchanged, module_structure,
+                                state_snapshot)
 
 QUICK = {"range": {"num_init_samples": 8}, "batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}
 
@@ -55,29 +56,6 @@ class Sabotage(Pass):
         return PassResult(gm, True)
 
 
-def _module_state(model: nn.Module) -> dict:
-    """Everything about each module but tensor values: attributes (by identity), hooks, tensors (by identity)."""
-    state = {}
-    for path, m in model.named_modules():
-        # a GraphModule's graph is compared by its code (a rollback restores a copy of the graph)
-        attributes = {k: v for k, v in vars(m).items() if not isinstance(v, dict) and k != "_graph"}
-        hooks = {k: dict(v) for k, v in vars(m).items() if isinstance(v, dict) and "hook" in k}
-        state[path] = (type(m), attributes, hooks, dict(m._parameters), dict(m._buffers), dict(m._modules))
-    return state
-
-
-def _values(model: nn.Module) -> dict:
-    return {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
-
-
-def _assert_bitwise(before: dict, model: nn.Module):
-    after = model.state_dict(keep_vars=True)
-    assert list(after) == list(before)
-    for key, value in before.items():
-        assert torch.equal(after[key], value), f"{key} changed"
-        assert after[key].requires_grad == value.requires_grad, f"{key}.requires_grad changed"
-
-
 @pytest.fixture
 def model():
     return ResNetTiny().train()
@@ -85,14 +63,14 @@ def model():
 
 def test_failed_compile_leaves_the_users_model_bitwise_as_it_was(model):
     x = model.example_input()
-    values, structure = _values(model), _module_state(model)
+    values, structure = state_snapshot(model), module_structure(model)
     grads = {k: p.grad for k, p in model.named_parameters()}
     result = None
     with pytest.raises(PassError, match="pass 'sabotage' failed and was rolled back.*sabotage complete"):
         result = compile_for_compression(model, [Quantize(bits=8, initializer=QUICK), Sabotage()], (x,))
     assert result is None  # no half-built GraphModule or controller
-    _assert_bitwise(values, model)
-    assert _module_state(model) == structure  # same modules, attributes, hooks, tensor objects
+    assert_state_unchanged(values, model)
+    assert module_structure(model) == structure  # same modules, attributes, hooks, tensor objects
     assert {k: p.grad for k, p in model.named_parameters()} == grads
     assert all(m.training for m in model.modules())
     reference = ResNetTiny().train()
@@ -104,15 +82,15 @@ def test_failed_pass_restores_the_graph_module_it_was_given(model):
     gm = trace(model, (x,))
     manager = PassManager([Quantize(bits=8, initializer=QUICK)])
     manager.run(gm)
-    values, structure, code = _values(gm), _module_state(gm), gm.code
+    values, structure, code = state_snapshot(gm), module_structure(gm), gm.code
     with torch.no_grad():
         expected = gm.eval()(x)
     gm.train()
     with pytest.raises(PassError, match="sabotage"):
         manager.run_one(Sabotage(), gm, PassContext.for_graph(gm))
     assert gm.code == code
-    _assert_bitwise(values, gm)
-    assert _module_state(gm) == structure
+    assert_state_unchanged(values, gm)
+    assert module_structure(gm) == structure
     assert all(m.training for m in gm.modules())
     with torch.no_grad():
         assert torch.equal(gm.eval()(x), expected)
@@ -121,13 +99,13 @@ def test_failed_pass_restores_the_graph_module_it_was_given(model):
 
 def test_a_pass_that_writes_shared_tensors_in_place_is_refused_and_rolled_back(model):
     x = model.example_input()
-    values, structure = _values(model), _module_state(model)
+    values, structure = state_snapshot(model), module_structure(model)
     with pytest.raises(PassError, match=r"pass 'sabotage' wrote into 8 of the model's parameter or buffer tensors "
                                         r"in place \(conv1.weight, bn1.running_mean, bn1.num_batches_tracked, "
                                         r"layer1.conv1.weight, layer1.bn1.running_var, ...\).*create new tensors"):
         compile_for_compression(model, [Sabotage(fail=False)], (x,))
-    _assert_bitwise(values, model)
-    assert _module_state(model) == structure
+    assert_state_unchanged(values, model)
+    assert module_structure(model) == structure
 
 
 def test_an_fxcompress_error_keeps_its_type_and_names_the_pass(model):
@@ -139,10 +117,10 @@ def test_an_fxcompress_error_keeps_its_type_and_names_the_pass(model):
                 gm.conv1.weight.zero_()
             raise ConfigError("bad_scope.ignored_scopes: 'nowhere' matches no module", path="ignored_scopes")
 
-    values = _values(model)
+    values = state_snapshot(model)
     with pytest.raises(ConfigError, match="matches no module") as info:
         compile_for_compression(model, [BadScope()], (model.example_input(),))
-    _assert_bitwise(values, model)
+    assert_state_unchanged(values, model)
     if hasattr(info.value, "__notes__"):  # Python >= 3.11
         assert "raised by pass 'bad_scope', which was rolled back" in info.value.__notes__[0]
 
@@ -166,9 +144,9 @@ def test_a_pass_may_change_tensors_an_earlier_pass_created(model):
                 gm.conv1_weight_quantizer.scale.mul_(2)
             return PassResult(gm, True)
 
-    values = _values(model)
+    values = state_snapshot(model)
     ctrl, gm = compile_for_compression(model, [Quantize(bits=8, initializer=QUICK), Rescale()],
                                        (model.example_input(),))
     _, reference = compile_for_compression(model, [Quantize(bits=8, initializer=QUICK)], (model.example_input(),))
     assert torch.equal(gm.conv1_weight_quantizer.scale, 2 * reference.conv1_weight_quantizer.scale)
-    _assert_bitwise(values, model)
+    assert_state_unchanged(values, model)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .asserts import assert_modules_agree, assert_outputs_agree, max_abs_diff
+from .asserts import (assert_modules_agree, assert_outputs_agree, assert_state_unchanged, max_abs_diff,
+                      module_structure, state_snapshot)
 from .data import (default_cache_dir, digits_loaders, evaluate_accuracy, load_digits_tensors,
                    train_digits_cnn)
 from .models import (ARCHITECTURES, LEAF_MODULES, MLP, DataDependentGate, DenseNetTiny,
@@ -37,7 +38,8 @@ __all__ = [
     "DenseNetTiny", "TransformerEncoderTiny", "MLP", "DataDependentGate", "ModelNeedingLeaf",
     "DigitsCNN",
     # asserts
-    "assert_modules_agree", "assert_outputs_agree", "max_abs_diff",
+    "assert_modules_agree", "assert_outputs_agree", "max_abs_diff", "state_snapshot",
+    "assert_state_unchanged", "module_structure",
     # data
     "load_digits_tensors", "digits_loaders", "train_digits_cnn", "evaluate_accuracy",
     "default_cache_dir",

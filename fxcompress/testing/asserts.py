@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["assert_modules_agree", "max_abs_diff", "assert_outputs_agree"]
+__all__ = ["assert_modules_agree", "max_abs_diff", "assert_outputs_agree", "state_snapshot",
+           "assert_state_unchanged", "module_structure"]
 
 
 # ---------------------------------------------------------------------------
@@ -243,3 +244,31 @@ def assert_modules_agree(a: Callable[..., Any], b: Callable[..., Any], inputs: A
         out_b = _call(b, inputs)
     return assert_outputs_agree(out_a, out_b, atol=atol, rtol=rtol, msg=msg,
                                 check_dtype=check_dtype)
+
+
+# -- "nothing was modified" checks --------------------------------------------------------------
+
+def state_snapshot(module: nn.Module) -> dict:
+    """A copy of every parameter and buffer value (for ``assert_state_unchanged``)."""
+    return {k: v.clone() for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def assert_state_unchanged(before: dict, module: nn.Module):
+    """The same keys, bitwise the same values and ``requires_grad`` as in ``state_snapshot``."""
+    after = module.state_dict(keep_vars=True)
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f"{key} changed"
+        assert after[key].requires_grad == value.requires_grad, f"{key}.requires_grad changed"
+
+
+def module_structure(model: nn.Module) -> dict:
+    """Everything about each module but tensor values: its type, attributes (by identity), hooks, and
+    its parameters, buffers and submodules (by identity); compare two with ``==``."""
+    state = {}
+    for path, m in model.named_modules():
+        # a GraphModule's graph is compared by its code (a rollback restores a copy of the graph)
+        attributes = {k: v for k, v in vars(m).items() if not isinstance(v, dict) and k != "_graph"}
+        hooks = {k: dict(v) for k, v in vars(m).items() if isinstance(v, dict) and "hook" in k}
+        state[path] = (type(m), attributes, hooks, dict(m._parameters), dict(m._buffers), dict(m._modules))
+    return state
