@@ -25,6 +25,12 @@ from .errors import ConfigError
 __all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "range_to_qparams", "average_ranges_across_ranks"]
 
 _MIN_SCALE = 1e-8
+# The scale of an empty range (all observed values zero): ONNX Runtime's quantization tool's choice
+# (quant_utils.compute_scale_zp: scale 1.0, zero point 0). The grid is irrelevant to the values seen
+# (zeros are exact on any grid), but a 1e-8 floor there made a bias after the quantizer overflow the
+# int32 bias (scale s_in * s_w) of ORT's fused integer Conv/Gemm (docs/export.md), and gave QAT a
+# quantizer that clips everything to zero.
+_EMPTY_RANGE_SCALE = 1.0
 
 
 @dataclass(frozen=True)
@@ -131,19 +137,20 @@ def range_to_qparams(spec: QuantSpec, low: torch.Tensor, high: torch.Tensor
     Symmetric: ``scale = max(|low|, |high|) / qmax`` (unsigned: ``high / qmax``).
     Asymmetric: the range is widened to include 0 (so zero is exact), then
     ``scale = (high - low) / (qmax - qmin)`` and ``zp = qmin - round(low / scale)``.
+    An empty range (``low == high == 0``, per channel) gets scale 1.0 (ONNX Runtime's quantization
+    tool does the same); other scales are floored at 1e-8.
     """
     qmin, qmax = spec.quant_range
     if spec.mode == "symmetric":
-        if spec.signed:
-            scale = torch.maximum(low.abs(), high.abs()) / qmax
-        else:
-            scale = high.clamp_min(0) / qmax
-        zero_point = torch.zeros_like(scale)
+        high = torch.maximum(low.abs(), high.abs()) if spec.signed else high.clamp_min(0)
+        scale = high / qmax
     else:
         low, high = low.clamp_max(0), high.clamp_min(0)
-        scale = ((high - low) / (qmax - qmin)).clamp_min(_MIN_SCALE)
-        zero_point = (qmin - torch.round(low / scale)).clamp(qmin, qmax)
-    return scale.clamp_min(_MIN_SCALE), zero_point
+        scale = (high - low) / (qmax - qmin)
+    scale = torch.where(scale == 0, _EMPTY_RANGE_SCALE, scale).clamp_min(_MIN_SCALE)
+    if spec.mode == "symmetric":
+        return scale, torch.zeros_like(scale)
+    return scale, (qmin - torch.round(low / scale)).clamp(qmin, qmax)
 
 
 def is_quantizer(module: nn.Module) -> bool:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
 
 from fxcompress import compile_for_compression
@@ -127,6 +128,29 @@ def test_ort_int8_shape_op_reproduction():
     # the hand-written uint8 form loads too and agrees: the same grid
     np.testing.assert_allclose(_ort_run(_reshape_matmul(np.array(128, np.uint8)), x), reference, rtol=1e-6,
                                atol=1e-5)
+
+
+def test_empty_range_before_a_biased_layer_keeps_its_int32_bias_in_range(tmp_path):
+    """GoogLeNet, reduced: a block whose output is all zeros on the calibration data (a ReLU after a
+    negative bias) gives the next linear layer's input quantizer an empty range. With a 1e-8 scale
+    floor there, ORT's fused integer Gemm quantized the bias to int32 at scale ``s_in * s_w`` and
+    overflowed (185 output steps off); an empty range gets scale 1.0, as ORT's quantization tool does."""
+    class DeadBranch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(8, 4)
+            with torch.no_grad():
+                self.conv.bias.fill_(-100.0)        # ReLU(conv) == 0 for every calibration input
+                self.fc.bias.copy_(torch.tensor([0.5, -0.25, 0.125, 1.0]))
+
+        def forward(self, x):
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1), 1))
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctrl, gm, _ = check_export_everywhere(DeadBranch(), (x,), tmp_path)
+    fc_input = next(q.module for q in ctrl.parts[0].activation_quantizers if q.name.startswith("fc"))
+    assert float(fc_input.effective_scale().detach()) == 1.0
 
 
 # -- the project's architectures -----------------------------------------------------------------------
