@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from fxcompress import compile_for_compression
 from fxcompress.passes import Quantize
@@ -241,18 +242,56 @@ def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path)
 
 # -- property: random deployment-style models --------------------------------------------------------
 
-_FEW = settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def assert_masks_are_exported_zeros(gm, path) -> int:
+    """Every sparsity mask's zeros are integer zeros of its layer's weight in the file, and the file's
+    zeros are exactly the zeros of the fake-quantized masked weight (a kept weight below half a step
+    rounds to zero too; a folded BatchNorm negates integers, which keeps zeros). Returns the layers checked."""
+    from fxcompress.quantizers import FakeQuantizer
+    integers = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    checked = 0
+    for mask_node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target.endswith("_weight_mask")]:
+        quantizer = next((gm.get_submodule(u.target) for u in mask_node.users if u.op == "call_module"
+                          and isinstance(gm.get_submodule(u.target), FakeQuantizer)), None)
+        if quantizer is None:        # a layer the placement leaves in float: no integer weight to check
+            continue
+        mask = gm.get_submodule(mask_node.target).binary_mask().detach()
+        with torch.no_grad():
+            fake_quantized = quantizer(gm.get_parameter(mask_node.args[0].target) * mask).numpy()
+        q = integers[mask_node.target.removesuffix("_mask") + "_q"]
+        assert np.all(q[mask.numpy() == 0] == 0), mask_node.target
+        assert np.array_equal(q == 0, fake_quantized == 0), mask_node.target
+        checked += 1
+    return checked
 
 
-@given(strategies.deployment_models())
-@_FEW
-def test_random_deployment_models_load_and_agree_everywhere(tmp_path_factory, case):
-    check_export_everywhere(case.model, case.example_inputs, tmp_path_factory.mktemp("random"))
+def check_random_model(case, sparsity, folder):
+    """compile -> initialize -> export with an optional magnitude sparsity of ``sparsity`` per layer."""
+    from fxcompress.passes import MagnitudeSparsity
+    passes = [] if sparsity is None else [MagnitudeSparsity(sparsity_init=sparsity, sparsity_target=sparsity,
+                                                            sparsity_level_setting_mode="local")]
+    ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, folder, passes=passes)
+    if sparsity is not None:
+        assert assert_masks_are_exported_zeros(gm, folder / "model.onnx") >= 1
+
+
+# Each example is a full compile -> initialize -> export -> ORT (4 levels) + OpenVINO round trip (1-3 s on
+# one core, about 7 s of CPU with the imports): CI runs EXPORT_CI_EXAMPLES of them, `make test-slow` EXPORT_SLOW_EXAMPLES.
+EXPORT_CI_EXAMPLES = 5
+EXPORT_SLOW_EXAMPLES = 150
+_EXPORTS = settings(max_examples=EXPORT_CI_EXAMPLES, deadline=None,
+                    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+_SPARSITY = st.sampled_from([None, 0.3, 0.7])
+
+
+@given(strategies.deployment_models(), _SPARSITY)
+@_EXPORTS
+def test_random_deployment_models_load_and_agree_everywhere(tmp_path_factory, case, sparsity):
+    check_random_model(case, sparsity, tmp_path_factory.mktemp("random"))
 
 
 @pytest.mark.slow
-@given(strategies.deployment_models())
-@settings(_FEW, max_examples=40)
-def test_many_random_deployment_models_load_and_agree_everywhere(tmp_path_factory, case):
-    check_export_everywhere(case.model, case.example_inputs, tmp_path_factory.mktemp("random"))
+@given(strategies.deployment_models(), _SPARSITY)
+@settings(_EXPORTS, max_examples=EXPORT_SLOW_EXAMPLES)
+def test_many_random_deployment_models_load_and_agree_everywhere(tmp_path_factory, case, sparsity):
+    check_random_model(case, sparsity, tmp_path_factory.mktemp("random"))
