@@ -542,6 +542,25 @@ def test_bn_adaptation_reestimates_statistics_without_touching_the_user_model():
     assert gm.bn.momentum == model.bn.momentum and not gm.training
 
 
+def test_activation_ranges_are_set_on_the_adapted_batchnorm_statistics():
+    """Ranges, then BatchNorm adaptation (NNCF's order), then the activation ranges again: they fit the
+    statistics the model keeps (a range init run now finds the same ranges), not the replaced ones."""
+    model = ConvBN().eval()
+    model.bn.running_var.fill_(100.0)   # far from the data: adaptation changes the activations 10x
+    model.bn.momentum = None            # cumulative average: the adapted statistics are the data's
+    data = [torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(i)) * 2 + 1 for i in range(3)]
+    ctrl, gm = compile_q(model, (data[0],),
+                         initializer={"batchnorm_adaptation": {"num_bn_adaptation_samples": 24}})
+    ctrl.initialize(data)
+    part = part_of(ctrl)
+    assert part.bn_adapted == 1 and float(gm.bn.running_var.max()) < 50
+    scales = {q.name: q.module.scale.detach().clone() for q in part.activation_quantizers}
+    from fxcompress.data import CalibrationData
+    part.init_activation_ranges(gm, CalibrationData(data))
+    for q in part.activation_quantizers:
+        assert torch.equal(q.module.scale, scales[q.name]), q.name
+
+
 def test_fold_bn_at_compile_time_is_exact_in_float():
     model = ConvBN().eval()
     fxcompress.testing.randomize_norm_layers_(model)

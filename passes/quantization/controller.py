@@ -125,6 +125,15 @@ class QuantizationController(ControllerPart):
             self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, self.num_bn_adaptation_samples,
                                                 "quantization: BatchNorm adaptation")
         self.bn_adapted = len(self._adapted_bns)
+        if self._adapted_bns and self.needs_data():
+            # NNCF's order (ranges, then BatchNorm adapted to the quantized model) leaves ranges measured
+            # on the old statistics: a random-init MobileNetV2's activations grew 10x past them, and with
+            # steps that small a one-step rounding flip (folded vs unfolded BN, integer kernels) grew by
+            # the layer gain at every layer, 250 steps at the output (docs/export.md). The ranges are set
+            # again on the statistics the model keeps, so they fit what the exported graph computes.
+            self.init_activation_ranges(ctx.gm, ctx.data)
+            if self._distributed:
+                average_ranges_across_ranks(q.module for q in self.quantizers)
         self.initialized = True
 
     def set_calibration_data(self, ctx: InitContext):
