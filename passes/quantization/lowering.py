@@ -32,6 +32,7 @@ quantizer node it replaces and its name; ``inserted_by`` names the lowering pass
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -306,9 +307,15 @@ class FoldBatchNorm(Pass):
             scope = bn_node.meta.get("module_path", bn_node.name)
             reason = self._fold(gm, convs.get(conv), bn_node)
             if reason:
-                self.skipped.append({"scope": scope, "reason": reason})
+                self.skipped.append({"scope": scope, "node": bn_node.name, "conv": conv.name, "reason": reason})
             else:
                 self.folded.append({"scope": scope, "conv": conv.meta.get("module_path", conv.name)})
+        if self.skipped:
+            # Not folding is exact (the BatchNorm stays in the graph, a BatchNormalization in the file), but
+            # ONNX Runtime then runs that conv in float (its QDQ fusion needs conv -> QuantizeLinear).
+            warnings.warn("BatchNorm folding at export: " + "; ".join(
+                f"node {s['node']!r} ({s['scope']}) after conv node {s['conv']!r} not folded: {s['reason']}"
+                for s in self.skipped) + "; it stays a BatchNorm in the export (exact)", stacklevel=2)
         if self.folded:
             drop_unused_tensors(gm)
         return PassResult(gm, bool(self.folded) or functionalized)
