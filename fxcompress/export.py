@@ -309,6 +309,61 @@ def _unsigned_before_shape_ops(model) -> int:
     return changed
 
 
+_INT32_MAX = 2 ** 31 - 1
+
+
+def _dequantize_scale(value, through_shape_ops: bool):
+    """The constant scale of the DequantizeLinear that produces ``value`` (looking through shape ops,
+    as ORT's QDQ propagation does), or None."""
+    node = value.producer() if value is not None else None
+    while through_shape_ops and node is not None and node.op_type in _SHAPE_OPS:
+        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if node is None or node.op_type != "DequantizeLinear" or node.inputs[1].const_value is None:
+        return None
+    return node.inputs[1].const_value.numpy()
+
+
+def _float_bias_where_int32_overflows(model) -> list[str]:
+    """Move the bias of a quantized Conv/Gemm out into a float ``Add`` where ``|bias| / (s_in * s_w)``
+    does not fit int32. ONNX Runtime fuses ``DQ -> Conv/Gemm(float bias) -> Q`` into an integer kernel
+    whose bias it quantizes to int32 at scale ``s_in * s_w``; a tiny activation range overflowed it
+    (GoogLeNet: 188 output steps). Conv + Add is the same computation, and OpenVINO folds the Add back
+    into its int8 conv. ONNX Runtime's quantization tool raises the weight scale instead, which would
+    change the integers. Returns the nodes changed."""
+    import numpy as np
+    import onnx_ir as ir
+    graph = model.graph
+    changed = []
+    for node in list(graph):
+        if node.op_type not in ("Conv", "Gemm") or len(node.inputs) < 3 or node.inputs[2] is None:
+            continue
+        bias = node.inputs[2]
+        s_in = _dequantize_scale(node.inputs[0], through_shape_ops=True)
+        s_w = _dequantize_scale(node.inputs[1], through_shape_ops=False)
+        if bias.const_value is None or s_in is None or s_w is None or s_in.size != 1:
+            continue
+        b = bias.const_value.numpy().astype(np.float64)
+        if np.all(np.abs(b) / (float(s_in) * np.broadcast_to(s_w.astype(np.float64), b.shape)) < _INT32_MAX):
+            continue
+        out = node.outputs[0]
+        if node.op_type == "Conv":   # [C] -> [C, 1, ...] against [N, C, spatial...]
+            rank = len(node.inputs[1].shape) if node.inputs[1].shape is not None else 4
+            b = b.reshape(-1, *([1] * (rank - 2)))
+        name = f"{bias.name}_float_add"
+        addend = ir.Value(name=name, const_value=ir.tensor(b.astype(np.float32), name=name))
+        graph.register_initializer(addend)
+        node.resize_inputs(2)
+        add = ir.Node("", "Add", inputs=[addend, addend], name=f"{node.name}_bias_add")
+        biased = add.outputs[0]
+        biased.dtype, biased.shape = out.dtype, out.shape
+        out.replace_all_uses_with(biased, replace_graph_outputs=True)
+        add.replace_input_with(0, out)
+        biased.name, out.name = out.name, f"{out.name}_without_bias"   # a graph output keeps its name
+        graph.insert_after(node, add)
+        changed.append(node.name)
+    return changed
+
+
 _TORCHLIB_REGISTRIES: dict = {}
 
 
@@ -381,6 +436,7 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
         _optimize(program)
         _store_quantized_constants(program.model)
     _unsigned_before_shape_ops(program.model)
+    _float_bias_where_int32_overflows(program.model)
     program.save(path)
     expected = _count_weight_dequantizations(module)
     if expected:
