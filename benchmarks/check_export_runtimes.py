@@ -242,7 +242,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="*", help="only these")
     parser.add_argument("--locate", action="store_true", help="find the first quantizer departing by > 1 step")
     parser.add_argument("--no-bn-adaptation", action="store_true",
-                        help="initialize() without BatchNorm adaptation (ranges then match the final statistics)")
+                        help="initialize() without BatchNorm adaptation (the model's own statistics)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -62,10 +62,9 @@ def _activation_matmuls(gm) -> int:
 def check_export_everywhere(model, inputs, folder, *, int8_layers=None, passes=()):
     """compile -> initialize -> export; every ORT level and OpenVINO load it and agree within one step."""
     model.eval()
-    # Without BatchNorm adaptation: initialize() adapts BN statistics *after* setting the activation
-    # ranges, and on these random-weight models the statistics move so far that the ranges no longer
-    # fit (a ReLU6 quantizer of range 0.4 on values up to 4.3), which makes the integer runtimes and
-    # PyTorch amplify float rounding flips into many steps (docs/export.md).
+    # Without BatchNorm adaptation: the models' randomised BatchNorm statistics (negative scales,
+    # offsets) are what the export's folding must reproduce; adaptation would pull them toward the
+    # data's. (After an adaptation the ranges are set again: test_quantization.py.)
     no_adaptation = {"initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}}
     ctrl, gm = compile_for_compression(model, [*passes, Quantize(bits=8, quantize_outputs=True, **no_adaptation)],
                                        example_inputs=inputs)
