@@ -197,8 +197,9 @@ class FilterPruning(CompressionPass):
         by_input: dict[torch.fx.Node, tuple] = {}
         for layer in analysis.layers.values():
             space = layer.in_space
-            if touched(space) and not layer.depthwise and not space.zero:
-                x = layer.node.args[0]
+            # a grouped conv loses whole groups, filters included: its input needs no mask
+            if touched(space) and not layer.grouped and not space.zero:
+                x = layer.data_input
                 by_input.setdefault(x, (space, []))[1].append(layer)
         for x, (space, consumers) in by_input.items():
             mask = ChannelMask(space.size, space.axis, space.ndim, straight_through).to(device_of(consumers[0]))
@@ -209,13 +210,13 @@ class FilterPruning(CompressionPass):
             if not touched(layer.out_space):
                 continue
             node, space = layer.node, layer.out_space
-            weight_input = node.args[1]
+            weight_input = node.args[layer.weight_arg]
             mask = ChannelMask(space.size, layer.out_axis, len(layer.weight_shape), straight_through)
             mask = mask.to(device_of(layer))
             name = add_module(gm, f"{layer.name}_weight_mask", mask)
             insert_before_input(gm, node, weight_input, name, INSERTED_BY)
             bindings.append((mask, space))
-            bias = node.args[2] if len(node.args) > 2 else None
+            bias = node.args[layer.bias_arg] if len(node.args) > layer.bias_arg else None
             if isinstance(bias, torch.fx.Node):
                 mask = ChannelMask(space.size, 0, 1, straight_through).to(device_of(layer))
                 name = add_module(gm, f"{layer.name}_bias_mask", mask)

@@ -41,6 +41,7 @@ This module decides; it does not touch the graph (``FilterPruning`` does).
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -86,9 +87,17 @@ class Edge:
     why: str
 
 
+# (data input, weight, bias) argument positions; addmm(bias, x, weight) is transformers' Conv1D
+_ARGS = {"addmm": (1, 2, 0)}
+_DEFAULT_ARGS = (0, 1, 2)
+# weight axes of (output, input) channels
+_WEIGHT_AXES = {"conv_transpose": (1, 0), "addmm": (1, 0)}
+_DEFAULT_WEIGHT_AXES = (0, 1)
+
+
 @dataclass(eq=False)
 class Layer:
-    """A conv / transposed conv / linear in functional form (see ``fxcompress.weights``)."""
+    """A conv / transposed conv / linear / addmm (Conv1D) in functional form (see ``fxcompress.weights``)."""
     node: torch.fx.Node
     kind: str
     module_path: str
@@ -105,11 +114,27 @@ class Layer:
 
     @property
     def out_axis(self) -> int:
-        return 1 if self.kind == "conv_transpose" else 0
+        return _WEIGHT_AXES.get(self.kind, _DEFAULT_WEIGHT_AXES)[0]
 
     @property
     def in_axis(self) -> int:
-        return 0 if self.kind == "conv_transpose" else 1
+        return _WEIGHT_AXES.get(self.kind, _DEFAULT_WEIGHT_AXES)[1]
+
+    @property
+    def input_arg(self) -> int:
+        return _ARGS.get(self.kind, _DEFAULT_ARGS)[0]
+
+    @property
+    def weight_arg(self) -> int:
+        return _ARGS.get(self.kind, _DEFAULT_ARGS)[1]
+
+    @property
+    def bias_arg(self) -> int:
+        return _ARGS.get(self.kind, _DEFAULT_ARGS)[2]
+
+    @property
+    def data_input(self):
+        return self.node.args[self.input_arg] if len(self.node.args) > self.input_arg else None
 
     @property
     def in_channels(self) -> int:
@@ -120,8 +145,13 @@ class Layer:
         return self.weight_shape[self.in_axis]
 
     @property
+    def grouped(self) -> bool:
+        """A grouped conv (depthwise included): group ``k``'s filters read only group ``k``'s inputs."""
+        return self.kind == "conv" and self.groups > 1
+
+    @property
     def depthwise(self) -> bool:
-        return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels
+        return self.grouped and self.groups == self.in_channels
 
     @property
     def downsampling(self) -> bool:
@@ -201,6 +231,14 @@ def _describe(node: torch.fx.Node, gm) -> str:
 
 
 _SIZE_QUERIES = frozenset({"size", "dim"})
+_POWER = (operator.pow, torch.pow)
+
+
+def _is_scalar_power(node: torch.fx.Node) -> bool:
+    """``x ** p`` / ``torch.pow(x, p)`` / ``x.pow(p)`` with a number ``p``: elementwise on channels."""
+    is_pow = (node.op == "call_function" and node.target in _POWER) or \
+        (node.op == "call_method" and node.target == "pow")
+    return is_pow and len(node.args) == 2 and isinstance(node.args[1], (int, float)) and not node.kwargs
 
 
 class ChannelAnalysis:
@@ -231,7 +269,8 @@ class ChannelAnalysis:
         weight_target = op.weight_source.target if op.weight_source is not None else None
         weight_arg = node.args[op.kind.weight_arg] if len(node.args) > op.kind.weight_arg else None
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else (_tensor_shape(weight_arg) or ())
-        bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias_index = _ARGS.get(kind, _DEFAULT_ARGS)[2]
+        bias_arg = node.args[bias_index] if len(node.args) > bias_index else node.kwargs.get("bias")
         bias_source = bias_arg
         while isinstance(bias_source, torch.fx.Node) and bias_source.meta.get("inserted_by") and bias_source.args:
             bias_source = bias_source.args[0]
@@ -245,13 +284,15 @@ class ChannelAnalysis:
             groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
             stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
         stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,)
-        out_shape, in_shape = _tensor_shape(node), _tensor_shape(_data_input(node))
+        input_index = _ARGS.get(kind, _DEFAULT_ARGS)[0]
+        out_shape = _tensor_shape(node)
+        in_shape = _tensor_shape(node.args[input_index]) if len(node.args) > input_index else None
         spatial = 1
         if kind == "conv" and out_shape:
             spatial = math.prod(out_shape[2:])
         elif kind == "conv_transpose" and in_shape:
             spatial = math.prod(in_shape[2:])
-        elif kind == "linear" and out_shape:
+        elif kind in ("linear", "addmm") and out_shape:
             spatial = math.prod(out_shape[1:-1])
         layer = Layer(node, kind, op.module_path, weight_target, bias_target, shape,
                       int(groups) if isinstance(groups, int) else -1, spatial, stride)
@@ -261,9 +302,6 @@ class ChannelAnalysis:
             layer.problem = f"{layer.name}: groups/stride are computed at run time"
         elif bias_arg is not None and bias_target is None:
             layer.problem = f"{layer.name}: its bias is computed in the graph, not a parameter"
-        elif kind == "conv" and groups > 1 and not layer.depthwise:
-            layer.problem = (f"{layer.name}: grouped convolution (groups={groups}, not depthwise); its "
-                             f"channels are kept because every group would have to shrink alike")
         elif kind == "conv_transpose" and groups > 1:
             layer.problem = f"{layer.name}: grouped transposed convolution (groups={groups})"
         elif out_shape is None or in_shape is None:
@@ -317,7 +355,7 @@ class ChannelAnalysis:
         for node in self.gm.graph.nodes:
             inputs = node.all_input_nodes
             if node in self.layers:
-                data = _data_input(node)
+                data = self.layers[node].data_input
                 self.layers[node].first = not (isinstance(data, torch.fx.Node) and
                                                (data in after_weighted or data in self.layers))
             if any(i in after_weighted or i in self.layers for i in inputs):
@@ -365,6 +403,8 @@ class ChannelAnalysis:
             return self._visit_mean(node)
         if name == "transpose":
             return self._visit_transpose(node)
+        if _is_scalar_power(node):  # x ** 3 in a decomposed GELU (GPT-2's NewGELU)
+            return self._visit_passthrough(node, zero_preserving=self._maps_zero_to_zero(node), pooling=False)
         return set()
 
     def _is_passthrough_module(self, node) -> bool:
@@ -375,7 +415,7 @@ class ChannelAnalysis:
         return type(module).__name__ == "FakeQuantizer" and getattr(module, "axis", 0) is None
 
     def _visit_layer(self, node, layer: Layer) -> set:
-        x = _data_input(node)
+        x = layer.data_input
         claimed = set()
         if isinstance(x, torch.fx.Node) and x in self.space_of:
             claimed.add(x)
@@ -387,23 +427,36 @@ class ChannelAnalysis:
                 self._block(space, layer.problem)
             else:
                 layer.in_space = space
-        if layer.kind in ("conv", "conv_transpose"):
-            shape = _tensor_shape(node)
-            if shape is None:
-                return claimed
-            out = self._new_space(node, 1, shape[1], zero=True)
-            layer.out_space = out
-            if layer.problem:
-                self._block(out, layer.problem)
-            elif layer.depthwise:
-                if layer.in_space is None:
-                    self._block(out, f"{layer.name}: depthwise convolution whose input channels cannot "
-                                     f"be pruned")
-                else:
-                    mult = out.size // layer.in_space.size
-                    self._tie(layer.in_space, out, np.repeat(np.arange(layer.in_space.size), mult),
-                              np.arange(out.size), f"depthwise {layer.name}")
+        shape = _tensor_shape(node)
+        if shape is None:
+            return claimed
+        # output channels: axis 1 of a conv's output, the last axis of a linear layer's
+        axis = 1 if layer.kind in ("conv", "conv_transpose") else len(shape) - 1
+        out = self._new_space(node, axis, shape[axis], zero=True)
+        layer.out_space = out
+        if layer.problem:
+            self._block(out, layer.problem)
+        elif layer.grouped:
+            self._tie_conv_groups(layer, out)
         return claimed
+
+    def _tie_conv_groups(self, layer: Layer, out: Space):
+        """Group ``k`` of a grouped conv is pruned whole: its input and output channels form one class.
+
+        Its filters read only group ``k``'s input channels, so removing the group (inputs, filters,
+        and one from ``groups``) leaves the other groups' outputs exactly as they were. A depthwise
+        conv is the case of one input channel per group: input ``c`` <-> outputs ``c*m .. c*m+m-1``.
+        """
+        if layer.in_space is None:
+            self._block(out, f"{layer.name}: grouped convolution (groups={layer.groups}) whose input "
+                             f"channels cannot be pruned")
+            return
+        groups, ins = layer.groups, layer.in_space
+        a, b = ins.size // groups, out.size // groups
+        inputs, outputs = np.arange(ins.size), np.arange(out.size)
+        # connect every input channel to its group's first filter and every filter to its group's first input
+        self._tie(ins, out, inputs, (inputs // a) * b, f"group of {layer.name}")
+        self._tie(ins, out, (outputs // b) * a, outputs, f"group of {layer.name}")
 
     def _visit_norm(self, node) -> set:
         x = _data_input(node)

@@ -7,8 +7,8 @@ element of its output) and every consumer with ``node.meta["pruning_input"]``
 smaller graph:
 
 - conv / transposed conv / linear: new weight (and bias) tensors without the
-  pruned output filters and input channels; ``groups`` of a depthwise conv
-  becomes its new channel count; per-channel weight quantizers on the weight
+  pruned output filters and input channels; a grouped (or depthwise) conv
+  loses whole groups and ``groups`` becomes the number left; per-channel weight quantizers on the weight
   edge get sliced copies of their scales;
 - BatchNorm: a new, smaller BatchNorm module with the kept statistics;
 - reshapes with a literal size on the channel-carrying axis get the new size;
@@ -135,23 +135,24 @@ class FoldPrunedChannels(Pass):
         keep_in = self._keep(node.meta.get("pruning_input"))
         if keep_out is None and keep_in is None:
             return False
-        out_axis, in_axis = kind.weight_out_axis, (0 if kind.name == "conv_transpose" else 1)
+        out_axis, in_axis = kind.weight_out_axis, 1 - kind.weight_out_axis  # conv_transpose, addmm: [in, out]
         source, chain = self._edge(gm, node, kind.weight_arg, "weight")
         if source is None:
             raise PassError(f"cannot fold '{node.name}': its weight is not a parameter")
         weight = get_attr_value(gm, source.target)
         groups_index = 6 if kind.name in ("conv", "conv_transpose") else None
         groups = node.args[groups_index] if groups_index is not None and len(node.args) > groups_index else 1
-        depthwise = kind.name == "conv" and groups > 1 and weight.shape[1] == 1 and \
-            node.meta.get("pruning_input") is not None and len(node.meta["pruning_input"]["classes"]) == groups
+        # a grouped conv (depthwise included) loses whole groups (the analysis ties each group's inputs
+        # and filters into one class): slice its filters, keep each group's width, count the groups left
+        grouped = kind.name == "conv" and groups > 1
         new = weight
         if keep_out is not None:
             new = new.index_select(out_axis, keep_out.to(weight.device))
-        if keep_in is not None and not depthwise:
+        if keep_in is not None and not grouped:
             new = new.index_select(in_axis, keep_in.to(weight.device))
         new_groups = None
-        if depthwise and keep_in is not None:
-            new_groups = len(keep_in)
+        if grouped and keep_out is not None:
+            new_groups = groups * new.shape[0] // weight.shape[0]
             args = list(node.args)
             args[groups_index] = new_groups
             node.args = tuple(args)
