@@ -102,7 +102,7 @@ class FoldPrunedChannels(Pass):
         for node in list(gm.graph.nodes):
             kind = op_kind(node, gm)
             name = kind.name if kind else None
-            if name in ("conv", "conv_transpose", "linear") and node.op == "call_function":
+            if name in ("conv", "conv_transpose", "linear", "addmm") and node.op == "call_function":
                 modified |= self._fold_layer(gm, node, kind)
             elif name == "batch_norm" and node.op == "call_module":
                 modified |= self._fold_norm(gm, node)
