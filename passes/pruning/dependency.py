@@ -192,17 +192,40 @@ class Group:
 
 
 def shape_args(node: torch.fx.Node) -> tuple[list, object] | None:
-    """The target shape of a view/reshape node as a list, and how to write it back, or None."""
+    """The target shape of a view/reshape node as a list, and how to write it back, or None.
+
+    Besides literal shapes, ``x.view(y.size()[:-1] + (n,))`` (transformers' ``Conv1D``) reads as
+    ``[None, ..., n]`` (form ``"size_prefix"``): a prefix computed at run time and a literal tail.
+    """
     if node.op == "call_method" and node.target in ("view", "reshape"):
         rest = list(node.args[1:])
         if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
             return list(rest[0]), "tuple_arg"
+        if len(rest) == 1 and _size_prefix_tail(rest[0]) is not None:
+            tail = list(rest[0].args[1])
+            out_shape = _tensor_shape(node)
+            if out_shape is None or len(out_shape) < len(tail):
+                return None
+            return [None] * (len(out_shape) - len(tail)) + tail, "size_prefix"
         return rest, "varargs"
     if node.op == "call_function" and node.target is torch.reshape:
         shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
         if isinstance(shape, (tuple, list)):
             return list(shape), "function"
     return None
+
+
+def _size_prefix_tail(shape) -> tuple | None:
+    """The literal tail of ``<sizes of a tensor>[:k] + (n, ...)``, the shape node's only use, or None."""
+    if not (isinstance(shape, torch.fx.Node) and shape.op == "call_function" and shape.target is operator.add
+            and len(shape.args) == 2 and len(shape.users) == 1):
+        return None
+    prefix, tail = shape.args
+    if not (isinstance(prefix, torch.fx.Node) and prefix.op == "call_function" and prefix.target is operator.getitem
+            and isinstance(prefix.args[0], torch.fx.Node) and prefix.args[0].op == "call_method"
+            and prefix.args[0].target == "size" and len(prefix.args[0].args) == 1):
+        return None
+    return tail if isinstance(tail, tuple) and all(isinstance(v, int) for v in tail) else None
 
 
 def _tensor_shape(node) -> tuple | None:
@@ -249,7 +272,7 @@ class ChannelAnalysis:
         self.prune_batch_norms = prune_batch_norms
         self.spaces: list[Space] = []
         self.edges: list[Edge] = []
-        self.blocks: list[tuple[Space, str]] = []
+        self.blocks: list[tuple[Space, str, np.ndarray | None]] = []
         self.norms: list[Norm] = []
         self.reshapes: list[torch.fx.Node] = []
         self.space_of: dict[torch.fx.Node, Space] = {}
@@ -341,8 +364,9 @@ class ChannelAnalysis:
     def _identity(self, a: Space, b: Space, why: str):
         self._tie(a, b, np.arange(a.size), np.arange(b.size), why)
 
-    def _block(self, space: Space, reason: str):
-        self.blocks.append((space, reason))
+    def _block(self, space: Space, reason: str, elements: np.ndarray | None = None):
+        """Never prune ``space`` (or only its ``elements``) nor anything tied to it."""
+        self.blocks.append((space, reason, elements))
 
     # -- the sweep over the graph in topological order ------------------------------------
     def _sweep(self):
@@ -584,6 +608,9 @@ class ChannelAnalysis:
                     space = self.space_of[t]
                     self._tie(space, out, np.arange(space.size), offset + np.arange(space.size),
                               f"'{node.name}' concatenates it at offset {offset}")
+                else:  # channels nothing can remove (e.g. the model input): a depthwise conv must keep them
+                    self._block(out, f"'{node.name}' concatenates '{getattr(t, 'name', t)}', whose channels are "
+                                     f"not tracked", offset + np.arange(tshape[dim]))
                 offset += tshape[dim]
             return claimed
         ties = []
@@ -622,6 +649,8 @@ class ChannelAnalysis:
                 self._block(space, f"'{node.name}': cannot read its target shape")
                 return {x}
             entry = parsed[0][mapping.out_axis]
+            if self._size_of_channels(entry, x, space):
+                entry = -1  # x.size(axis) of the channels themselves: follows them at run time
             if not isinstance(entry, int):
                 self._block(space, f"'{node.name}': the size of axis {mapping.out_axis} is computed at run time")
                 return {x}
@@ -632,6 +661,14 @@ class ChannelAnalysis:
         if literal:
             self.reshapes.append(node)
         return {x}
+
+    @staticmethod
+    def _size_of_channels(entry, x: torch.fx.Node, space: Space) -> bool:
+        """``entry`` is ``x.size(d)`` with ``d`` the channel axis of ``x``."""
+        if not (isinstance(entry, torch.fx.Node) and entry.op == "call_method" and entry.target == "size"
+                and len(entry.args) == 2 and entry.args[0] is x and isinstance(entry.args[1], int)):
+            return False
+        return entry.args[1] % space.ndim == space.axis
 
     def _visit_mean(self, node) -> set:
         x = _data_input(node)
@@ -718,8 +755,9 @@ class ChannelAnalysis:
             lo, hi = bounds[c], bounds[c + 1]
             self.class_spaces[c] = (spc[lo:hi], counts[lo:hi])
         self.blocked: dict[int, str] = {}
-        for space, reason in self.blocks:
-            for c in np.unique(class_of[space.start:space.start + space.size]).tolist():
+        for space, reason, elements in self.blocks:
+            ids = space.ids if elements is None else space.start + elements
+            for c in np.unique(class_of[ids]).tolist():
                 self.blocked.setdefault(c, reason)
 
     # -- groups: classes whose producers overlap ---------------------------------------------

@@ -231,7 +231,11 @@ class FoldPrunedChannels(Pass):
             raise PassError(f"cannot fold '{node.name}': its target shape is no longer readable")
         sizes, form = parsed
         sizes[record["axis"]] = len(keep)
-        if form == "tuple_arg":
+        if form == "size_prefix":  # x.view(y.size()[:-k] + tail): rewrite the literal tail
+            shape = node.args[1]
+            tail = sizes[len(sizes) - len(shape.args[1]):]
+            shape.args = (shape.args[0], tuple(tail))
+        elif form == "tuple_arg":
             node.args = (node.args[0], tuple(sizes))
         elif form == "varargs":
             node.args = (node.args[0], *sizes)
