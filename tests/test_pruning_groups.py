@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from fxcompress import compile_for_compression
 from fxcompress.passes import FilterPruning
 from fxcompress.passes.pruning import ChannelMask, model_cost
+from fxcompress.passes.pruning.masks import ChannelMaskedLayerNorm
 from fxcompress.testing import assert_modules_agree
 from fxcompress.testing.strategies import conv_nets, deployment_models
 
@@ -143,17 +144,42 @@ class ConvNeXtBlock(nn.Module):
         return self.head((x + self.layer_scale * y).mean((2, 3)))
 
 
-def test_convnext_block_prunes_the_hidden_linear_channels():
+def test_convnext_block_prunes_through_layernorm_permutes_linears_and_layer_scale():
     torch.manual_seed(0)
     model, x = ConvNeXtBlock(), torch.randn(2, 3, 8, 8)
     ctrl, gm = compile_quietly(model, (x,))
-    hidden = next(g for g in ctrl.parts[0].groups if g.describe() == "pwconv1")
-    assert hidden.size == 32 and [c.name for c in hidden.consumers] == ["pwconv2"]
+    groups = {g.describe(): g for g in ctrl.parts[0].groups}
+    # the residual channels: the stem, the depthwise conv and pwconv2 produce them; the LayerNorm
+    # (over the channels, after a permute), pwconv1's inputs and the layer scale follow them
+    assert sorted(groups) == ["pwconv1", "stem, dwconv, pwconv2"]
+    assert groups["pwconv1"].size == 32 and [c.name for c in groups["pwconv1"].consumers] == ["pwconv2"]
+    assert groups["stem, dwconv, pwconv2"].size == 8
+    # while fine-tuning the LayerNorm normalizes over the kept channels only
+    masked_norm = next(m for m in gm.modules() if isinstance(m, ChannelMaskedLayerNorm))
+    assert int(masked_norm.mask.sum()) == 4
     folded = check_fold(ctrl, gm, (x,))
-    assert folded.pwconv1.weight.shape == (16, 8) and folded.pwconv2.weight.shape == (8, 16)
-    assert sum(p.numel() for p in folded.parameters()) < sum(p.numel() for p in model.parameters())
+    assert folded.pwconv1.weight.shape == (16, 4) and folded.pwconv2.weight.shape == (4, 16)
+    assert folded.dwconv.weight.shape == (4, 1, 7, 7) and folded.norm.weight.shape == (4,)
+    assert folded.layer_scale.shape == (4, 1, 1) and folded.head.weight.shape == (3, 4)
+    params = sum(p.numel() for p in folded.parameters())
+    assert params == ctrl.parts[0].statistics().summary["params_after"]
+    assert params < 0.5 * sum(p.numel() for p in model.parameters())
     train_steps(gm, (x,))
     check_fold(ctrl, gm, (x,))
+
+
+def test_masked_layernorm_equals_layernorm_over_the_kept_channels():
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 5, 6), torch.randn(6), torch.randn(6)
+    norm = ChannelMaskedLayerNorm(6, eps=1e-5)
+    assert torch.equal(norm(x, weight, bias), F.layer_norm(x, (6,), weight, bias, 1e-5))
+    keep = torch.tensor([True, False, True, True, False, True])
+    norm.set(keep)
+    x = x * keep  # pruned channels arrive as zeros, or as anything: they are ignored
+    y = norm(x + torch.randn_like(x) * ~keep, weight, bias)
+    expected = F.layer_norm(x[..., keep], (4,), weight[keep], bias[keep], 1e-5)
+    torch.testing.assert_close(y[..., keep], expected, atol=1e-6, rtol=1e-5)
+    assert torch.equal(y[..., ~keep], torch.zeros_like(y[..., ~keep]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -136,6 +136,8 @@ class CostModel:
         for norm in self.analysis.norms:
             if self._norm_affine[id(norm)]:
                 params += 2 * int(kept[norm.space.index])
+        for space, per_channel in self.analysis.channel_params:  # LayerNorm affine, layer scales
+            params += per_channel * int(kept[space.index])
         return 2 * macs, params
 
     def evaluate(self, pruned: np.ndarray) -> Cost:

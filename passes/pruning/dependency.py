@@ -170,6 +170,16 @@ class Norm:
 
 
 @dataclass(eq=False)
+class LayerNormSite:
+    """A LayerNorm over a tracked last axis; ``weight`` / ``bias``: parameter targets (or None)."""
+    node: torch.fx.Node
+    space: Space          # its output channels
+    weight: str | None
+    bias: str | None
+    eps: float
+
+
+@dataclass(eq=False)
 class Group:
     """Classes pruned together at one ratio; ``reasons`` is empty when the group can be pruned."""
     id: int
@@ -274,6 +284,10 @@ class ChannelAnalysis:
         self.edges: list[Edge] = []
         self.blocks: list[tuple[Space, str, np.ndarray | None]] = []
         self.norms: list[Norm] = []
+        self.layer_norms: list[LayerNormSite] = []
+        # per-channel parameters outside conv/linear/BatchNorm (LayerNorm affine, layer scales):
+        # (space, parameters per channel), for the cost model
+        self.channel_params: list[tuple[Space, int]] = []
         self.reshapes: list[torch.fx.Node] = []
         self.space_of: dict[torch.fx.Node, Space] = {}
         self.layers: dict[torch.fx.Node, Layer] = {}
@@ -411,6 +425,8 @@ class ChannelAnalysis:
         name = kind.name if kind else None
         if name == "batch_norm":
             return self._visit_norm(node)
+        if name == "layer_norm":
+            return self._visit_layer_norm(node)
         if self._is_passthrough_module(node):
             return self._visit_passthrough(node, zero_preserving=True, pooling=False)
         if kind is not None and kind.channel_passthrough:
@@ -427,6 +443,10 @@ class ChannelAnalysis:
             return self._visit_mean(node)
         if name == "transpose":
             return self._visit_transpose(node)
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "stochastic_depth" \
+                and getattr(node.target, "__module__", "").startswith("torchvision"):
+            # drops whole samples (training) or nothing (eval): channels pass through, zero stays zero
+            return self._visit_passthrough(node, zero_preserving=True, pooling=False)
         if _is_scalar_power(node):  # x ** 3 in a decomposed GELU (GPT-2's NewGELU)
             return self._visit_passthrough(node, zero_preserving=self._maps_zero_to_zero(node), pooling=False)
         return set()
@@ -494,6 +514,50 @@ class ChannelAnalysis:
         self.norms.append(Norm(node, node.target, out))
         return {x}
 
+    def _visit_layer_norm(self, node) -> set:
+        """LayerNorm over exactly the channel axis (the last one): channels pass through.
+
+        While fine-tuning, ``FilterPruning`` replaces it by a ``ChannelMaskedLayerNorm`` (statistics
+        of the kept channels, zero at pruned ones) so that the folded LayerNorm computes the same.
+        """
+        x = _data_input(node)
+        space = self.space_of.get(x)
+        if space is None or space.axis != space.ndim - 1:
+            return set()
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if type(module) is not torch.nn.LayerNorm or self._module_calls.get(node.target, 0) > 1 \
+                    or len(node.args) != 1 or node.kwargs:
+                return set()
+            shape, eps = tuple(module.normalized_shape), module.eps
+            weight = f"{node.target}.weight" if module.weight is not None else None
+            bias = f"{node.target}.bias" if module.bias is not None else None
+        else:
+            args = list(node.args) + [None] * (5 - len(node.args))
+            shape = args[1] if args[1] is not None else node.kwargs.get("normalized_shape")
+            params = [args[2] if args[2] is not None else node.kwargs.get("weight"),
+                      args[3] if args[3] is not None else node.kwargs.get("bias")]
+            eps = args[4] if args[4] is not None else node.kwargs.get("eps", 1e-5)
+            if not isinstance(shape, (tuple, list)) or not isinstance(eps, float) or \
+                    any(p is not None and not self._own_parameter(p) for p in params):
+                return set()
+            shape = tuple(shape)
+            weight, bias = (p.target if p is not None else None for p in params)
+        if shape != (space.size,):
+            self._block(space, f"'{node.name}' normalizes over {list(shape)}, not over its {space.size} channels")
+            return {x}
+        out = self._new_space(node, space.axis, space.size, zero=True)
+        self._identity(space, out, f"layer norm {node.name}")
+        self.layer_norms.append(LayerNormSite(node, out, weight, bias, float(eps)))
+        self.channel_params.append((out, (weight is not None) + (bias is not None)))
+        return {x}
+
+    def _own_parameter(self, node) -> bool:
+        """A ``get_attr`` of a tensor that no other ``get_attr`` reads and only one node uses (the fold slices it)."""
+        if not (isinstance(node, torch.fx.Node) and node.op == "get_attr" and len(node.users) == 1):
+            return False
+        return sum(1 for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == node.target) == 1
+
     def _visit_passthrough(self, node, zero_preserving: bool, pooling: bool) -> set:
         x = _data_input(node)
         if x not in self.space_of:
@@ -554,6 +618,13 @@ class ChannelAnalysis:
                 if oshape is not None:
                     k = axis - (ndim - len(oshape))
                     if k >= 0 and oshape[k] > 1:
+                        if self._own_parameter(o) and oshape[k] == shape[axis] and \
+                                math.prod(oshape) == oshape[k] and name in ("add", "sub", "mul"):
+                            # a per-channel parameter (ConvNeXt's layer scale): its channels are sliced too
+                            param = self._new_space(o, k, oshape[k], zero=False)
+                            self.channel_params.append((param, 1))
+                            ties.append(o)
+                            continue
                         untracked_channelwise = o
                 others_zero.append(False)
             else:

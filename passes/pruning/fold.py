@@ -26,6 +26,7 @@ import copy
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxcompress.errors import PassError
 from fxcompress.graph import get_attr_value
@@ -33,7 +34,7 @@ from fxcompress.optable import op_kind
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
 from .dependency import shape_args
-from .masks import ChannelMask
+from .masks import ChannelMask, ChannelMaskedLayerNorm
 
 __all__ = ["FoldPrunedChannels", "INSERTED_BY"]
 
@@ -108,6 +109,11 @@ class FoldPrunedChannels(Pass):
                 modified |= self._fold_norm(gm, node)
             elif node.meta.get("pruning_reshape"):
                 modified |= self._fold_reshape(node)
+            elif node.op == "get_attr" and node.meta.get("pruning_space"):
+                modified |= self._fold_parameter(gm, node)
+            elif node.op == "call_module" and node.meta.get("inserted_by") == INSERTED_BY \
+                    and isinstance(gm.get_submodule(node.target), ChannelMaskedLayerNorm):
+                modified |= self._fold_layer_norm(gm, node)
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and node.meta.get("inserted_by") == INSERTED_BY \
                     and isinstance(gm.get_submodule(node.target), ChannelMask):
@@ -218,6 +224,36 @@ class FoldPrunedChannels(Pass):
                 new._buffers["num_batches_tracked"] = bn.num_batches_tracked.detach().clone()
         new.train(bn.training)
         _set_module(gm, node.target, new)
+        return True
+
+    # -- per-channel parameters (layer scales, LayerNorm affine) and LayerNorm ---------------------
+    def _fold_parameter(self, gm, node) -> bool:
+        record = node.meta["pruning_space"]
+        keep = self._keep(record)
+        if keep is None:
+            return False
+        value = get_attr_value(gm, node.target)
+        _set_tensor(gm, node.target, value.index_select(record["axis"], keep.to(value.device)), value)
+        return True
+
+    def _fold_layer_norm(self, gm, node) -> bool:
+        """The masked LayerNorm becomes ``F.layer_norm`` over the kept channels, its parameters sliced."""
+        module = gm.get_submodule(node.target)
+        keep = self._keep(node.meta.get("pruning_space"))
+        size = module.mask.numel() if keep is None else len(keep)
+        x, weight, bias = node.args
+        for param in (weight, bias):
+            if param is not None and keep is not None:
+                value = get_attr_value(gm, param.target)
+                owner, _ = _set_tensor(gm, param.target, value.index_select(0, keep.to(value.device)), value)
+                if isinstance(owner, nn.LayerNorm):
+                    owner.normalized_shape = (size,)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(F.layer_norm, (x, (size,), weight, bias, module.eps))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "inserted_by"})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
         return True
 
     # -- reshapes ----------------------------------------------------------------------------------
