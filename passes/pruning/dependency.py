@@ -8,8 +8,9 @@ The model is Torch-Pruning's dependency graph at the granularity of single chann
 - an **edge** ties elements of two spaces through an explicit **index map**
   (``Edge``): identity for ops that pass channels through (BN, activations,
   pooling, dropout) and for the operands of a residual add; an offset for each
-  input of a channel concat; a block map for depthwise convs (input channel
-  ``c`` <-> outputs ``c*m .. c*m+m-1``) and for flatten -> linear (channel ``c``
+  input of a channel concat; a group map for grouped convs (each group's input
+  channels and filters are one class, so whole groups are pruned; depthwise:
+  input ``c`` <-> outputs ``c*m .. c*m+m-1``); a block map for flatten -> linear (channel ``c``
   <-> features ``[c*H*W, (c+1)*H*W)``, derived with sympy in ``index_maps``);
 - a **class** is a set of elements tied together: pruning one prunes all of
   them. Classes are found by spreading over the edges with a worklist;
@@ -17,15 +18,19 @@ The model is Torch-Pruning's dependency graph at the granularity of single chann
   the channels) overlap: the unit that is pruned at one ratio and reported in
   the statistics.
 
-Roles: a *producer* is a conv / transposed conv whose output channels start a
-space (its filters are what pruning removes); a *consumer* is a conv, transposed
-conv or linear reading a tracked space (its input channels / features shrink);
-a *norm* is a BatchNorm module on a tracked space (its channels shrink).
+Roles: a *producer* is a conv / transposed conv / linear / addmm (transformers'
+``Conv1D``) whose output channels start a space (its filters are what pruning
+removes); a *consumer* is one of them reading a tracked space (its input
+channels / features shrink); a *norm* is a BatchNorm module on a tracked space
+(its channels shrink); a LayerNorm over exactly the channel axis passes channels
+(``LayerNormSite``: masked while fine-tuning so that its statistics ignore
+pruned channels), and per-channel parameters in add/mul (layer scales) shrink.
 
 Anything the analysis does not understand *blocks* the spaces that reach it,
-with a reason: an unknown op, an op mixing channels (LayerNorm, softmax over
+with a reason: an unknown op, an op mixing channels (GroupNorm, softmax over
 channels, matmul), a tensor whose channels are not tracked combined with a
-tracked one, the model output, a grouped (non-depthwise) conv, a shared weight.
+tracked one, the model output, a grouped conv whose inputs are not tracked, a
+shared weight.
 A group containing a blocked element is never pruned, so the analysis can
 only give up, never produce a wrong model.
 
@@ -55,7 +60,7 @@ from fxcompress.weights import WeightedOp
 
 from .index_maps import reshape_channel_map
 
-__all__ = ["Space", "Edge", "Layer", "Norm", "Group", "ChannelAnalysis", "analyze_channels", "shape_args"]
+__all__ = ["Space", "Edge", "Layer", "Norm", "LayerNormSite", "Group", "ChannelAnalysis", "analyze_channels", "shape_args"]
 
 
 @dataclass(eq=False)
