@@ -246,13 +246,13 @@ def _fold_equals_masked(case):
 
 
 @given(case=deployment_models())
-@settings(max_examples=8)
+@settings(max_examples=6)
 def test_deployment_models_fold_to_the_masked_model(case):
     _fold_equals_masked(case)
 
 
 @given(case=conv_nets(deployment_blocks=True, max_blocks=3))
-@settings(max_examples=8)
+@settings(max_examples=6)
 def test_grouped_and_depthwise_conv_nets_fold_to_the_masked_model(case):
     _fold_equals_masked(case)
 
