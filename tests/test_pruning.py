@@ -262,7 +262,10 @@ def test_resnet_residual_adds_tie_the_convs_of_a_stage():
     g = stage[("layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2")]
     assert g.size == 16 and {c.name for c in g.consumers} == {"layer2.1.conv1", "layer3.0.conv1",
                                                               "layer3.0.downsample.0"}
-    assert all(g.prunable for g in analysis.groups)
+    # every conv group is prunable; the classifier's outputs are the model's
+    assert all(g.prunable for g in analysis.groups if g.producers[0].kind == "conv")
+    (fc,) = [g for g in analysis.groups if g.producers[0].kind == "linear"]
+    assert fc.reasons == ["'fc' is (part of) the model output"]
 
 
 def test_defaults_keep_first_and_downsampling_convs():
@@ -275,11 +278,15 @@ def test_defaults_keep_first_and_downsampling_convs():
     assert prunable == ["layer1.0.conv1", "layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1", "layer4.1.conv1"]
 
 
-def test_grouped_conv_is_kept_and_densenet_concat_maps_ranges():
+def test_grouped_conv_loses_whole_groups_and_densenet_concat_maps_ranges():
     case = build("mobilenet_v2_tiny")
-    ctrl, _ = compile_quietly(case.model, [FilterPruning(pruning_target=0.5, **AGGRESSIVE)], case.example_inputs)
-    skipped = ctrl.statistics()["filter_pruning"].skipped
-    assert any("conv_last: grouped convolution (groups=4, not depthwise)" in s["reason"] for s in skipped)
+    ctrl, gm = compile_quietly(case.model, [FilterPruning(pruning_target=0.5, **AGGRESSIVE)], case.example_inputs)
+    assert [s["scope"] for s in ctrl.statistics()["filter_pruning"].skipped] == ["classifier.1"]
+    folded = check_fold(ctrl, gm, case.example_inputs)
+    conv_last = next(n for n in folded.graph.nodes if n.name == "conv_last")
+    weight = case.model.conv_last.weight  # groups=4: 4 groups of (in/4 -> out/4); half of them stay
+    assert folded.conv_last.weight.shape == (weight.shape[0] // 2, *weight.shape[1:])
+    assert conv_last.args[6] == 2
 
     case = build("densenet_tiny")
     gm = trace(case.model, case.example_inputs)
@@ -648,8 +655,8 @@ def test_scopes():
     ctrl, _ = compile_quietly(case.model, [FilterPruning(pruning_target=0.5, ignored_scopes=["layer2.conv1"],
                                                          **AGGRESSIVE)], case.example_inputs)
     skipped = ctrl.statistics()["filter_pruning"].skipped
-    assert skipped == [{"scope": "layer2.conv1",
-                        "reason": "layer2.conv1 excluded by ignored_scopes/target_scopes"}]
+    assert skipped[0] == {"scope": "layer2.conv1", "reason": "layer2.conv1 excluded by ignored_scopes/target_scopes"}
+    assert [s["reason"] for s in skipped[1:]] == ["'fc' is (part of) the model output"]
     with pytest.raises(ScopeError, match="layer9"):
         compile_quietly(case.model, [FilterPruning(ignored_scopes=["layer9"])], case.example_inputs)
 

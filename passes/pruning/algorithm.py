@@ -32,7 +32,7 @@ from .cost import CostModel
 from .dependency import ChannelAnalysis, Group, analyze_channels
 from .fold import INSERTED_BY, FoldPrunedChannels
 from .importance import CRITERIA, class_importance, flops_weighted
-from .masks import ChannelMask
+from .masks import ChannelMask, ChannelMaskedLayerNorm
 from .schedule import SCHEDULE_NAMES, build_pruning_scheduler
 from .selection import PRUNING_QUOTA, Selector
 
@@ -197,8 +197,9 @@ class FilterPruning(CompressionPass):
         by_input: dict[torch.fx.Node, tuple] = {}
         for layer in analysis.layers.values():
             space = layer.in_space
-            if touched(space) and not layer.depthwise and not space.zero:
-                x = layer.node.args[0]
+            # a grouped conv loses whole groups, filters included: its input needs no mask
+            if touched(space) and not layer.grouped and not space.zero:
+                x = layer.data_input
                 by_input.setdefault(x, (space, []))[1].append(layer)
         for x, (space, consumers) in by_input.items():
             mask = ChannelMask(space.size, space.axis, space.ndim, straight_through).to(device_of(consumers[0]))
@@ -209,18 +210,21 @@ class FilterPruning(CompressionPass):
             if not touched(layer.out_space):
                 continue
             node, space = layer.node, layer.out_space
-            weight_input = node.args[1]
+            weight_input = node.args[layer.weight_arg]
             mask = ChannelMask(space.size, layer.out_axis, len(layer.weight_shape), straight_through)
             mask = mask.to(device_of(layer))
             name = add_module(gm, f"{layer.name}_weight_mask", mask)
             insert_before_input(gm, node, weight_input, name, INSERTED_BY)
             bindings.append((mask, space))
-            bias = node.args[2] if len(node.args) > 2 else None
+            bias = node.args[layer.bias_arg] if len(node.args) > layer.bias_arg else None
             if isinstance(bias, torch.fx.Node):
                 mask = ChannelMask(space.size, 0, 1, straight_through).to(device_of(layer))
                 name = add_module(gm, f"{layer.name}_bias_mask", mask)
                 insert_before_input(gm, node, bias, name, INSERTED_BY)
                 bindings.append((mask, space))
+        for site in analysis.layer_norms:
+            if touched(site.space):
+                bindings.append((self._mask_layer_norm(gm, site), site.space))
         if self.params["prune_batch_norms"]:
             for norm in analysis.norms:
                 if touched(norm.space):
@@ -231,6 +235,34 @@ class FilterPruning(CompressionPass):
                     insert_on_output(gm, norm.node, name, INSERTED_BY)
                     bindings.append((mask, norm.space))
         return bindings
+
+    @staticmethod
+    def _mask_layer_norm(gm, site) -> ChannelMaskedLayerNorm:
+        """Replace the LayerNorm node by a ``ChannelMaskedLayerNorm`` reading the same parameters."""
+        node = site.node
+        module = ChannelMaskedLayerNorm(site.space.size, site.eps)
+        weight = gm.get_parameter(site.weight) if site.weight else None
+        if weight is not None:
+            module = module.to(weight.device)
+        name = add_module(gm, f"{node.meta.get('module_path') or node.name}_masked", module)
+        graph = gm.graph
+        with graph.inserting_before(node):
+            params = []
+            for target, index in ((site.weight, 2), (site.bias, 3)):
+                if target is None:
+                    params.append(None)
+                elif node.op == "call_function":
+                    params.append(node.args[index] if len(node.args) > index else node.kwargs[("weight", "bias")[index - 2]])
+                else:
+                    params.append(graph.get_attr(target))
+            new = graph.call_module(name, (node.args[0], *params))
+        new.meta.update(node.meta)
+        new.meta["inserted_by"] = INSERTED_BY
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        site.node = site.space.node = new
+        gm.recompile()
+        return module
 
     @staticmethod
     def _annotate(analysis: ChannelAnalysis, groups: list[Group]):

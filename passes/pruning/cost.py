@@ -71,7 +71,7 @@ def model_cost(gm: torch.fx.GraphModule) -> Cost:
     macs = 0
     for node in gm.graph.nodes:
         kind = op_kind(node, gm)
-        if kind is None or kind.name not in ("conv", "conv_transpose", "linear"):
+        if kind is None or kind.name not in ("conv", "conv_transpose", "linear", "addmm"):
             continue
         if node.op == "call_module":
             shape = tuple(gm.get_submodule(node.target).weight.shape)
@@ -108,18 +108,20 @@ class CostModel:
         if layer.kind == "conv":
             if out_k is not None:
                 ws[0] = out_k
-            if layer.depthwise:
-                groups = in_k if in_k is not None else groups
+            if layer.grouped:  # whole groups go: each keeps its width, the count falls
+                groups = in_k // ws[1] if in_k is not None else groups
             elif in_k is not None:
-                ws[1] = in_k // max(1, groups)
+                ws[1] = in_k
         elif layer.kind == "conv_transpose":
             if in_k is not None:
                 ws[0] = in_k
             if out_k is not None:
                 ws[1] = out_k // max(1, groups)
-        else:
+        else:  # linear [out, in], addmm [in, out]
             if in_k is not None:
-                ws[1] = in_k
+                ws[layer.in_axis] = in_k
+            if out_k is not None:
+                ws[layer.out_axis] = out_k
         return tuple(ws), groups
 
     def evaluate_kept(self, kept: np.ndarray) -> tuple[int, int]:
@@ -134,6 +136,8 @@ class CostModel:
         for norm in self.analysis.norms:
             if self._norm_affine[id(norm)]:
                 params += 2 * int(kept[norm.space.index])
+        for space, per_channel in self.analysis.channel_params:  # LayerNorm affine, layer scales
+            params += per_channel * int(kept[space.index])
         return 2 * macs, params
 
     def evaluate(self, pruned: np.ndarray) -> Cost:

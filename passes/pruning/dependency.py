@@ -8,8 +8,9 @@ The model is Torch-Pruning's dependency graph at the granularity of single chann
 - an **edge** ties elements of two spaces through an explicit **index map**
   (``Edge``): identity for ops that pass channels through (BN, activations,
   pooling, dropout) and for the operands of a residual add; an offset for each
-  input of a channel concat; a block map for depthwise convs (input channel
-  ``c`` <-> outputs ``c*m .. c*m+m-1``) and for flatten -> linear (channel ``c``
+  input of a channel concat; a group map for grouped convs (each group's input
+  channels and filters are one class, so whole groups are pruned; depthwise:
+  input ``c`` <-> outputs ``c*m .. c*m+m-1``); a block map for flatten -> linear (channel ``c``
   <-> features ``[c*H*W, (c+1)*H*W)``, derived with sympy in ``index_maps``);
 - a **class** is a set of elements tied together: pruning one prunes all of
   them. Classes are found by spreading over the edges with a worklist;
@@ -17,15 +18,19 @@ The model is Torch-Pruning's dependency graph at the granularity of single chann
   the channels) overlap: the unit that is pruned at one ratio and reported in
   the statistics.
 
-Roles: a *producer* is a conv / transposed conv whose output channels start a
-space (its filters are what pruning removes); a *consumer* is a conv, transposed
-conv or linear reading a tracked space (its input channels / features shrink);
-a *norm* is a BatchNorm module on a tracked space (its channels shrink).
+Roles: a *producer* is a conv / transposed conv / linear / addmm (transformers'
+``Conv1D``) whose output channels start a space (its filters are what pruning
+removes); a *consumer* is one of them reading a tracked space (its input
+channels / features shrink); a *norm* is a BatchNorm module on a tracked space
+(its channels shrink); a LayerNorm over exactly the channel axis passes channels
+(``LayerNormSite``: masked while fine-tuning so that its statistics ignore
+pruned channels), and per-channel parameters in add/mul (layer scales) shrink.
 
 Anything the analysis does not understand *blocks* the spaces that reach it,
-with a reason: an unknown op, an op mixing channels (LayerNorm, softmax over
+with a reason: an unknown op, an op mixing channels (GroupNorm, softmax over
 channels, matmul), a tensor whose channels are not tracked combined with a
-tracked one, the model output, a grouped (non-depthwise) conv, a shared weight.
+tracked one, the model output, a grouped conv whose inputs are not tracked, a
+shared weight.
 A group containing a blocked element is never pruned, so the analysis can
 only give up, never produce a wrong model.
 
@@ -41,6 +46,7 @@ This module decides; it does not touch the graph (``FilterPruning`` does).
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -54,7 +60,7 @@ from fxcompress.weights import WeightedOp
 
 from .index_maps import reshape_channel_map
 
-__all__ = ["Space", "Edge", "Layer", "Norm", "Group", "ChannelAnalysis", "analyze_channels", "shape_args"]
+__all__ = ["Space", "Edge", "Layer", "Norm", "LayerNormSite", "Group", "ChannelAnalysis", "analyze_channels", "shape_args"]
 
 
 @dataclass(eq=False)
@@ -86,9 +92,17 @@ class Edge:
     why: str
 
 
+# (data input, weight, bias) argument positions; addmm(bias, x, weight) is transformers' Conv1D
+_ARGS = {"addmm": (1, 2, 0)}
+_DEFAULT_ARGS = (0, 1, 2)
+# weight axes of (output, input) channels
+_WEIGHT_AXES = {"conv_transpose": (1, 0), "addmm": (1, 0)}
+_DEFAULT_WEIGHT_AXES = (0, 1)
+
+
 @dataclass(eq=False)
 class Layer:
-    """A conv / transposed conv / linear in functional form (see ``fxcompress.weights``)."""
+    """A conv / transposed conv / linear / addmm (Conv1D) in functional form (see ``fxcompress.weights``)."""
     node: torch.fx.Node
     kind: str
     module_path: str
@@ -105,11 +119,27 @@ class Layer:
 
     @property
     def out_axis(self) -> int:
-        return 1 if self.kind == "conv_transpose" else 0
+        return _WEIGHT_AXES.get(self.kind, _DEFAULT_WEIGHT_AXES)[0]
 
     @property
     def in_axis(self) -> int:
-        return 0 if self.kind == "conv_transpose" else 1
+        return _WEIGHT_AXES.get(self.kind, _DEFAULT_WEIGHT_AXES)[1]
+
+    @property
+    def input_arg(self) -> int:
+        return _ARGS.get(self.kind, _DEFAULT_ARGS)[0]
+
+    @property
+    def weight_arg(self) -> int:
+        return _ARGS.get(self.kind, _DEFAULT_ARGS)[1]
+
+    @property
+    def bias_arg(self) -> int:
+        return _ARGS.get(self.kind, _DEFAULT_ARGS)[2]
+
+    @property
+    def data_input(self):
+        return self.node.args[self.input_arg] if len(self.node.args) > self.input_arg else None
 
     @property
     def in_channels(self) -> int:
@@ -120,8 +150,13 @@ class Layer:
         return self.weight_shape[self.in_axis]
 
     @property
+    def grouped(self) -> bool:
+        """A grouped conv (depthwise included): group ``k``'s filters read only group ``k``'s inputs."""
+        return self.kind == "conv" and self.groups > 1
+
+    @property
     def depthwise(self) -> bool:
-        return self.kind == "conv" and self.groups > 1 and self.groups == self.in_channels
+        return self.grouped and self.groups == self.in_channels
 
     @property
     def downsampling(self) -> bool:
@@ -137,6 +172,16 @@ class Norm:
     node: torch.fx.Node
     module_path: str
     space: Space
+
+
+@dataclass(eq=False)
+class LayerNormSite:
+    """A LayerNorm over a tracked last axis; ``weight`` / ``bias``: parameter targets (or None)."""
+    node: torch.fx.Node
+    space: Space          # its output channels
+    weight: str | None
+    bias: str | None
+    eps: float
 
 
 @dataclass(eq=False)
@@ -162,17 +207,40 @@ class Group:
 
 
 def shape_args(node: torch.fx.Node) -> tuple[list, object] | None:
-    """The target shape of a view/reshape node as a list, and how to write it back, or None."""
+    """The target shape of a view/reshape node as a list, and how to write it back, or None.
+
+    Besides literal shapes, ``x.view(y.size()[:-1] + (n,))`` (transformers' ``Conv1D``) reads as
+    ``[None, ..., n]`` (form ``"size_prefix"``): a prefix computed at run time and a literal tail.
+    """
     if node.op == "call_method" and node.target in ("view", "reshape"):
         rest = list(node.args[1:])
         if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
             return list(rest[0]), "tuple_arg"
+        if len(rest) == 1 and _size_prefix_tail(rest[0]) is not None:
+            tail = list(rest[0].args[1])
+            out_shape = _tensor_shape(node)
+            if out_shape is None or len(out_shape) < len(tail):
+                return None
+            return [None] * (len(out_shape) - len(tail)) + tail, "size_prefix"
         return rest, "varargs"
     if node.op == "call_function" and node.target is torch.reshape:
         shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("shape")
         if isinstance(shape, (tuple, list)):
             return list(shape), "function"
     return None
+
+
+def _size_prefix_tail(shape) -> tuple | None:
+    """The literal tail of ``<sizes of a tensor>[:k] + (n, ...)``, the shape node's only use, or None."""
+    if not (isinstance(shape, torch.fx.Node) and shape.op == "call_function" and shape.target is operator.add
+            and len(shape.args) == 2 and len(shape.users) == 1):
+        return None
+    prefix, tail = shape.args
+    if not (isinstance(prefix, torch.fx.Node) and prefix.op == "call_function" and prefix.target is operator.getitem
+            and isinstance(prefix.args[0], torch.fx.Node) and prefix.args[0].op == "call_method"
+            and prefix.args[0].target == "size" and len(prefix.args[0].args) == 1):
+        return None
+    return tail if isinstance(tail, tuple) and all(isinstance(v, int) for v in tail) else None
 
 
 def _tensor_shape(node) -> tuple | None:
@@ -201,6 +269,14 @@ def _describe(node: torch.fx.Node, gm) -> str:
 
 
 _SIZE_QUERIES = frozenset({"size", "dim"})
+_POWER = (operator.pow, torch.pow)
+
+
+def _is_scalar_power(node: torch.fx.Node) -> bool:
+    """``x ** p`` / ``torch.pow(x, p)`` / ``x.pow(p)`` with a number ``p``: elementwise on channels."""
+    is_pow = (node.op == "call_function" and node.target in _POWER) or \
+        (node.op == "call_method" and node.target == "pow")
+    return is_pow and len(node.args) == 2 and isinstance(node.args[1], (int, float)) and not node.kwargs
 
 
 class ChannelAnalysis:
@@ -211,8 +287,12 @@ class ChannelAnalysis:
         self.prune_batch_norms = prune_batch_norms
         self.spaces: list[Space] = []
         self.edges: list[Edge] = []
-        self.blocks: list[tuple[Space, str]] = []
+        self.blocks: list[tuple[Space, str, np.ndarray | None]] = []
         self.norms: list[Norm] = []
+        self.layer_norms: list[LayerNormSite] = []
+        # per-channel parameters outside conv/linear/BatchNorm (LayerNorm affine, layer scales):
+        # (space, parameters per channel), for the cost model
+        self.channel_params: list[tuple[Space, int]] = []
         self.reshapes: list[torch.fx.Node] = []
         self.space_of: dict[torch.fx.Node, Space] = {}
         self.layers: dict[torch.fx.Node, Layer] = {}
@@ -231,7 +311,8 @@ class ChannelAnalysis:
         weight_target = op.weight_source.target if op.weight_source is not None else None
         weight_arg = node.args[op.kind.weight_arg] if len(node.args) > op.kind.weight_arg else None
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else (_tensor_shape(weight_arg) or ())
-        bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        bias_index = _ARGS.get(kind, _DEFAULT_ARGS)[2]
+        bias_arg = node.args[bias_index] if len(node.args) > bias_index else node.kwargs.get("bias")
         bias_source = bias_arg
         while isinstance(bias_source, torch.fx.Node) and bias_source.meta.get("inserted_by") and bias_source.args:
             bias_source = bias_source.args[0]
@@ -245,13 +326,15 @@ class ChannelAnalysis:
             groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
             stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
         stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,)
-        out_shape, in_shape = _tensor_shape(node), _tensor_shape(_data_input(node))
+        input_index = _ARGS.get(kind, _DEFAULT_ARGS)[0]
+        out_shape = _tensor_shape(node)
+        in_shape = _tensor_shape(node.args[input_index]) if len(node.args) > input_index else None
         spatial = 1
         if kind == "conv" and out_shape:
             spatial = math.prod(out_shape[2:])
         elif kind == "conv_transpose" and in_shape:
             spatial = math.prod(in_shape[2:])
-        elif kind == "linear" and out_shape:
+        elif kind in ("linear", "addmm") and out_shape:
             spatial = math.prod(out_shape[1:-1])
         layer = Layer(node, kind, op.module_path, weight_target, bias_target, shape,
                       int(groups) if isinstance(groups, int) else -1, spatial, stride)
@@ -261,9 +344,6 @@ class ChannelAnalysis:
             layer.problem = f"{layer.name}: groups/stride are computed at run time"
         elif bias_arg is not None and bias_target is None:
             layer.problem = f"{layer.name}: its bias is computed in the graph, not a parameter"
-        elif kind == "conv" and groups > 1 and not layer.depthwise:
-            layer.problem = (f"{layer.name}: grouped convolution (groups={groups}, not depthwise); its "
-                             f"channels are kept because every group would have to shrink alike")
         elif kind == "conv_transpose" and groups > 1:
             layer.problem = f"{layer.name}: grouped transposed convolution (groups={groups})"
         elif out_shape is None or in_shape is None:
@@ -303,8 +383,9 @@ class ChannelAnalysis:
     def _identity(self, a: Space, b: Space, why: str):
         self._tie(a, b, np.arange(a.size), np.arange(b.size), why)
 
-    def _block(self, space: Space, reason: str):
-        self.blocks.append((space, reason))
+    def _block(self, space: Space, reason: str, elements: np.ndarray | None = None):
+        """Never prune ``space`` (or only its ``elements``) nor anything tied to it."""
+        self.blocks.append((space, reason, elements))
 
     # -- the sweep over the graph in topological order ------------------------------------
     def _sweep(self):
@@ -317,7 +398,7 @@ class ChannelAnalysis:
         for node in self.gm.graph.nodes:
             inputs = node.all_input_nodes
             if node in self.layers:
-                data = _data_input(node)
+                data = self.layers[node].data_input
                 self.layers[node].first = not (isinstance(data, torch.fx.Node) and
                                                (data in after_weighted or data in self.layers))
             if any(i in after_weighted or i in self.layers for i in inputs):
@@ -349,6 +430,8 @@ class ChannelAnalysis:
         name = kind.name if kind else None
         if name == "batch_norm":
             return self._visit_norm(node)
+        if name == "layer_norm":
+            return self._visit_layer_norm(node)
         if self._is_passthrough_module(node):
             return self._visit_passthrough(node, zero_preserving=True, pooling=False)
         if kind is not None and kind.channel_passthrough:
@@ -365,6 +448,12 @@ class ChannelAnalysis:
             return self._visit_mean(node)
         if name == "transpose":
             return self._visit_transpose(node)
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "stochastic_depth" \
+                and getattr(node.target, "__module__", "").startswith("torchvision"):
+            # drops whole samples (training) or nothing (eval): channels pass through, zero stays zero
+            return self._visit_passthrough(node, zero_preserving=True, pooling=False)
+        if _is_scalar_power(node):  # x ** 3 in a decomposed GELU (GPT-2's NewGELU)
+            return self._visit_passthrough(node, zero_preserving=self._maps_zero_to_zero(node), pooling=False)
         return set()
 
     def _is_passthrough_module(self, node) -> bool:
@@ -375,7 +464,7 @@ class ChannelAnalysis:
         return type(module).__name__ == "FakeQuantizer" and getattr(module, "axis", 0) is None
 
     def _visit_layer(self, node, layer: Layer) -> set:
-        x = _data_input(node)
+        x = layer.data_input
         claimed = set()
         if isinstance(x, torch.fx.Node) and x in self.space_of:
             claimed.add(x)
@@ -387,23 +476,36 @@ class ChannelAnalysis:
                 self._block(space, layer.problem)
             else:
                 layer.in_space = space
-        if layer.kind in ("conv", "conv_transpose"):
-            shape = _tensor_shape(node)
-            if shape is None:
-                return claimed
-            out = self._new_space(node, 1, shape[1], zero=True)
-            layer.out_space = out
-            if layer.problem:
-                self._block(out, layer.problem)
-            elif layer.depthwise:
-                if layer.in_space is None:
-                    self._block(out, f"{layer.name}: depthwise convolution whose input channels cannot "
-                                     f"be pruned")
-                else:
-                    mult = out.size // layer.in_space.size
-                    self._tie(layer.in_space, out, np.repeat(np.arange(layer.in_space.size), mult),
-                              np.arange(out.size), f"depthwise {layer.name}")
+        shape = _tensor_shape(node)
+        if shape is None:
+            return claimed
+        # output channels: axis 1 of a conv's output, the last axis of a linear layer's
+        axis = 1 if layer.kind in ("conv", "conv_transpose") else len(shape) - 1
+        out = self._new_space(node, axis, shape[axis], zero=True)
+        layer.out_space = out
+        if layer.problem:
+            self._block(out, layer.problem)
+        elif layer.grouped:
+            self._tie_conv_groups(layer, out)
         return claimed
+
+    def _tie_conv_groups(self, layer: Layer, out: Space):
+        """Group ``k`` of a grouped conv is pruned whole: its input and output channels form one class.
+
+        Its filters read only group ``k``'s input channels, so removing the group (inputs, filters,
+        and one from ``groups``) leaves the other groups' outputs exactly as they were. A depthwise
+        conv is the case of one input channel per group: input ``c`` <-> outputs ``c*m .. c*m+m-1``.
+        """
+        if layer.in_space is None:
+            self._block(out, f"{layer.name}: grouped convolution (groups={layer.groups}) whose input "
+                             f"channels cannot be pruned")
+            return
+        groups, ins = layer.groups, layer.in_space
+        a, b = ins.size // groups, out.size // groups
+        inputs, outputs = np.arange(ins.size), np.arange(out.size)
+        # connect every input channel to its group's first filter and every filter to its group's first input
+        self._tie(ins, out, inputs, (inputs // a) * b, f"group of {layer.name}")
+        self._tie(ins, out, (outputs // b) * a, outputs, f"group of {layer.name}")
 
     def _visit_norm(self, node) -> set:
         x = _data_input(node)
@@ -416,6 +518,50 @@ class ChannelAnalysis:
         self._identity(space, out, f"batch norm {node.target}")
         self.norms.append(Norm(node, node.target, out))
         return {x}
+
+    def _visit_layer_norm(self, node) -> set:
+        """LayerNorm over exactly the channel axis (the last one): channels pass through.
+
+        While fine-tuning, ``FilterPruning`` replaces it by a ``ChannelMaskedLayerNorm`` (statistics
+        of the kept channels, zero at pruned ones) so that the folded LayerNorm computes the same.
+        """
+        x = _data_input(node)
+        space = self.space_of.get(x)
+        if space is None or space.axis != space.ndim - 1:
+            return set()
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            if type(module) is not torch.nn.LayerNorm or self._module_calls.get(node.target, 0) > 1 \
+                    or len(node.args) != 1 or node.kwargs:
+                return set()
+            shape, eps = tuple(module.normalized_shape), module.eps
+            weight = f"{node.target}.weight" if module.weight is not None else None
+            bias = f"{node.target}.bias" if module.bias is not None else None
+        else:
+            args = list(node.args) + [None] * (5 - len(node.args))
+            shape = args[1] if args[1] is not None else node.kwargs.get("normalized_shape")
+            params = [args[2] if args[2] is not None else node.kwargs.get("weight"),
+                      args[3] if args[3] is not None else node.kwargs.get("bias")]
+            eps = args[4] if args[4] is not None else node.kwargs.get("eps", 1e-5)
+            if not isinstance(shape, (tuple, list)) or not isinstance(eps, float) or \
+                    any(p is not None and not self._own_parameter(p) for p in params):
+                return set()
+            shape = tuple(shape)
+            weight, bias = (p.target if p is not None else None for p in params)
+        if shape != (space.size,):
+            self._block(space, f"'{node.name}' normalizes over {list(shape)}, not over its {space.size} channels")
+            return {x}
+        out = self._new_space(node, space.axis, space.size, zero=True)
+        self._identity(space, out, f"layer norm {node.name}")
+        self.layer_norms.append(LayerNormSite(node, out, weight, bias, float(eps)))
+        self.channel_params.append((out, (weight is not None) + (bias is not None)))
+        return {x}
+
+    def _own_parameter(self, node) -> bool:
+        """A ``get_attr`` of a tensor that no other ``get_attr`` reads and only one node uses (the fold slices it)."""
+        if not (isinstance(node, torch.fx.Node) and node.op == "get_attr" and len(node.users) == 1):
+            return False
+        return sum(1 for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == node.target) == 1
 
     def _visit_passthrough(self, node, zero_preserving: bool, pooling: bool) -> set:
         x = _data_input(node)
@@ -477,6 +623,13 @@ class ChannelAnalysis:
                 if oshape is not None:
                     k = axis - (ndim - len(oshape))
                     if k >= 0 and oshape[k] > 1:
+                        if self._own_parameter(o) and oshape[k] == shape[axis] and \
+                                math.prod(oshape) == oshape[k] and name in ("add", "sub", "mul"):
+                            # a per-channel parameter (ConvNeXt's layer scale): its channels are sliced too
+                            param = self._new_space(o, k, oshape[k], zero=False)
+                            self.channel_params.append((param, 1))
+                            ties.append(o)
+                            continue
                         untracked_channelwise = o
                 others_zero.append(False)
             else:
@@ -531,6 +684,9 @@ class ChannelAnalysis:
                     space = self.space_of[t]
                     self._tie(space, out, np.arange(space.size), offset + np.arange(space.size),
                               f"'{node.name}' concatenates it at offset {offset}")
+                else:  # channels nothing can remove (e.g. the model input): a depthwise conv must keep them
+                    self._block(out, f"'{node.name}' concatenates '{getattr(t, 'name', t)}', whose channels are "
+                                     f"not tracked", offset + np.arange(tshape[dim]))
                 offset += tshape[dim]
             return claimed
         ties = []
@@ -569,6 +725,8 @@ class ChannelAnalysis:
                 self._block(space, f"'{node.name}': cannot read its target shape")
                 return {x}
             entry = parsed[0][mapping.out_axis]
+            if self._size_of_channels(entry, x, space):
+                entry = -1  # x.size(axis) of the channels themselves: follows them at run time
             if not isinstance(entry, int):
                 self._block(space, f"'{node.name}': the size of axis {mapping.out_axis} is computed at run time")
                 return {x}
@@ -579,6 +737,14 @@ class ChannelAnalysis:
         if literal:
             self.reshapes.append(node)
         return {x}
+
+    @staticmethod
+    def _size_of_channels(entry, x: torch.fx.Node, space: Space) -> bool:
+        """``entry`` is ``x.size(d)`` with ``d`` the channel axis of ``x``."""
+        if not (isinstance(entry, torch.fx.Node) and entry.op == "call_method" and entry.target == "size"
+                and len(entry.args) == 2 and entry.args[0] is x and isinstance(entry.args[1], int)):
+            return False
+        return entry.args[1] % space.ndim == space.axis
 
     def _visit_mean(self, node) -> set:
         x = _data_input(node)
@@ -665,8 +831,9 @@ class ChannelAnalysis:
             lo, hi = bounds[c], bounds[c + 1]
             self.class_spaces[c] = (spc[lo:hi], counts[lo:hi])
         self.blocked: dict[int, str] = {}
-        for space, reason in self.blocks:
-            for c in np.unique(class_of[space.start:space.start + space.size]).tolist():
+        for space, reason, elements in self.blocks:
+            ids = space.ids if elements is None else space.start + elements
+            for c in np.unique(class_of[ids]).tolist():
                 self.blocked.setdefault(c, reason)
 
     # -- groups: classes whose producers overlap ---------------------------------------------

@@ -7,8 +7,8 @@ element of its output) and every consumer with ``node.meta["pruning_input"]``
 smaller graph:
 
 - conv / transposed conv / linear: new weight (and bias) tensors without the
-  pruned output filters and input channels; ``groups`` of a depthwise conv
-  becomes its new channel count; per-channel weight quantizers on the weight
+  pruned output filters and input channels; a grouped (or depthwise) conv
+  loses whole groups and ``groups`` becomes the number left; per-channel weight quantizers on the weight
   edge get sliced copies of their scales;
 - BatchNorm: a new, smaller BatchNorm module with the kept statistics;
 - reshapes with a literal size on the channel-carrying axis get the new size;
@@ -26,6 +26,7 @@ import copy
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fxcompress.errors import PassError
 from fxcompress.graph import get_attr_value
@@ -33,7 +34,7 @@ from fxcompress.optable import op_kind
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
 from .dependency import shape_args
-from .masks import ChannelMask
+from .masks import ChannelMask, ChannelMaskedLayerNorm
 
 __all__ = ["FoldPrunedChannels", "INSERTED_BY"]
 
@@ -102,12 +103,17 @@ class FoldPrunedChannels(Pass):
         for node in list(gm.graph.nodes):
             kind = op_kind(node, gm)
             name = kind.name if kind else None
-            if name in ("conv", "conv_transpose", "linear") and node.op == "call_function":
+            if name in ("conv", "conv_transpose", "linear", "addmm") and node.op == "call_function":
                 modified |= self._fold_layer(gm, node, kind)
             elif name == "batch_norm" and node.op == "call_module":
                 modified |= self._fold_norm(gm, node)
             elif node.meta.get("pruning_reshape"):
                 modified |= self._fold_reshape(node)
+            elif node.op == "get_attr" and node.meta.get("pruning_space"):
+                modified |= self._fold_parameter(gm, node)
+            elif node.op == "call_module" and node.meta.get("inserted_by") == INSERTED_BY \
+                    and isinstance(gm.get_submodule(node.target), ChannelMaskedLayerNorm):
+                modified |= self._fold_layer_norm(gm, node)
         for node in list(gm.graph.nodes):
             if node.op == "call_module" and node.meta.get("inserted_by") == INSERTED_BY \
                     and isinstance(gm.get_submodule(node.target), ChannelMask):
@@ -135,23 +141,24 @@ class FoldPrunedChannels(Pass):
         keep_in = self._keep(node.meta.get("pruning_input"))
         if keep_out is None and keep_in is None:
             return False
-        out_axis, in_axis = kind.weight_out_axis, (0 if kind.name == "conv_transpose" else 1)
+        out_axis, in_axis = kind.weight_out_axis, 1 - kind.weight_out_axis  # conv_transpose, addmm: [in, out]
         source, chain = self._edge(gm, node, kind.weight_arg, "weight")
         if source is None:
             raise PassError(f"cannot fold '{node.name}': its weight is not a parameter")
         weight = get_attr_value(gm, source.target)
         groups_index = 6 if kind.name in ("conv", "conv_transpose") else None
         groups = node.args[groups_index] if groups_index is not None and len(node.args) > groups_index else 1
-        depthwise = kind.name == "conv" and groups > 1 and weight.shape[1] == 1 and \
-            node.meta.get("pruning_input") is not None and len(node.meta["pruning_input"]["classes"]) == groups
+        # a grouped conv (depthwise included) loses whole groups (the analysis ties each group's inputs
+        # and filters into one class): slice its filters, keep each group's width, count the groups left
+        grouped = kind.name == "conv" and groups > 1
         new = weight
         if keep_out is not None:
             new = new.index_select(out_axis, keep_out.to(weight.device))
-        if keep_in is not None and not depthwise:
+        if keep_in is not None and not grouped:
             new = new.index_select(in_axis, keep_in.to(weight.device))
         new_groups = None
-        if depthwise and keep_in is not None:
-            new_groups = len(keep_in)
+        if grouped and keep_out is not None:
+            new_groups = groups * new.shape[0] // weight.shape[0]
             args = list(node.args)
             args[groups_index] = new_groups
             node.args = tuple(args)
@@ -219,6 +226,36 @@ class FoldPrunedChannels(Pass):
         _set_module(gm, node.target, new)
         return True
 
+    # -- per-channel parameters (layer scales, LayerNorm affine) and LayerNorm ---------------------
+    def _fold_parameter(self, gm, node) -> bool:
+        record = node.meta["pruning_space"]
+        keep = self._keep(record)
+        if keep is None:
+            return False
+        value = get_attr_value(gm, node.target)
+        _set_tensor(gm, node.target, value.index_select(record["axis"], keep.to(value.device)), value)
+        return True
+
+    def _fold_layer_norm(self, gm, node) -> bool:
+        """The masked LayerNorm becomes ``F.layer_norm`` over the kept channels, its parameters sliced."""
+        module = gm.get_submodule(node.target)
+        keep = self._keep(node.meta.get("pruning_space"))
+        size = module.mask.numel() if keep is None else len(keep)
+        x, weight, bias = node.args
+        for param in (weight, bias):
+            if param is not None and keep is not None:
+                value = get_attr_value(gm, param.target)
+                owner, _ = _set_tensor(gm, param.target, value.index_select(0, keep.to(value.device)), value)
+                if isinstance(owner, nn.LayerNorm):
+                    owner.normalized_shape = (size,)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(F.layer_norm, (x, (size,), weight, bias, module.eps))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "inserted_by"})
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+        return True
+
     # -- reshapes ----------------------------------------------------------------------------------
     def _fold_reshape(self, node) -> bool:
         record = node.meta.get("pruning_space")
@@ -230,7 +267,11 @@ class FoldPrunedChannels(Pass):
             raise PassError(f"cannot fold '{node.name}': its target shape is no longer readable")
         sizes, form = parsed
         sizes[record["axis"]] = len(keep)
-        if form == "tuple_arg":
+        if form == "size_prefix":  # x.view(y.size()[:-k] + tail): rewrite the literal tail
+            shape = node.args[1]
+            tail = sizes[len(sizes) - len(shape.args[1]):]
+            shape.args = (shape.args[0], tuple(tail))
+        elif form == "tuple_arg":
             node.args = (node.args[0], tuple(sizes))
         elif form == "varargs":
             node.args = (node.args[0], *sizes)

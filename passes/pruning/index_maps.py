@@ -56,14 +56,15 @@ class ReshapeMap:
 def reshape_channel_map(in_shape: Sequence[int], axis: int, out_shape: Sequence[int]) -> ReshapeMap | None:
     """Where channel ``axis`` of ``in_shape`` goes in ``out_shape``, or None when it is spread over axes.
 
-    The batch axis (0) must be kept as is and is never the channel axis.
+    The channel never lands on output axis 0. The leading axes may merge or split (GPT-2's
+    ``Conv1D`` views ``(B, T, C)`` as ``(B*T, C)``): the map is exact on linear indices either way.
     """
     import sympy
 
     in_shape, out_shape = [int(n) for n in in_shape], [int(n) for n in out_shape]
     if not in_shape or not out_shape or axis <= 0 or axis >= len(in_shape):
         return None
-    if math.prod(in_shape) != math.prod(out_shape) or in_shape[0] != out_shape[0]:
+    if math.prod(in_shape) != math.prod(out_shape):
         return None
     channels = in_shape[axis]
     s = math.prod(in_shape[axis + 1:])

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["ChannelMask", "is_channel_mask"]
+__all__ = ["ChannelMask", "ChannelMaskedLayerNorm", "is_channel_mask"]
 
 
 class ChannelMask(nn.Module):
@@ -53,3 +54,40 @@ class ChannelMask(nn.Module):
 
 def is_channel_mask(module) -> bool:
     return isinstance(module, ChannelMask)
+
+
+class ChannelMaskedLayerNorm(nn.Module):
+    """``F.layer_norm`` over the last axis with statistics of the kept channels only, zero at pruned ones.
+
+    Filter pruning puts it in place of a LayerNorm over a pruned channel axis while fine-tuning
+    (``norm.weight`` / ``norm.bias`` stay the user's parameters, passed in by the graph), so the
+    masked model computes what the folded one (a LayerNorm over the kept channels) will: a plain
+    LayerNorm with zeros at pruned channels would average over them too.
+    """
+
+    def __init__(self, num_channels: int, eps: float):
+        super().__init__()
+        self.register_buffer("mask", torch.ones(num_channels))
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        if bool(self.mask.all()):
+            return F.layer_norm(x, (self.mask.numel(),), weight, bias, self.eps)
+        mask = self.mask.to(x.dtype)
+        kept = mask.sum()
+        mean = (x * mask).sum(-1, keepdim=True) / kept
+        centered = (x - mean) * mask
+        var = (centered * centered).sum(-1, keepdim=True) / kept
+        y = centered * torch.rsqrt(var + self.eps)
+        if weight is not None:
+            y = y * weight
+        if bias is not None:
+            y = y + bias
+        return y * mask
+
+    @torch.no_grad()
+    def set(self, keep: torch.Tensor):
+        self.mask.copy_(keep.to(self.mask.dtype).to(self.mask.device))
+
+    def extra_repr(self) -> str:
+        return f"kept={int(self.mask.sum().item())}/{self.mask.numel()}, eps={self.eps}"
