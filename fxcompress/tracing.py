@@ -192,12 +192,20 @@ class _ShapeSpecializingTracer(_Tracer):
                 self._guard_slice_of_constant(args)
         return proxy
 
-    def decide(self, proxy: _ConcreteProxy, compare, expected):
-        """The example's answer to a Python decision on a size, with a graph node checking it on every call."""
+    def decide(self, proxy: _ConcreteProxy, compare, expected, negate_args=None):
+        """The example's answer to a Python decision on a size, with a graph node checking it on every call.
+
+        The check is ``proxy`` itself (``compare`` None), ``compare(proxy, expected)``, or for a
+        comparison that was false, the opposite comparison of its operands (``negate_args``).
+        """
         if not proxy.node.meta.get("_size"):
             raise torch.fx.proxy.TraceError(
                 "data-dependent control flow: the Python condition depends on tensor values")
-        holds = proxy if compare is None else self.create_proxy("call_function", compare, (proxy, expected), {})
+        if negate_args is not None:
+            operands = torch.fx.map_arg(negate_args, self.proxy)
+            holds = self.create_proxy("call_function", compare, operands, {})
+        else:
+            holds = proxy if compare is None else self.create_proxy("call_function", compare, (proxy, expected), {})
         self.create_proxy("call_function", shape_guard,
                           (holds, _expression(holds.node),
                            {name: self.proxy(n) for name, n in _sizes_read(holds.node).items()}), {})
@@ -243,8 +251,14 @@ class _ShapeSpecializingTracer(_Tracer):
         if not isinstance(obj, _ConcreteProxy):
             raise torch.fx.proxy.TraceError(
                 "data-dependent control flow: the Python condition depends on tensor values")
-        return self.decide(obj, None, bool(obj.concrete)) if obj.concrete else \
-            not self.decide(self.create_proxy("call_function", operator.not_, (obj,), {}), None, True)
+        if obj.concrete:
+            return self.decide(obj, None, True)
+        node = obj.node
+        if node.op == "call_function" and node.target in _NEGATED and obj.node.meta.get("_size"):
+            self.decide(self.proxy(node), _NEGATED[node.target], None, negate_args=node.args)
+        else:
+            self.decide(obj, operator.eq, False)
+        return False
 
     def iter(self, obj):
         return iter(obj)
@@ -265,6 +279,10 @@ _OPERATORS = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.
               operator.lt: "<", operator.le: "<=", operator.eq: "==", operator.ne: "!="}
 
 
+_NEGATED = {operator.gt: operator.le, operator.ge: operator.lt, operator.lt: operator.ge, operator.le: operator.gt,
+            operator.eq: operator.ne, operator.ne: operator.eq}
+
+
 def _expression(node) -> str:
     """``input_ids.shape[1] <= 32``: a size computation written in terms of the inputs."""
     if not isinstance(node, torch.fx.Node):
@@ -275,12 +293,10 @@ def _expression(node) -> str:
     if node.op == "call_function":
         if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node) \
                 and node.args[0].op == "call_method" and node.args[0].target == "size" and len(node.args[0].args) == 1:
-            return f"{node.args[0].args[0].name}.shape[{node.args[1]}]"
+            return f"{_same_shape_source(node.args[0].args[0]).name}.shape[{node.args[1]}]"
         if node.target in _OPERATORS:
             a, b = node.args
             return f"{_expression(a)} {_OPERATORS[node.target]} {_expression(b)}"
-        if node.target is operator.not_:
-            return f"not ({_expression(node.args[0])})"
     return node.name
 
 
@@ -317,8 +333,10 @@ def shape_guard(holds, condition: str, sizes: dict):
     so the graph cannot compute them. While ``torch.export`` traces the graph the sizes are
     symbolic and export records its own guards.
     """
+    if isinstance(holds, torch.fx.Proxy):  # fx re-tracing the graph (symbolic_trace, unpickling): keep the check
+        return holds.tracer.create_proxy("call_function", shape_guard, (holds, condition, sizes), {})
     if isinstance(holds, torch.SymBool) or holds:
-        return
+        return None
     got = ", ".join(f"{name} = {value}" for name, value in sizes.items())
     inputs = sorted({name.split(".shape")[0] for name in sizes})
     raise InputShapeError(
@@ -334,8 +352,13 @@ class _Retracer(torch.fx.Tracer):
     Stock re-tracing names nodes after their targets (``conv2d_3``); this one gives
     them back the names the code uses (``conv1``, ``conv1_weight_quantizer``), so
     ``gm.code`` reads the same after a round trip. It is built without arguments,
-    as torch.fx requires.
+    as torch.fx requires. Buffers are proxied: traced graphs slice and expand them by input
+    sizes (BERT's position ids), which a real tensor cannot take a proxy for.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.proxy_buffer_attributes = True
 
     def trace(self, root, concrete_args=None):
         graph = super().trace(root, concrete_args)
