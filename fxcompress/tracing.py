@@ -16,6 +16,8 @@ raises ``TraceError`` naming the module, the operation and the user's source lin
 Every node gets ``node.meta``:
 - ``"shape"`` / ``"dtype"``: from shape propagation on the example inputs
   (tuples for multi-output nodes, ``None`` for non-tensors);
+- ``"integer_derived"``: computed only from integer inputs and constants (attention
+  masks and what is built from them; ``fxcompress.integer_inputs``);
 - ``"module_path"``: the module the node belongs to, as in ``named_modules()``
   (the called module for ``call_module`` nodes, the enclosing module otherwise).
 
@@ -38,6 +40,7 @@ from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .errors import InputShapeError, TraceError
+from .integer_inputs import mark_integer_derived
 from .input_fit import NodeFailure, input_shape_error, module_code_error, refused_by_model_code
 from .graph import shallow_module_copy
 from .scopes import index_nncf_scopes
@@ -656,3 +659,4 @@ def propagate_metadata(gm: torch.fx.GraphModule, example_inputs=None):
     for node in gm.graph.nodes:
         node.meta["shape"], node.meta["dtype"] = _tensor_facts(node.meta.get("tensor_meta"))
     _set_module_paths(gm)
+    mark_integer_derived(gm)
