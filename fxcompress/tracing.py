@@ -22,7 +22,8 @@ Every node gets ``node.meta``:
   (the called module for ``call_module`` nodes, the enclosing module otherwise).
 
 The GraphModule gets ``gm.meta["example_inputs"]`` (args tuple) and
-``gm.meta["example_kwargs"]`` (dict), which passes and export use.
+``gm.meta["example_kwargs"]`` (dict), which passes and export use, and
+``gm.meta["huggingface_model_type"]`` (``config.model_type`` of a Hugging Face model, else None).
 """
 from __future__ import annotations
 
@@ -569,6 +570,7 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
     gm.meta["example_kwargs"] = kwargs
     gm.meta["leaf_modules"] = list(leaf_modules or ())
     gm.meta["specialized_shapes"] = first_error is not None or bool(specialize_shapes)
+    gm.meta["huggingface_model_type"] = _huggingface_model_type(model)
     if args or kwargs:
         try:
             propagate_metadata(gm)
@@ -578,6 +580,13 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
         _set_module_paths(gm)
     index_nncf_scopes(gm, model)  # NNCF scope names of the model as traced, before passes rewrite it
     return gm
+
+
+def _huggingface_model_type(model: torch.nn.Module) -> str | None:
+    """``config.model_type`` of a Hugging Face transformers model ("bert", "gpt2"), else None."""
+    if not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        return None
+    return getattr(getattr(model, "config", None), "model_type", None) or None
 
 
 def _set_module_paths(gm: torch.fx.GraphModule):
