@@ -571,6 +571,7 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
     gm.meta["leaf_modules"] = list(leaf_modules or ())
     gm.meta["specialized_shapes"] = first_error is not None or bool(specialize_shapes)
     gm.meta["huggingface_model_type"] = _huggingface_model_type(model)
+    gm.meta["dynamic_dims"] = _dynamic_dims(gm, values) if gm.meta["specialized_shapes"] else None
     if args or kwargs:
         try:
             propagate_metadata(gm)
@@ -580,6 +581,37 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
         _set_module_paths(gm)
     index_nncf_scopes(gm, model)  # NNCF scope names of the model as traced, before passes rewrite it
     return gm
+
+
+def _dynamic_dims(gm: torch.fx.GraphModule, values: dict[str, Any]) -> dict[str, dict[int, str]]:
+    """Input dimensions the graph follows (sizes it reads, and the batch), with export names.
+
+    ``{"input_ids": {0: "batch", 1: "sequence"}, ...}``: dimension 0 is the batch; the second
+    dimension of a 2-D integer input (token ids, masks) is the sequence; other dimensions
+    read are ``dim<i>``, shared by inputs whose example sizes agree (export needs one name for
+    sizes the model requires equal).
+    """
+    read: dict[str, set[int]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_method" or node.target != "size":
+            continue
+        source = _same_shape_source(node.args[0])
+        if source.op != "placeholder" or not isinstance(values.get(source.target), torch.Tensor):
+            continue
+        rank = values[source.target].dim()
+        dims = read.setdefault(source.target, set())
+        if len(node.args) > 1:
+            dims.add(node.args[1] % rank)
+        else:
+            dims.update(range(rank))
+    out = {}
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        text = len(read.get(name, ())) and value.dim() == 2 and not value.is_floating_point()
+        out[name] = {d: ("batch" if d == 0 else "sequence" if text and d == 1 else f"dim{d}_{value.shape[d]}")
+                     for d in sorted(read.get(name, set()) | {0})}
+    return out
 
 
 def _huggingface_model_type(model: torch.nn.Module) -> str | None:

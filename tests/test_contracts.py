@@ -436,3 +436,28 @@ def test_every_export_loads_in_onnx_runtimes_default_session(tmp_path):
     path = str(tmp_path / "bert.onnx")
     ctrl.export_onnx(path)
     ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # default: all graph optimizations
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_transformer_exports_with_dynamic_batch_and_sequence_axes(tmp_path, attention):
+    ort = pytest.importorskip("onnxruntime")
+    model = _tiny_bert()
+    model.config._attn_implementation = attention
+    ctrl, gm = compile_for_compression(model, [Quantize(bits=8)], example_inputs=_text_inputs(2, 8))
+    assert gm.meta["dynamic_dims"]["input_ids"] == {0: "batch", 1: "sequence"}
+    ctrl.initialize([_text_inputs(2, 8), _text_inputs(4, 16, seed=2)])
+    path = str(tmp_path / "bert.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to static shapes
+        warnings.filterwarnings("ignore", message=".*(deprecated|axis name).*")
+        ctrl.export_onnx(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])  # default session
+    assert [i.shape for i in session.get_inputs()] == [["batch", "sequence"]] * 2
+    for batch, length in [(1, 16), (4, 16), (3, 5), (4, 32)]:
+        inputs = _text_inputs(batch, length, seed=3)
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        with torch.no_grad():
+            expected = gm(**inputs)["last_hidden_state"]
+        # the ONNX runtime rounds ties and accumulates in another order: a few quantization steps at most
+        assert got.shape == tuple(expected.shape)
+        assert float((torch.from_numpy(got) - expected).abs().max()) < 0.02
