@@ -383,7 +383,7 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
     was_training = module.training
     module.eval()
     try:
-        program = _export_program(module, args, kwargs, dynamic_batch, opset_version)
+        program, dynamic = _export_program(module, args, kwargs, dynamic_batch, opset_version)
     finally:
         module.train(was_training)
     if optimize:
@@ -391,6 +391,8 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
         _store_quantized_constants(program.model)
     _unsigned_before_shape_ops(program.model)
     program.save(path)
+    if dynamic:  # (a failed dynamic export has warned already)
+        _warn_static_axes(path, getattr(module, "meta", {}).get("dynamic_dims"), args, kwargs)
     expected = _count_weight_dequantizations(module)
     if expected:
         from .runtime import qdq_summary
@@ -400,6 +402,24 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
                           f"export as DequantizeLinear on an integer initializer (folded back to fp32?); "
                           f"OpenVINO runs those layers in floating point", stacklevel=2)
     return path
+
+
+def _warn_static_axes(path: str, dims: dict | None, args: tuple, kwargs: dict):
+    """Warns when an input axis meant to be dynamic came out of the exporter as a fixed size."""
+    import onnx
+    graph = onnx.load(path, load_external_data=False).graph
+    meant = dims or {}
+    static = []
+    for position, value in enumerate(graph.input):
+        axes = meant.get(value.name, {0: "batch"}) if meant else {0: "batch"}
+        shape = value.type.tensor_type.shape.dim
+        for axis, name in axes.items():
+            if axis < len(shape) and not shape[axis].dim_param:
+                static.append(f"{value.name} axis {axis} ({name}) = {shape[axis].dim_value}")
+    if static:
+        warnings.warn(f"{path}: exported with static shapes where dynamic ones were asked for: "
+                      f"{', '.join(static)}; the model then takes only inputs of those sizes (a graph "
+                      f"specialized on the example inputs' shapes)", stacklevel=3)
 
 
 def _export_program(module, args, kwargs, dynamic_batch: bool, opset_version: int):
@@ -416,7 +436,7 @@ def _export_program(module, args, kwargs, dynamic_batch: bool, opset_version: in
                 warnings.warn(f"export with {what} failed ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}); exporting with the example inputs' "
                               f"static shapes", stacklevel=3)
-                program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+                return torch.onnx.export(module, args, kwargs=kwargs or None, **common), False
         else:
             program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
-    return program
+    return program, dynamic_batch

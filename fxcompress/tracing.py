@@ -182,6 +182,9 @@ class _ShapeSpecializingTracer(_Tracer):
             self_value, *rest = self._value(args)
             return getattr(self_value, target)(*rest, **self._value(kwargs))
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "placeholder" and isinstance(self._inputs.get(target), (bool, int, float, str, type(None))):
+            # A flag such as use_cache=False: the model's code reads its value, which the graph bakes in.
+            return self._inputs[target]
         if isinstance(proxy, _ConcreteProxy):
             # While computing the value, module calls and attribute reads must run
             # for real instead of being traced (fx patches them during tracing).
@@ -604,13 +607,18 @@ def _dynamic_dims(gm: torch.fx.GraphModule, values: dict[str, Any]) -> dict[str,
             dims.add(node.args[1] % rank)
         else:
             dims.update(range(rank))
+    def is_text(value):
+        return isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+
+    # Token ids, token types and masks share the sequence length, also those whose size the model never reads.
+    sequence = any(is_text(values[name]) and 1 in dims for name, dims in read.items())
     out = {}
     for name, value in values.items():
         if not isinstance(value, torch.Tensor) or value.dim() == 0:
             continue
-        text = len(read.get(name, ())) and value.dim() == 2 and not value.is_floating_point()
-        out[name] = {d: ("batch" if d == 0 else "sequence" if text and d == 1 else f"dim{d}_{value.shape[d]}")
-                     for d in sorted(read.get(name, set()) | {0})}
+        dims = read.get(name, set()) | {0} | ({1} if sequence and is_text(value) else set())
+        out[name] = {d: ("batch" if d == 0 else "sequence" if is_text(value) and d == 1 else f"dim{d}_{value.shape[d]}")
+                     for d in sorted(dims)}
     return out
 
 

@@ -461,3 +461,22 @@ def test_a_transformer_exports_with_dynamic_batch_and_sequence_axes(tmp_path, at
         # the ONNX runtime rounds ties and accumulates in another order: a few quantization steps at most
         assert got.shape == tuple(expected.shape)
         assert float((torch.from_numpy(got) - expected).abs().max()) < 0.02
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_a_compiled_gpt2_runs_at_other_batch_sizes_and_sequence_lengths(attention):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    model = transformers.GPT2Model(config).eval()
+
+    def inputs(batch, length):  # use_cache=False: a flag the traced graph bakes in
+        return {**_text_inputs(batch, length), "use_cache": False}
+
+    _, gm = compile_for_compression(model, [], example_inputs=inputs(2, 8))
+    for batch, length in [(3, 12), (1, 20)]:
+        with torch.no_grad():
+            assert torch.equal(gm(**inputs(batch, length))["last_hidden_state"],
+                               model(**inputs(batch, length)).last_hidden_state)
