@@ -46,6 +46,12 @@ def tokens(tokenizer, batch, length, offset=0):
     return out
 
 
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest cosine between corresponding hidden-state vectors (one per token)."""
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
@@ -96,9 +102,9 @@ def main():
             feed = {k: v.numpy() for k, v in inputs.items()}
             got_ort = session.run(None, feed)[0]
             got_ov = np.asarray(compiled.create_infer_request().infer(feed)[compiled.outputs[0]])
-            print(f"  {batch}x{length}: max |ORT - torch| {np.abs(got_ort - expected).max():.4f}, "
-                  f"max |OpenVINO - torch| {np.abs(got_ov - expected).max():.4f} "
-                  f"(hidden state values up to {np.abs(expected).max():.1f})")
+            print(f"  {batch}x{length}: ORT: max |diff| {np.abs(got_ort - expected).max():.3f}, token cosine min "
+                  f"{_min_cosine(got_ort, expected):.5f}; OpenVINO: max |diff| {np.abs(got_ov - expected).max():.3f}, "
+                  f"token cosine min {_min_cosine(got_ov, expected):.5f} (values up to {np.abs(expected).max():.1f})")
 
         int8_ov, fp32_ov = openvino_compile(int8_path), openvino_compile(fp32_path)
         report = openvino_compute_layers(int8_ov)
