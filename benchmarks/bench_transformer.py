@@ -6,7 +6,7 @@ transformer: accuracy, dynamic shapes in every runtime, OpenVINO latency.
 2. One ONNX export with dynamic batch and sequence axes, run at batch 1 and 4, sequence 16 and
    128 in PyTorch (fake-quantized), ONNX Runtime's default session and OpenVINO CPU (f32 hint):
    max |difference| to the fake-quantized model.
-3. OpenVINO CPU latency, int8 against the fp32 export, at 1x128 and 8x128, with the
+3. OpenVINO CPU latency (one thread, latency hint), int8 against the fp32 export, at 1x128 and 8x128, with the
    FullyConnected / MatMul layers OpenVINO executes in i8/u8.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_transformer.py [--attention eager]
@@ -106,7 +106,8 @@ def main():
                   f"{_min_cosine(got_ort, expected):.5f}; OpenVINO: max |diff| {np.abs(got_ov - expected).max():.3f}, "
                   f"token cosine min {_min_cosine(got_ov, expected):.5f} (values up to {np.abs(expected).max():.1f})")
 
-        int8_ov, fp32_ov = openvino_compile(int8_path), openvino_compile(fp32_path)
+        one_thread = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": "1"}
+        int8_ov, fp32_ov = (openvino_compile(p, config=one_thread) for p in (int8_path, fp32_path))
         report = openvino_compute_layers(int8_ov)
         kinds = Counter((layer.layer_type, layer.integer) for layer in report.layers)
         print("OpenVINO int8 compute layers: " + ", ".join(
