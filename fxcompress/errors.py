@@ -57,5 +57,9 @@ class CheckpointError(FxCompressError):
     """A checkpoint does not fit the model or controller it is loaded into."""
 
 
+class RangeInitError(FxCompressError, ValueError):
+    """Range initialization observed values no quantizer range can hold (inf / NaN)."""
+
+
 class NotInitializedError(FxCompressError):
     """An operation needs ``ctrl.initialize(loader)`` (or an explicit range) first."""

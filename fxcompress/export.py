@@ -22,9 +22,10 @@ Two things live here:
 * ``export_onnx`` and the translation table (``register_onnx_translation``:
   an op overload -> a plain Python function using an onnxscript opset module,
   see docs/export.md). The batch dimension of every input is dynamic
-  unless ``dynamic_batch=False``; a graph specialized on the example batch size
-  (a ``view(2, -1)`` baked in by shape-specialized tracing) is exported with
-  static shapes and a warning saying so.
+  unless ``dynamic_batch=False``, and so is every input dimension a traced
+  Hugging Face model reads (``gm.meta["dynamic_dims"]``: batch and sequence); a
+  graph that cannot take other sizes is exported with static shapes and a
+  warning saying so.
 
 Only standard ONNX ops are emitted (ONNX Runtime loads every export). The
 exporter's constant folder is told never to fold ``QuantizeLinear`` /
@@ -183,19 +184,27 @@ _register_training_op_translation()
 # export_onnx
 # ---------------------------------------------------------------------------
 
-def _dynamic_shapes(args: tuple, kwargs: dict):
-    batch = torch.export.Dim("batch")
+def _dynamic_shapes(args: tuple, kwargs: dict, dims: dict | None = None):
+    """Dynamic batch for every input; with ``dims`` (``gm.meta["dynamic_dims"]`` of a traced
+    Hugging Face model: ``{"input_ids": {0: "batch", 1: "sequence"}}``) the named dimensions of
+    each input, one ``Dim`` per name."""
+    named: dict[str, torch.export.Dim] = {}
 
-    def spec(value):
+    def dim(name):
+        return named.setdefault(name, torch.export.Dim(name))
+
+    def spec(value, input_name=None):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return {0: batch}
+            if dims and input_name in dims:
+                return {d: dim(n) for d, n in dims[input_name].items()}
+            return {0: dim("batch")}
         if isinstance(value, (tuple, list)):
             return type(value)(spec(v) for v in value)
         return None
 
     if kwargs:
-        return {k: spec(v) for k, v in kwargs.items()} if not args else \
-            tuple(spec(a) for a in args) + tuple(spec(v) for v in kwargs.values())
+        return {k: spec(v, k) for k, v in kwargs.items()} if not args else \
+            tuple(spec(a) for a in args) + tuple(spec(v, k) for k, v in kwargs.items())
     return tuple(spec(a) for a in args)
 
 
@@ -429,7 +438,7 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
     was_training = module.training
     module.eval()
     try:
-        program = _export_program(module, args, kwargs, dynamic_batch, opset_version)
+        program, dynamic = _export_program(module, args, kwargs, dynamic_batch, opset_version)
     finally:
         module.train(was_training)
     if optimize:
@@ -438,6 +447,8 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
     _unsigned_before_shape_ops(program.model)
     _float_bias_where_int32_overflows(program.model)
     program.save(path)
+    if dynamic:  # (a failed dynamic export has warned already)
+        _warn_static_axes(path, getattr(module, "meta", {}).get("dynamic_dims"), args, kwargs)
     expected = _count_weight_dequantizations(module)
     if expected:
         from .runtime import qdq_summary
@@ -449,19 +460,39 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
     return path
 
 
+def _warn_static_axes(path: str, dims: dict | None, args: tuple, kwargs: dict):
+    """Warns when an input axis meant to be dynamic came out of the exporter as a fixed size."""
+    import onnx
+    graph = onnx.load(path, load_external_data=False).graph
+    meant = dims or {}
+    static = []
+    for position, value in enumerate(graph.input):
+        axes = meant.get(value.name, {0: "batch"}) if meant else {0: "batch"}
+        shape = value.type.tensor_type.shape.dim
+        for axis, name in axes.items():
+            if axis < len(shape) and not shape[axis].dim_param:
+                static.append(f"{value.name} axis {axis} ({name}) = {shape[axis].dim_value}")
+    if static:
+        warnings.warn(f"{path}: exported with static shapes where dynamic ones were asked for: "
+                      f"{', '.join(static)}; the model then takes only inputs of those sizes (a graph "
+                      f"specialized on the example inputs' shapes)", stacklevel=3)
+
+
 def _export_program(module, args, kwargs, dynamic_batch: bool, opset_version: int):
     common = dict(dynamo=True, opset_version=opset_version, optimize=False,
                   custom_translation_table=onnx_translations() or None, verbose=False)
     with _reused_torchlib_registry():
         if dynamic_batch:
             try:
+                dims = getattr(module, "meta", {}).get("dynamic_dims")
                 program = torch.onnx.export(module, args, kwargs=kwargs or None,
-                                            dynamic_shapes=_dynamic_shapes(args, kwargs), **common)
+                                            dynamic_shapes=_dynamic_shapes(args, kwargs, dims), **common)
             except Exception as exc:  # noqa: BLE001 - retried with static shapes, and the user is told
-                warnings.warn(f"export with a dynamic batch dimension failed ({type(exc).__name__}: "
+                what = "dynamic batch and sequence dimensions" if dims else "a dynamic batch dimension"
+                warnings.warn(f"export with {what} failed ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}); exporting with the example inputs' "
                               f"static shapes", stacklevel=3)
-                program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+                return torch.onnx.export(module, args, kwargs=kwargs or None, **common), False
         else:
             program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
-    return program
+    return program, dynamic_batch

@@ -3,26 +3,34 @@
 ``trace`` first tries plain symbolic tracing. When the model's Python control
 flow depends on input *shapes* (Hugging Face transformers: ``if seq_len > ...``,
 ``torch.arange(x.size(1))``), plain fx cannot decide it; we then trace again with
-proxies that carry the example inputs' concrete values, so shape queries
-return plain ints and the graph is specialized on the example shapes (the batch
-dimension stays symbolic where the model never reads it). Control flow on tensor
-*values* is never specialized: it raises ``TraceError`` naming the module, the
-operation and the user's source line.
+proxies that carry the example inputs' concrete values. Shape queries
+(``x.size()``, ``x.shape``) stay graph nodes, so sizes that flow into tensor ops
+(``view``, ``expand``, ``arange``, slices) follow the inputs' real sizes at run
+time; only a Python *decision* on a size (``if``, ``int()``) takes the example's
+answer, and the graph then checks that decision on every call (``shape_guard``
+nodes, which raise ``InputShapeError`` naming the input and dimension; a slice
+of a parameter or buffer by an input size, such as BERT's position ids, is
+guarded the same way). Control flow on tensor *values* is never specialized: it
+raises ``TraceError`` naming the module, the operation and the user's source line.
 
 Every node gets ``node.meta``:
 - ``"shape"`` / ``"dtype"``: from shape propagation on the example inputs
   (tuples for multi-output nodes, ``None`` for non-tensors);
+- ``"integer_derived"``: computed only from integer inputs and constants (attention
+  masks and what is built from them; ``fxcompress.integer_inputs``);
 - ``"module_path"``: the module the node belongs to, as in ``named_modules()``
   (the called module for ``call_module`` nodes, the enclosing module otherwise).
 
 The GraphModule gets ``gm.meta["example_inputs"]`` (args tuple) and
-``gm.meta["example_kwargs"]`` (dict), which passes and export use.
+``gm.meta["example_kwargs"]`` (dict), which passes and export use, and
+``gm.meta["huggingface_model_type"]`` (``config.model_type`` of a Hugging Face model, else None).
 """
 from __future__ import annotations
 
 import ast
 import fnmatch
 import inspect
+import operator
 import os
 import traceback
 from typing import Any, Iterable, Sequence
@@ -32,20 +40,22 @@ import torch.fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .errors import TraceError
+from .errors import InputShapeError, TraceError
+from .integer_inputs import mark_integer_derived
 from .input_fit import NodeFailure, input_shape_error, module_code_error, refused_by_model_code
 from .graph import shallow_module_copy
 from .scopes import index_nncf_scopes
 
-__all__ = ["trace", "normalize_example_inputs", "propagate_metadata"]
+__all__ = ["trace", "normalize_example_inputs", "propagate_metadata", "shape_guard"]
 
 _FX_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.abspath(__file__))
 
-# Attribute reads and method calls whose result depends only on shapes/types:
-# with shape specialization they return concrete Python values.
-_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "is_floating_point"})
-_SHAPE_METHODS = frozenset({"size", "dim", "numel", "nelement", "ndimension", "is_floating_point",
+# Attribute reads and method calls whose result depends only on ranks/types:
+# with shape specialization they return concrete Python values. Sizes
+# (``x.shape``, ``x.size()``) are not among them: they stay graph nodes.
+_SHAPE_ATTRIBUTES = frozenset({"ndim", "dtype", "device", "is_cuda", "layout", "is_floating_point"})
+_SHAPE_METHODS = frozenset({"dim", "numel", "nelement", "ndimension", "is_floating_point",
                             "is_contiguous", "get_device"})
 
 
@@ -125,7 +135,15 @@ class _ConcreteProxy(torch.fx.Proxy):
             raise AttributeError(name)
         if name in _SHAPE_ATTRIBUTES and "_concrete" in self.node.meta:
             return getattr(self.concrete, name)
+        if name == "shape" and isinstance(self.node.meta.get("_concrete"), torch.Tensor):
+            return self.tracer.create_proxy("call_method", "size", (self,), {})  # a node: x.size()
         return super().__getattr__(name)
+
+    def __index__(self):
+        # Python needs a plain int here (range(), a list index): the example's value, checked on every call.
+        return self.tracer.decide(self, operator.eq, self.concrete)
+
+    __int__ = __index__
 
     def __len__(self):
         return len(self.concrete)
@@ -144,6 +162,9 @@ class _ShapeSpecializingTracer(_Tracer):
         super().__init__(leaves)
         self._inputs = inputs
         self._computing = False
+        # Buffers (BERT's position and token-type ids) become get_attr nodes, not constants
+        # computed at the example's size.
+        self.proxy_buffer_attributes = True
 
     def call_module(self, m, forward, args, kwargs):
         if self._computing:  # computing a concrete value: run the module for real
@@ -161,15 +182,52 @@ class _ShapeSpecializingTracer(_Tracer):
             self_value, *rest = self._value(args)
             return getattr(self_value, target)(*rest, **self._value(kwargs))
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "placeholder" and isinstance(self._inputs.get(target), (bool, int, float, str, type(None))):
+            # A flag such as use_cache=False: the model's code reads its value, which the graph bakes in.
+            return self._inputs[target]
         if isinstance(proxy, _ConcreteProxy):
             # While computing the value, module calls and attribute reads must run
             # for real instead of being traced (fx patches them during tracing).
             self._computing = True
             try:
-                proxy.node.meta["_concrete"] = self._run(proxy.node, kind, target, args, kwargs)
+                proxy.node.meta["_concrete"] = value = self._run(proxy.node, kind, target, args, kwargs)
             finally:
                 self._computing = False
+            if _is_size_value(proxy.node, value):
+                proxy.node.meta["_size"] = True
+            if kind == "call_function" and target is operator.getitem:
+                self._guard_slice_of_constant(args)
         return proxy
+
+    def decide(self, proxy: _ConcreteProxy, compare, expected, negate_args=None):
+        """The example's answer to a Python decision on a size, with a graph node checking it on every call.
+
+        The check is ``proxy`` itself (``compare`` None), ``compare(proxy, expected)``, or for a
+        comparison that was false, the opposite comparison of its operands (``negate_args``).
+        """
+        if not proxy.node.meta.get("_size"):
+            raise torch.fx.proxy.TraceError(
+                "data-dependent control flow: the Python condition depends on tensor values")
+        if negate_args is not None:
+            operands = torch.fx.map_arg(negate_args, self.proxy)
+            holds = self.create_proxy("call_function", compare, operands, {})
+        else:
+            holds = proxy if compare is None else self.create_proxy("call_function", compare, (proxy, expected), {})
+        self.create_proxy("call_function", shape_guard,
+                          (holds, _expression(holds.node),
+                           {name: self.proxy(n) for name, n in _sizes_read(holds.node).items()}), {})
+        return expected
+
+    def _guard_slice_of_constant(self, args):
+        """``buffer[:, a:b]`` with a size ``b`` is shorter than asked past the buffer's end: guard ``b <= len``."""
+        tensor, index = args
+        if not (isinstance(tensor, _ConcreteProxy) and tensor.node.op == "get_attr"):
+            return
+        for dim, item in enumerate(index if isinstance(index, tuple) else (index,)):
+            if isinstance(item, slice) and isinstance(item.stop, _ConcreteProxy) and item.stop.node.meta.get("_size"):
+                length = tensor.concrete.shape[dim]
+                if item.stop.concrete <= length:
+                    self.decide(item.stop, operator.le, length)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         if self._computing:
@@ -197,11 +255,102 @@ class _ShapeSpecializingTracer(_Tracer):
         return None
 
     def to_bool(self, obj):
-        raise torch.fx.proxy.TraceError(
-            "data-dependent control flow: the Python condition depends on tensor values")
+        if not isinstance(obj, _ConcreteProxy):
+            raise torch.fx.proxy.TraceError(
+                "data-dependent control flow: the Python condition depends on tensor values")
+        if obj.concrete:
+            return self.decide(obj, None, True)
+        node = obj.node
+        if node.op == "call_function" and node.target in _NEGATED and obj.node.meta.get("_size"):
+            self.decide(self.proxy(node), _NEGATED[node.target], None, negate_args=node.args)
+        else:
+            self.decide(obj, operator.eq, False)
+        return False
 
     def iter(self, obj):
         return iter(obj)
+
+
+def _is_size_value(node: torch.fx.Node, value) -> bool:
+    """Whether ``node`` computes a Python number (or tuple of them) from input sizes only."""
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if isinstance(value, torch.Tensor) or node.op not in ("call_function", "call_method"):
+        return False
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(n.meta.get("_size") for n in inputs)
+
+
+_OPERATORS = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.floordiv: "//",
+              operator.truediv: "/", operator.mod: "%", operator.gt: ">", operator.ge: ">=",
+              operator.lt: "<", operator.le: "<=", operator.eq: "==", operator.ne: "!="}
+
+
+_NEGATED = {operator.gt: operator.le, operator.ge: operator.lt, operator.lt: operator.ge, operator.le: operator.gt,
+            operator.eq: operator.ne, operator.ne: operator.eq}
+
+
+def _expression(node) -> str:
+    """``input_ids.shape[1] <= 32``: a size computation written in terms of the inputs."""
+    if not isinstance(node, torch.fx.Node):
+        return repr(node)
+    if node.op == "call_method" and node.target == "size":
+        tensor = _same_shape_source(node.args[0]).name
+        return f"{tensor}.shape[{node.args[1]}]" if len(node.args) > 1 else f"{tensor}.shape"
+    if node.op == "call_function":
+        if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node) \
+                and node.args[0].op == "call_method" and node.args[0].target == "size" and len(node.args[0].args) == 1:
+            return f"{_same_shape_source(node.args[0].args[0]).name}.shape[{node.args[1]}]"
+        if node.target in _OPERATORS:
+            a, b = node.args
+            return f"{_expression(a)} {_OPERATORS[node.target]} {_expression(b)}"
+    return node.name
+
+
+_SAME_SHAPE_METHODS = frozenset({"to", "bool", "long", "int", "float", "half", "contiguous", "clone", "detach"})
+
+
+def _same_shape_source(node: torch.fx.Node) -> torch.fx.Node:
+    """The input a tensor was converted from (``attention_mask.to(torch.bool)``), to name its sizes after it."""
+    while node.op == "call_method" and node.target in _SAME_SHAPE_METHODS and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+def _sizes_read(node: torch.fx.Node) -> dict[str, torch.fx.Node]:
+    """The size nodes a decision depends on, by their expression (their values go into the error)."""
+    found, stack, seen = {}, [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_method" and n.target == "size":
+            found[_expression(n)] = n
+        else:
+            stack.extend(n.all_input_nodes)
+    return found
+
+
+@torch.fx.node.has_side_effect
+def shape_guard(holds, condition: str, sizes: dict):
+    """Checks a decision the model's Python code took on the example inputs' sizes; part of traced graphs.
+
+    Raises ``InputShapeError`` when inputs of another shape would have taken the other branch,
+    so the graph cannot compute them. While ``torch.export`` traces the graph the sizes are
+    symbolic and export records its own guards.
+    """
+    if isinstance(holds, torch.fx.Proxy):  # fx re-tracing the graph (symbolic_trace, unpickling): keep the check
+        return holds.tracer.create_proxy("call_function", shape_guard, (holds, condition, sizes), {})
+    if isinstance(holds, torch.SymBool) or holds:
+        return None
+    got = ", ".join(f"{name} = {value}" for name, value in sizes.items())
+    inputs = sorted({name.split(".shape")[0] for name in sizes})
+    raise InputShapeError(
+        f"inputs of these shapes do not fit the compiled model ({got}): it needs `{condition}`, "
+        f"as for the example inputs (the model's Python code decided on that size while tracing; "
+        f"compile with example inputs of this shape to get a graph for them)",
+        inputs=inputs, reason=f"needs `{condition}`", operation="shape_guard")
 
 
 class _Retracer(torch.fx.Tracer):
@@ -210,8 +359,13 @@ class _Retracer(torch.fx.Tracer):
     Stock re-tracing names nodes after their targets (``conv2d_3``); this one gives
     them back the names the code uses (``conv1``, ``conv1_weight_quantizer``), so
     ``gm.code`` reads the same after a round trip. It is built without arguments,
-    as torch.fx requires.
+    as torch.fx requires. Buffers are proxied: traced graphs slice and expand them by input
+    sizes (BERT's position ids), which a real tensor cannot take a proxy for.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.proxy_buffer_attributes = True
 
     def trace(self, root, concrete_args=None):
         graph = super().trace(root, concrete_args)
@@ -419,6 +573,8 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
     gm.meta["example_kwargs"] = kwargs
     gm.meta["leaf_modules"] = list(leaf_modules or ())
     gm.meta["specialized_shapes"] = first_error is not None or bool(specialize_shapes)
+    gm.meta["huggingface_model_type"] = _huggingface_model_type(model)
+    gm.meta["dynamic_dims"] = _dynamic_dims(gm, values) if gm.meta["specialized_shapes"] else None
     if args or kwargs:
         try:
             propagate_metadata(gm)
@@ -428,6 +584,49 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
         _set_module_paths(gm)
     index_nncf_scopes(gm, model)  # NNCF scope names of the model as traced, before passes rewrite it
     return gm
+
+
+def _dynamic_dims(gm: torch.fx.GraphModule, values: dict[str, Any]) -> dict[str, dict[int, str]]:
+    """Input dimensions the graph follows (sizes it reads, and the batch), with export names.
+
+    ``{"input_ids": {0: "batch", 1: "sequence"}, ...}``: dimension 0 is the batch; the second
+    dimension of a 2-D integer input (token ids, masks) is the sequence; other dimensions
+    read are ``dim<i>``, shared by inputs whose example sizes agree (export needs one name for
+    sizes the model requires equal).
+    """
+    read: dict[str, set[int]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_method" or node.target != "size":
+            continue
+        source = _same_shape_source(node.args[0])
+        if source.op != "placeholder" or not isinstance(values.get(source.target), torch.Tensor):
+            continue
+        rank = values[source.target].dim()
+        dims = read.setdefault(source.target, set())
+        if len(node.args) > 1:
+            dims.add(node.args[1] % rank)
+        else:
+            dims.update(range(rank))
+    def is_text(value):
+        return isinstance(value, torch.Tensor) and value.dim() == 2 and not value.is_floating_point()
+
+    # Token ids, token types and masks share the sequence length, also those whose size the model never reads.
+    sequence = any(is_text(values[name]) and 1 in dims for name, dims in read.items())
+    out = {}
+    for name, value in values.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        dims = read.get(name, set()) | {0} | ({1} if sequence and is_text(value) else set())
+        out[name] = {d: ("batch" if d == 0 else "sequence" if is_text(value) and d == 1 else f"dim{d}_{value.shape[d]}")
+                     for d in sorted(dims)}
+    return out
+
+
+def _huggingface_model_type(model: torch.nn.Module) -> str | None:
+    """``config.model_type`` of a Hugging Face transformers model ("bert", "gpt2"), else None."""
+    if not any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        return None
+    return getattr(getattr(model, "config", None), "model_type", None) or None
 
 
 def _set_module_paths(gm: torch.fx.GraphModule):
@@ -509,3 +708,4 @@ def propagate_metadata(gm: torch.fx.GraphModule, example_inputs=None):
     for node in gm.graph.nodes:
         node.meta["shape"], node.meta["dtype"] = _tensor_facts(node.meta.get("tensor_meta"))
     _set_module_paths(gm)
+    mark_integer_derived(gm)

@@ -716,3 +716,23 @@ def test_config_errors_are_named():
                                                                           "max_percentile": 1}}})
     with pytest.raises(ConfigError, match="compression.overflow_fix"):
         Config.from_dict({"compression": {"algorithm": "quantization", "overflow_fix": "on"}})
+
+
+def test_non_finite_calibration_statistics_are_an_error_naming_the_quantizer_and_its_producer():
+    from fxcompress.errors import RangeInitError
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x) * 1e38)  # overflows to inf in float32
+
+    torch.manual_seed(0)
+    ctrl, gm = compile_for_compression(Scaled(), [Quantize(bits=8)], (torch.randn(2, 4),))
+    with pytest.raises(RangeInitError, match=r"quantizer 'fc2_input_quantizer' on the output of node 'mul'.*"
+                                             r"non-finite") as info:
+        ctrl.initialize([torch.randn(8, 4) * 10])
+    assert "inf" in str(info.value)
+    assert not any(bool(q.module.initialized) for q in ctrl.parts[0].activation_quantizers)  # nothing half-set

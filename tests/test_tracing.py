@@ -1,5 +1,6 @@
 """Tracing: architectures trace exactly, errors name module/operation/line, the user's model is untouched."""
 import os
+import pickle
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 
 import fxcompress
 from fxcompress import TraceError, compile_for_compression, trace
+from fxcompress.errors import InputShapeError
 from fxcompress.testing import models as zoo
 from fxcompress.testing import strategies
 from fxcompress.testing.asserts import assert_modules_agree
@@ -132,6 +134,13 @@ def test_shape_dependent_control_flow_is_specialized():
     assert gm.meta["specialized_shapes"]
     assert torch.equal(gm(x), model(x))
     assert torch.equal(torch.fx.symbolic_trace(gm)(x), model(x))
+    # Sizes stay symbolic: other shapes that take the same branch run; the other branch is an error
+    for other in (torch.randn(5, 10, 6), torch.randn(1, 4, 6)):
+        assert torch.equal(gm(other), model(other))
+    with pytest.raises(InputShapeError, match=r"x\.shape = torch\.Size\(\[2, 3, 6\]\).*needs `x\.shape\[1\] > 3`") \
+            as info:
+        gm(torch.randn(2, 3, 6))
+    assert info.value.inputs == ["x"]
 
 
 def test_keyword_example_inputs_and_optional_arguments():
@@ -185,7 +194,12 @@ def test_minilm_traces_and_retraces_with_plain_fx():
     assert gm.meta["specialized_shapes"]
     expected = model(**batch).last_hidden_state
     assert torch.equal(gm(**batch)["last_hidden_state"], expected)
-    assert torch.equal(torch.fx.symbolic_trace(gm)(**batch)["last_hidden_state"], expected)
+    # Re-traced as unpickling does (buffers proxied: the graph slices them by input sizes), it runs at other shapes.
+    retraced = torch.fx.GraphModule(gm, fxcompress.tracing._Retracer().trace(gm))
+    assert torch.equal(retraced(**batch)["last_hidden_state"], expected)
+    other = dict(tokenizer(["one", "two", "a third sentence, longer than the example's"], padding=True,
+                           return_tensors="pt"))
+    assert torch.equal(pickle.loads(pickle.dumps(gm))(**other)["last_hidden_state"], model(**other).last_hidden_state)
     linears = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
     assert len(linears) == 6 * 6 + 1  # q, k, v, attention output, intermediate, output per layer; pooler
     assert fxcompress.optable.kind_of(next(n for n in gm.graph.nodes if "scaled_dot_product" in n.name), gm) \

@@ -12,7 +12,7 @@ import torch.fx
 from fxcompress.batchnorm import adapt_batchnorm, average_batchnorm_statistics
 from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
 from fxcompress.data import CalibrationData, count_samples, preserved_modes, progress_bar
-from fxcompress.errors import CheckpointError, NotInitializedError
+from fxcompress.errors import CheckpointError, NotInitializedError, RangeInitError
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 from fxcompress.schedulers import StagedScheduler
@@ -218,16 +218,32 @@ class QuantizationController(ControllerPart):
                     q.module.enabled = enabled[q.name]
         if batches == 0:
             raise ValueError("initialize: the data loader yielded no batches")
-        unseen = []
+        unseen, ranges = [], {}
         for q in targets:
             result = collectors[q.name].range()
             if result is None:
                 unseen.append(q.name)
-                continue
-            q.module.set_range(*result)
+            elif not all(bool(torch.isfinite(bound).all()) for bound in result):
+                raise self._non_finite_range(gm, q.name, result)
+            else:
+                ranges[q.name] = result
+        for q in targets:  # only once every range is finite: no half-initialized model
+            if q.name in ranges:
+                q.module.set_range(*ranges[q.name])
         if unseen:
             warnings.warn(f"quantization: {len(unseen)} activation quantizers saw no data during range init "
                           f"({', '.join(unseen[:5])}); their ranges stay unset", stacklevel=3)
+
+    def _non_finite_range(self, gm, name: str, bounds) -> RangeInitError:
+        node = self._quantizer_nodes(gm).get(name) if isinstance(gm, torch.fx.GraphModule) else None
+        producer = node.args[0] if node is not None and node.args else None
+        where = f" on the output of node '{producer.name}' ({producer.format_node()})" \
+            if isinstance(producer, torch.fx.Node) else ""
+        low, high = float(bounds[0].min()), float(bounds[1].max())
+        return RangeInitError(
+            f"quantization: activation quantizer '{name}'{where} observed non-finite values during range "
+            f"initialization (range [{low}, {high}]): a range must be finite. Exclude the node with "
+            f"ignored_scopes, or check the calibration data for inf/NaN")
 
     def distributed(self):
         """Every rank gets the mean of the ranges (and adapted BatchNorm statistics) the ranks found."""

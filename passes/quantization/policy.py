@@ -31,7 +31,10 @@ producer's output and feeding exactly the consumers that asked for it (other
 consumers keep the float tensor). A producer whose output is non-negative
 (ReLU-like, sigmoid, softmax) gets an unsigned quantizer; others signed.
 Integer and boolean tensors (token ids, masks) and constants (a parameter
-added as a bias) are never activation-quantized.
+added as a bias) are never activation-quantized, nor are float values computed
+only from integer inputs and constants (the additive attention mask built from a
+0/1 mask, ``fxcompress.integer_inputs``): an op combining one with an activation
+(scores + mask) is not an integer op and runs in float.
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ import torch
 import torch.fx
 
 from fxcompress.graph import get_attr_value
+from fxcompress.integer_inputs import is_integer_derived, mark_integer_derived
 from fxcompress.optable import kind_of, op_kind
 from fxcompress.quantizers import QuantSpec, is_quantizer
 from fxcompress.scopes import ScopeSet
@@ -390,6 +394,7 @@ class _Planner:
         self.requests: dict[torch.fx.Node, _Request] = {}
         self.weight_points: dict[torch.fx.Node, QuantizationPoint] = {}
         self.dynamic = _dynamic_nodes(gm)
+        mark_integer_derived(gm)
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     def skip(self, scope: str, reason: str):
@@ -517,6 +522,11 @@ class _Planner:
                     inputs = [inputs[1 - consts[0]]]
             resolved = [_resolve(x, node, self.gm, self.rules)[0] if isinstance(x, torch.fx.Node) else None
                         for x in inputs]
+            mask = next((x for x in resolved if x is not None and is_integer_derived(x) and _is_float_tensor(x)), None)
+            if len(inputs) > 1 and mask is not None:
+                self.skip(scope, f"{rule.reason}: '{mask.name}' is computed only from integer inputs (an "
+                                 "attention mask): the op runs in float")
+                return
             if len(inputs) > 1 and not all(x is not None and x in self.dynamic and _is_float_tensor(x)
                                            for x in resolved):
                 return  # a bias add / scaling by a constant: not an integer op
@@ -533,6 +543,9 @@ class _Planner:
                                  "not quantized")
             elif producer not in self.dynamic:
                 self.skip(scope, f"{rule.reason} '{producer.name}' is a constant of the model")
+            elif is_integer_derived(producer):
+                self.skip(scope, f"{rule.reason} '{producer.name}' is computed only from integer inputs and "
+                                 "constants (an attention mask, position ids): not quantized")
             elif _is_quantizer_node(producer, self.gm):
                 continue  # already quantized (an earlier quantization pass)
             elif producer.op == "placeholder" and not self.settings.quantize_inputs:
@@ -545,7 +558,8 @@ class _Planner:
             return
         output = next(n for n in self.gm.graph.nodes if n.op == "output")
         for x in output.all_input_nodes:
-            if _is_float_tensor(x) and x in self.dynamic and not _is_quantizer_node(x, self.gm):
+            if _is_float_tensor(x) and x in self.dynamic and not is_integer_derived(x) \
+                    and not _is_quantizer_node(x, self.gm):
                 self.request(x, output, output, "model output")
 
     # -- result ------------------------------------------------------------------

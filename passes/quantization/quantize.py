@@ -93,6 +93,8 @@ QUANTIZATION_SCHEMA = {
                     "properties": {**_GROUP_PROPERTIES, "narrow_range": {"type": "boolean"}}},
         "activations": {"type": "object", "additionalProperties": False, "properties": _GROUP_PROPERTIES},
         "preset": {"enum": ["performance", "mixed"]},
+        # NNCF's key: transformer defaults (TRANSFORMER_DEFAULTS); inferred for Hugging Face models.
+        "model_type": {"enum": ["transformer"]},
         "initializer": {"type": "object", "additionalProperties": False, "properties": {
             "range": {"oneOf": [_RANGE, {"type": "array", "items": _RANGE_ITEM}]},
             "batchnorm_adaptation": BATCHNORM_ADAPTATION_SCHEMA,
@@ -116,6 +118,14 @@ QUANTIZATION_SCHEMA = {
     },
 }
 
+# NNCF's defaults for model_type "transformer": asymmetric activations (preset "mixed": the
+# outputs of LayerNorm and GELU are far from symmetric) and 7-bit weights only in the first
+# layer (NNCF's post-training default). The placement itself already puts no quantizer on a
+# LayerNorm or GELU output that no integer op reads; the additive attention mask is never
+# quantized whatever the model type (fxcompress.integer_inputs).
+TRANSFORMER_DEFAULTS = {"preset": "mixed", "overflow_fix": "first_layer_only"}
+
+
 @register_algorithm
 class Quantize(CompressionPass):
     """Quantization-aware training / post-training quantization for OpenVINO-style integer inference.
@@ -136,10 +146,33 @@ class Quantize(CompressionPass):
 
     def __init__(self, **params):
         super().__init__(**params)
-        p = self.params
+        self._given = set(params)
+        self.settings = self._settings(self._params_for(params.get("model_type")))
+        initializer = self.params.get("initializer", {})
+        self.range_rules = RangeInitRules(initializer.get("range"))
+        self.num_bn_adaptation_samples = initializer.get("batchnorm_adaptation", {}).get(
+            "num_bn_adaptation_samples", DEFAULT_NUM_BN_ADAPTATION_SAMPLES)
+
+    def _params_for(self, model_type: str | None) -> dict:
+        """The parameters with ``model_type``'s defaults for the keys the user did not give."""
+        if model_type != "transformer":
+            return self.params
+        return {**self.params, **{k: v for k, v in TRANSFORMER_DEFAULTS.items() if k not in self._given}}
+
+    def model_type(self, gm: torch.fx.GraphModule) -> tuple[str | None, str]:
+        """``(model_type, how it was chosen)``: given, or "transformer" for a Hugging Face model."""
+        if "model_type" in self._given:
+            return self.params["model_type"], "given"
+        hf_type = gm.meta.get("huggingface_model_type")
+        if hf_type:
+            return "transformer", f"inferred: Hugging Face model_type {hf_type!r}"
+        return None, "default"
+
+    @staticmethod
+    def _settings(p: dict) -> QuantizationSettings:
         weights, activations = p.get("weights", {}), p.get("activations", {})
         act_mode = activations.get("mode", "asymmetric" if p["preset"] == "mixed" else "symmetric")
-        self.settings = QuantizationSettings(
+        return QuantizationSettings(
             weights=GroupSettings(
                 bits=weights.get("bits", p["bits"]), mode=weights.get("mode", "symmetric"),
                 signed=weights.get("signed"), per_channel=weights.get("per_channel", True),
@@ -157,10 +190,6 @@ class Quantize(CompressionPass):
             device=p["target_device"], rules=DEVICE_RULES[p["target_device"]],
             overflow_fix=p["overflow_fix"], quantize_inputs=p["quantize_inputs"],
             quantize_outputs=p["quantize_outputs"])
-        initializer = p.get("initializer", {})
-        self.range_rules = RangeInitRules(initializer.get("range"))
-        self.num_bn_adaptation_samples = initializer.get("batchnorm_adaptation", {}).get(
-            "num_bn_adaptation_samples", DEFAULT_NUM_BN_ADAPTATION_SAMPLES)
 
     @classmethod
     def validate(cls, params: dict, prefix: str) -> dict:
@@ -245,7 +274,9 @@ class Quantize(CompressionPass):
         snapshot = GraphSnapshot(gm)
         folded = fold_batch_norms(gm, self.selects) if self.params["fold_bn"] else []
         ops = weighted_ops(gm)
-        plan = plan_quantization(gm, ops, self.settings, self.selects)
+        model_type, chosen = self.model_type(gm)
+        params = self._params_for(model_type)
+        plan = plan_quantization(gm, ops, self._settings(params), self.selects)
         skipped = plan.skipped + _unsupported_weighted(gm)
         if not plan.points:
             for node in gm.graph.nodes:
@@ -255,14 +286,17 @@ class Quantize(CompressionPass):
             warnings.warn(f"Quantize: nothing to quantize in {type(gm).__name__}: it has no conv, linear or "
                           f"matmul layer with float inputs that the scopes select"
                           + (f" (skipped {reasons})" if reasons else ""), stacklevel=2)
-            return PassResult(gm, False, controller=self._controller([], skipped, folded))
+            return PassResult(gm, False, controller=self._controller([], skipped, folded, params, model_type,
+                                                                     chosen))
         infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules)
-        controller = self._controller(infos, skipped, folded)
+        controller = self._controller(infos, skipped, folded, params, model_type, chosen)
         controller.init_weight_ranges(gm)
         return PassResult(gm, True, controller=controller)
 
-    def _controller(self, infos, skipped, folded) -> QuantizationController:
-        settings = {"target_device": self.params["target_device"], "preset": self.params["preset"]}
+    def _controller(self, infos, skipped, folded, params, model_type, chosen) -> QuantizationController:
+        settings = {"target_device": params["target_device"], "preset": params["preset"]}
+        if model_type:
+            settings["model_type"] = f"{model_type} ({chosen})"
         if folded:
             settings["folded_batch_norms"] = len(folded)
         return QuantizationController(
