@@ -31,7 +31,12 @@ def task_for_config(config: dict) -> Task:
         return load_task("classification")
     known = {}
     for name in TASKS:
-        task = load_task(name)
+        try:
+            task = load_task(name)
+        except ModuleNotFoundError as error:
+            if error.name != TASKS[name].split(":")[0]:
+                raise
+            continue  # this task's module is not part of this build
         names = task.known_models()
         if model in names:
             return task
