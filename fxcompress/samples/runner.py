@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from fxcompress import Config, compile_for_compression, load_state
 from fxcompress.checkpoint import rng_state, set_rng_state
+from fxcompress.distributed import broadcast_from_rank0
 from fxcompress.errors import FxCompressError
 from fxcompress.samples.reporting import RunLog
 from fxcompress.samples.task import SampleError, Task
@@ -251,6 +252,9 @@ class Runner:
             self.sampler.set_epoch(epoch)
             started = time.perf_counter()
             loss = self.train_epoch(model, ctrl, optimizer, criterion, train_loader, epoch)
+            # DDP keeps parameters in step, but each rank's last forward left its own BatchNorm
+            # statistics: rank 0's go to every rank, so all validate and save the same model.
+            broadcast_from_rank0(list(gm.buffers()))
             metric = self.evaluate(gm, val_loader)
             lr = optimizer.param_groups[0]["lr"]
             step_lr_scheduler(lr_scheduler, metric)
