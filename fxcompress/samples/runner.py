@@ -352,16 +352,27 @@ class Runner:
         self.log.line(f"ONNX model written to {path}")
 
 
+def _staged(part) -> bool:
+    scheduler = getattr(part, "scheduler", None)
+    return hasattr(scheduler, "activations_enabled") and hasattr(scheduler, "weights_enabled")
+
+
 def compression_levels(ctrl) -> dict:
-    """The current compression level of every scheduled part (sparsity, pruning ratio, ...)."""
+    """The current compression level of every scheduled part (sparsity, pruning ratio, ...); for a
+    staged part (binarization, staged quantization) the share of its stages switched on (0, 0.5, 1)."""
     levels = {}
     for name, part in ctrl.items():
         level = getattr(getattr(part, "scheduler", None), "current_level", None)
+        if _staged(part):
+            level = (part.scheduler.activations_enabled + part.scheduler.weights_enabled) / 2
         if level is not None:
             levels[f"{name}_level"] = round(float(level), 6)
     return levels
 
 
 def fully_compressed(ctrl) -> bool:
-    from fxcompress.accuracy_aware import fully_compressed as reached
-    return reached(ctrl)
+    """Every level schedule at its target and every staged part in its last stage."""
+    from fxcompress.accuracy_aware import fully_compressed as levels_reached
+    stages_done = all(part.scheduler.activations_enabled and part.scheduler.weights_enabled
+                      for part in ctrl.parts if _staged(part))
+    return levels_reached(ctrl) and stages_done
