@@ -5,6 +5,7 @@ predictions only, never on batch order or size.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -54,15 +55,14 @@ def nms_reference(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: floa
     """Indices of the boxes kept by greedy non-maximum suppression, highest score first
     (torchvision.ops.nms's semantics: a box is dropped if its IoU with a kept box is > threshold)."""
     order = torch.argsort(scores, descending=True, stable=True)
-    iou = box_iou(boxes[order], boxes[order])
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    overlapping = (box_iou(boxes[order], boxes[order]) > iou_threshold).cpu().numpy()
+    suppressed = np.zeros(len(order), dtype=bool)
     keep = []
     for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= iou[i] > iou_threshold
-    return order[torch.tensor(keep, dtype=torch.long)]
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlapping[i]
+    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -109,40 +109,34 @@ class DetectionAP:
 
     def class_ap(self, cls: int) -> float | None:
         """AP of one class; None when it has no non-difficult ground truth."""
-        records = []  # (score, image index, box)
-        gts = []
+        records = []  # (score, image index, IoUs of this detection with the image's boxes of the class)
+        matches = []  # per image: (difficult flags, matched flags) of its boxes of the class
         positives = 0
         for index, (det, gt) in enumerate(self.images):
-            mask = gt["labels"] == cls
-            gts.append((gt["boxes"][mask], gt["difficult"][mask], torch.zeros(int(mask.sum()), dtype=torch.bool)))
-            positives += int((~gt["difficult"][mask]).sum())
-            dmask = det["labels"] == cls
-            for score, box in zip(det["scores"][dmask].tolist(), det["boxes"][dmask]):
-                records.append((score, index, box))
+            mask, dmask = gt["labels"] == cls, det["labels"] == cls
+            difficult = gt["difficult"][mask].tolist()
+            matches.append((difficult, [False] * len(difficult)))
+            positives += len(difficult) - sum(difficult)
+            ious = box_iou(det["boxes"][dmask], gt["boxes"][mask]).tolist()
+            records += [(score, index, row) for score, row in zip(det["scores"][dmask].tolist(), ious)]
         if positives == 0:
             return None
         # Stable sort on score alone: ties keep image order, so the result never depends on batching.
         records.sort(key=lambda r: -r[0])
-        tp = torch.zeros(len(records), dtype=torch.float64)
-        fp = torch.zeros(len(records), dtype=torch.float64)
-        for i, (_, index, box) in enumerate(records):
-            boxes, difficult, used = gts[index]
-            if len(boxes) == 0:
+        tp, fp = np.zeros(len(records)), np.zeros(len(records))
+        for i, (_, index, ious) in enumerate(records):
+            difficult, used = matches[index]
+            best = max(range(len(ious)), key=ious.__getitem__) if ious else None
+            if best is None or ious[best] < self.iou_threshold:
                 fp[i] = 1
-                continue
-            iou = box_iou(box[None], boxes)[0]
-            best = int(torch.argmax(iou))
-            if float(iou[best]) >= self.iou_threshold:
-                if difficult[best]:
-                    continue  # neither true nor false positive
-                if not used[best]:
-                    used[best] = True
-                    tp[i] = 1
-                else:
-                    fp[i] = 1  # a duplicate of an already found object
+            elif difficult[best]:
+                continue  # neither a true nor a false positive
+            elif not used[best]:
+                used[best] = True
+                tp[i] = 1
             else:
-                fp[i] = 1
-        tp, fp = torch.cumsum(tp, 0), torch.cumsum(fp, 0)
+                fp[i] = 1  # a duplicate of an object already found
+        tp, fp = torch.from_numpy(np.cumsum(tp)), torch.from_numpy(np.cumsum(fp))
         recall = tp / positives
         precision = tp / (tp + fp).clamp(min=1e-12)
         return average_precision(recall, precision)

@@ -1,0 +1,126 @@
+"""The segmentation sample: mean IoU against hand-computed values, the VOC and CamVid readers and
+their layout errors, UNet, training on drawn shapes, int8 export to ONNX Runtime and OpenVINO."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fxcompress.samples import voc
+from fxcompress.samples.metrics import ConfusionMatrix
+from fxcompress.samples.segmentation import SegmentationTask
+from fxcompress.samples.shapes import write_shapes_dataset
+from fxcompress.samples.task import SampleError
+from fxcompress.samples.unet import UNet
+from samples_helpers import export_int8_and_run, loaders, train_epochs
+
+SIZE = 32
+CONFIG = {"model": "unet", "model_params": {"depth": 3, "width": 8},
+          "input_info": {"sample_size": [1, 3, SIZE, SIZE]}}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_train=96, num_val=32, image_size=SIZE, seed=0)
+
+
+def test_mean_iou_hand_computed():
+    target = torch.tensor([[0, 0, 1], [1, 2, 255]])
+    predicted = torch.tensor([[0, 1, 1], [1, 2, 0]])
+    matrix = ConfusionMatrix(4, ignore_index=255)
+    matrix.update(predicted, target)
+    # The 255 pixel is skipped: (t0,p0), (t0,p1), (t1,p1) x2, (t2,p2).
+    assert matrix.matrix[:3, :3].tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 1]]
+    iou = matrix.iou_per_class()
+    assert iou[:3].tolist() == pytest.approx([1 / 2, 2 / 3, 1.0])
+    assert torch.isnan(iou[3])  # class 3 occurs nowhere: left out of the mean
+    assert matrix.mean_iou() == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    # Accumulation is over pixels, not a mean of per-batch values.
+    matrix.update(torch.tensor([3, 3]), torch.tensor([0, 3]))
+    assert matrix.iou_per_class().tolist() == pytest.approx([1 / 3, 2 / 3, 1.0, 1 / 2])
+
+
+def test_unet_keeps_the_input_size_and_checks_it():
+    model = UNet(num_classes=5, depth=3, width=4, up_mode="upsample")
+    assert model(torch.zeros(2, 3, 16, 24)).shape == (2, 5, 16, 24)
+    task = SegmentationTask()
+    with pytest.raises(SampleError, match=r"divisible by 4, not 30x32"):
+        task.build_model("unet", 3, {**CONFIG, "input_info": {"sample_size": [1, 3, 30, 32]}})
+    with pytest.raises(SampleError, match=r"model_params.*unet.*wdith"):
+        task.build_model("unet", 3, {**CONFIG, "model_params": {"wdith": 3}})
+    with pytest.raises(SampleError, match=r"unknown segmentation model 'unte' \(known: unet"):
+        task.build_model("unte", 3, CONFIG)
+
+
+def test_voc_reader_returns_the_drawn_masks(shapes):
+    task = SegmentationTask()
+    train, val, num_classes = task.build_datasets(shapes, CONFIG)
+    assert (len(train), len(val), num_classes) == (96, 32, 4)
+    image, mask = val[0]
+    assert image.shape == (3, SIZE, SIZE) and mask.dtype == torch.int64
+    from PIL import Image
+    drawn = np.asarray(Image.open(shapes / "SegmentationClass" / "000096.png"))
+    assert torch.equal(mask, torch.from_numpy(drawn.astype(np.int64)))
+    assert set(mask.unique().tolist()) <= {0, 1, 2, 3, 255} and 255 in mask.unique().tolist()
+
+
+def test_camvid_layout(tmp_path):
+    root = write_shapes_dataset(tmp_path, num_train=4, num_val=2, image_size=SIZE, layout="camvid")
+    train, val, num_classes = SegmentationTask().build_datasets(root, CONFIG)
+    assert (len(train), len(val), num_classes) == (4, 2, 4)  # classes.txt: 3 shapes + background
+    (root / "classes.txt").unlink()
+    assert SegmentationTask().build_datasets(root, CONFIG)[2] == voc.CAMVID_NUM_CLASSES
+    (root / "valannot" / "000005.png").unlink()
+    with pytest.raises(SampleError, match=r"valannot/000005.png does not exist \(expected CamVid layout"):
+        SegmentationTask().build_datasets(root, CONFIG)
+
+
+def test_layout_errors_name_the_path(tmp_path):
+    task = SegmentationTask()
+    with pytest.raises(SampleError, match=rf"data directory {tmp_path / 'nope'} does not exist"):
+        task.build_datasets(tmp_path / "nope", CONFIG)
+    with pytest.raises(SampleError, match=r"neither in the Pascal VOC segmentation layout.* nor in the CamVid"):
+        task.build_datasets(tmp_path, CONFIG)
+    root = write_shapes_dataset(tmp_path / "voc", num_train=3, num_val=2, image_size=SIZE)
+    (root / "SegmentationClass" / "000001.png").unlink()
+    with pytest.raises(SampleError, match=r"SegmentationClass/000001.png does not exist \(expected Pascal VOC"):
+        task.build_datasets(root, CONFIG)
+    write_shapes_dataset(root, num_train=3, num_val=2, image_size=SIZE)
+    (root / "ImageSets" / "Segmentation" / "val.txt").unlink()
+    with pytest.raises(SampleError, match=r"ImageSets/Segmentation/val.txt does not exist"):
+        task.build_datasets(root, {**CONFIG, "dataset": "voc"})
+    from PIL import Image
+    Image.new("RGB", (SIZE, SIZE)).save(root / "rgb.png")
+    with pytest.raises(SampleError, match=r"rgb.png: a mask must be an index-colour \(P\) or grayscale"):
+        voc.load_mask(root / "rgb.png", (SIZE, SIZE))
+    with pytest.raises(SampleError, match=r"input_info.sample_size' must be \[N, 3, H, W\]"):
+        task.build_datasets(root, {"input_info": {"sample_size": [1, 3, "32", 32]}})
+
+
+def test_training_improves_mean_iou(shapes):
+    torch.manual_seed(0)
+    task = SegmentationTask()
+    train, val, num_classes = task.build_datasets(shapes, CONFIG)
+    model = task.build_model("unet", num_classes, CONFIG)
+    train_loader, val_loader = loaders(task, train, val, batch_size=4)
+    untrained = task.evaluate(model, val_loader, "cpu")
+    train_epochs(task, model, train_loader, CONFIG, epochs=2, lr=1e-2)
+    trained = task.evaluate(model, val_loader, "cpu")
+    assert trained == task.evaluate(model, val_loader, "cpu")  # deterministic
+    # Predicting background everywhere scores about 0.2 (its IoU over the 4 classes present).
+    assert untrained < 0.3 and trained > untrained + 0.15, (untrained, trained)
+
+
+def test_int8_export_runs_in_onnxruntime_and_openvino(shapes, tmp_path):
+    torch.manual_seed(0)
+    task = SegmentationTask()
+    train, val, num_classes = task.build_datasets(shapes, CONFIG)
+    model = task.build_model("unet", num_classes, CONFIG)
+    expected, ort_outputs, ov_outputs = export_int8_and_run(task, model, CONFIG, loaders(task, val, val, 8)[1],
+                                                            tmp_path / "unet.onnx")
+    assert ort_outputs[0].shape == expected[0].shape == (1, num_classes, SIZE, SIZE)
+    # Within a few steps of the output quantizer-free logits' scale: rounding flips at .5 boundaries.
+    scale = float(np.abs(expected[0]).max())
+    assert np.abs(ort_outputs[0] - expected[0]).max() < 0.05 * scale
+    assert np.abs(ov_outputs[0] - expected[0]).max() < 0.05 * scale
+    assert (ort_outputs[0].argmax(1) == expected[0].argmax(1)).mean() > 0.95
