@@ -46,3 +46,39 @@ def export_int8_and_run(task, model, config, calibration_loader, path):
     ort_outputs = run_onnxruntime(path, example)
     ov_outputs = openvino_infer(openvino_compile(path), example)
     return [t.numpy() for t in expected], [np.asarray(o) for o in ort_outputs], [np.asarray(o) for o in ov_outputs]
+
+
+def run_cli(*args) -> int:
+    from fxcompress.samples.cli import main
+    return main([str(a) for a in args])
+
+
+def assert_nested_equal(a, b, path="checkpoint"):
+    """Checkpoints (nested dicts/lists of tensors and numbers) equal bitwise, naming the first difference."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_nested_equal(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_nested_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), f"{path} differs"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def resume_matches_uninterrupted(config_file, data, full_dir, tmp_path, capsys):
+    """Train one epoch, resume to the config's end: the last checkpoint equals the uninterrupted run's."""
+    log_dir = tmp_path / "interrupted"
+    assert run_cli("train", "--config", config_file, "--data", data, "--log-dir", log_dir, "--epochs", 1) == 0
+    assert run_cli("train", "--config", config_file, "--data", data, "--resume", log_dir / "last.pth") == 0
+    assert "resumed from epoch 1" in capsys.readouterr().out
+    full = torch.load(full_dir / "last.pth", weights_only=True)
+    resumed = torch.load(log_dir / "last.pth", weights_only=True)
+    for key in ("model", "optimizer", "controller", "metric", "history"):
+        if key == "history":  # wall-clock seconds differ
+            for row in full[key] + resumed[key]:
+                row.pop("seconds")
+        assert_nested_equal(full[key], resumed[key], key)

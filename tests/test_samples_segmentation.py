@@ -2,6 +2,8 @@
 their layout errors, UNet, training on drawn shapes, int8 export to ONNX Runtime and OpenVINO."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from fxcompress.samples.segmentation import SegmentationTask
 from fxcompress.samples.shapes import write_shapes_dataset
 from fxcompress.samples.task import SampleError
 from fxcompress.samples.unet import UNet
-from samples_helpers import export_int8_and_run, loaders, train_epochs
+from samples_helpers import export_int8_and_run, loaders, resume_matches_uninterrupted, run_cli, train_epochs
 
 SIZE = 32
 CONFIG = {"model": "unet", "model_params": {"depth": 3, "width": 8},
@@ -97,6 +99,7 @@ def test_layout_errors_name_the_path(tmp_path):
         task.build_datasets(root, {"input_info": {"sample_size": [1, 3, "32", 32]}})
 
 
+@pytest.mark.slow  # the command-line run below trains the same way (with compression)
 def test_training_improves_mean_iou(shapes):
     torch.manual_seed(0)
     task = SegmentationTask()
@@ -111,6 +114,7 @@ def test_training_improves_mean_iou(shapes):
     assert untrained < 0.3 and trained > untrained + 0.15, (untrained, trained)
 
 
+@pytest.mark.slow  # the same export runs end to end through the command line below
 def test_int8_export_runs_in_onnxruntime_and_openvino(shapes, tmp_path):
     torch.manual_seed(0)
     task = SegmentationTask()
@@ -124,3 +128,77 @@ def test_int8_export_runs_in_onnxruntime_and_openvino(shapes, tmp_path):
     assert np.abs(ort_outputs[0] - expected[0]).max() < 0.05 * scale
     assert np.abs(ov_outputs[0] - expected[0]).max() < 0.05 * scale
     assert (ort_outputs[0].argmax(1) == expected[0].argmax(1)).mean() > 0.95
+
+
+# -- end to end through `fxcompress train|test|export` ----------------------------------------
+CLI_CONFIG = {**CONFIG, "batch_size": 4, "epochs": 2, "optimizer": {"type": "adam", "base_lr": 0.01},
+              "compression": [
+                  {"algorithm": "magnitude_sparsity",
+                   "params": {"schedule": "polynomial", "sparsity_target": 0.3, "sparsity_target_epoch": 1}},
+                  {"algorithm": "quantization", "initializer": {"range": {"num_init_samples": 32},
+                                                                "batchnorm_adaptation": {"num_bn_adaptation_samples": 32}}}]}
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "unet_sparsity_int8.json"
+    path.write_text(json.dumps(CLI_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, config_file, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("run")
+    assert run_cli("train", "--config", config_file, "--data", shapes, "--log-dir", log_dir,
+                   "--to-onnx", log_dir / "model.onnx", "--seed", 0) == 0
+    return log_dir
+
+
+def _val_arrays(shapes):
+    _, val, _ = SegmentationTask().build_datasets(shapes, CLI_CONFIG)
+    return torch.stack([val[i][0] for i in range(len(val))]).numpy(), torch.stack([val[i][1] for i in range(len(val))])
+
+
+def test_cli_training_improves_mean_iou_and_the_export_keeps_it(trained, shapes):
+    result = json.loads((trained / "result.json").read_text())
+    assert result["metric_name"] == "mIoU" and result["levels"] == {"magnitude_sparsity_level": 0.3}
+    assert result["fp32_metric"] < 0.3 and result["metric"] > result["fp32_metric"] + 0.15, result
+    images, masks = _val_arrays(shapes)
+    import onnxruntime as ort
+    import openvino as ov
+    session = ort.InferenceSession(str(trained / "model.onnx"))  # the default session
+    compiled = ov.Core().compile_model(str(trained / "model.onnx"), "CPU")
+    for logits in (session.run(None, {session.get_inputs()[0].name: images})[0],
+                   compiled(images)[compiled.output(0)]):
+        matrix = ConfusionMatrix(4)
+        matrix.update(torch.from_numpy(np.asarray(logits)).argmax(1), masks)
+        # Equal within one quantization step: only near-tie pixels may flip class.
+        assert matrix.mean_iou() == pytest.approx(result["metric"], abs=0.01)
+
+
+def test_cli_resume_ends_bitwise_where_the_uninterrupted_run_ends(trained, shapes, config_file, tmp_path, capsys):
+    resume_matches_uninterrupted(config_file, shapes, trained, tmp_path, capsys)
+
+
+def test_cli_test_and_export_read_the_checkpoint(trained, shapes, config_file, tmp_path, capsys):
+    metric = json.loads((trained / "result.json").read_text())["metric"]
+    assert run_cli("test", "--config", config_file, "--data", shapes, "--resume", trained / "last.pth") == 0
+    assert f"compressed mIoU: {metric:.4f}" in capsys.readouterr().out
+    assert run_cli("export", "--config", config_file, "--resume", trained / "last.pth",
+                   "--to-onnx", tmp_path / "unet.onnx") == 0
+    import onnxruntime as ort
+    images, _ = _val_arrays(shapes)
+    outputs = [ort.InferenceSession(str(path)).run(None, {"x": images[:8]})[0]
+               for path in (tmp_path / "unet.onnx", trained / "model.onnx")]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_cli_a_layout_error_is_one_line_and_exit_code_2(tmp_path, config_file, capsys):
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "ImageSets" / "Segmentation").mkdir(parents=True)
+    log_dir = tmp_path / "log"
+    assert run_cli("train", "--config", config_file, "--data", tmp_path, "--log-dir", log_dir) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"fxcompress: error: {tmp_path / 'SegmentationClass'} does not exist "
+                     f"(expected {voc.VOC_SEGMENTATION_LAYOUT})")
+    assert not log_dir.exists()
