@@ -3,6 +3,8 @@ and matching, the VOC detection reader and its layout errors, training on drawn 
 of the raw heads to ONNX Runtime and OpenVINO."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -10,9 +12,10 @@ import torch
 from fxcompress.samples.detection import DetectionTask
 from fxcompress.samples.metrics import DetectionAP, average_precision, box_iou, nms, nms_reference
 from fxcompress.samples.shapes import write_shapes_dataset
-from fxcompress.samples.ssd import MultiBoxLoss, SmallSSD, decode, default_boxes, encode, match
+from fxcompress.samples import voc
+from fxcompress.samples.ssd import MultiBoxLoss, SmallSSD, decode, default_boxes, encode, match, postprocess
 from fxcompress.samples.task import SampleError
-from samples_helpers import export_int8_and_run, loaders, train_epochs
+from samples_helpers import export_int8_and_run, loaders, resume_matches_uninterrupted, run_cli, train_epochs
 
 SIZE = 64
 CONFIG = {"model": "ssd_small", "model_params": {"width": 8}, "input_info": {"sample_size": [1, 3, SIZE, SIZE]}}
@@ -160,6 +163,7 @@ def test_layout_errors_name_the_path(tmp_path):
         task.build_model("ssd", 4, CONFIG)
 
 
+@pytest.mark.slow  # the command-line run below trains the same way (with compression)
 def test_training_improves_map(shapes):
     torch.manual_seed(0)
     task = DetectionTask()
@@ -173,6 +177,7 @@ def test_training_improves_map(shapes):
     assert untrained < 0.05 and trained > untrained + 0.1, (untrained, trained)
 
 
+@pytest.mark.slow  # the same export runs end to end through the command line below
 def test_int8_export_of_the_raw_heads_runs_in_onnxruntime_and_openvino(shapes, tmp_path):
     torch.manual_seed(0)
     task = DetectionTask()
@@ -185,3 +190,78 @@ def test_int8_export_of_the_raw_heads_runs_in_onnxruntime_and_openvino(shapes, t
     for outputs in (ort_outputs, ov_outputs):
         for got, want in zip(outputs, expected):
             assert np.abs(got - want).max() < 0.05 * float(np.abs(want).max())
+
+
+# -- end to end through `fxcompress train|test|export` ----------------------------------------
+CLI_CONFIG = {**CONFIG, "batch_size": 4, "epochs": 2, "optimizer": {"type": "adam", "base_lr": 0.01},
+              "compression": [
+                  {"algorithm": "magnitude_sparsity",
+                   "params": {"schedule": "polynomial", "sparsity_target": 0.3, "sparsity_target_epoch": 1}},
+                  {"algorithm": "quantization", "initializer": {"range": {"num_init_samples": 32},
+                                                                "batchnorm_adaptation": {"num_bn_adaptation_samples": 32}}}]}
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "ssd_sparsity_int8.json"
+    path.write_text(json.dumps(CLI_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(shapes, config_file, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("run")
+    assert run_cli("train", "--config", config_file, "--data", shapes, "--log-dir", log_dir,
+                   "--to-onnx", log_dir / "model.onnx", "--seed", 0) == 0
+    return log_dir
+
+
+def test_cli_training_improves_map_and_the_export_keeps_it(trained, shapes):
+    result = json.loads((trained / "result.json").read_text())
+    assert result["metric_name"] == "mAP@0.5" and result["levels"] == {"magnitude_sparsity_level": 0.3}
+    assert result["fp32_metric"] < 0.05 and result["metric"] > result["fp32_metric"] + 0.1, result
+    task = DetectionTask()
+    _, val, num_classes = task.build_datasets(shapes, CLI_CONFIG)
+    task.build_model("ssd_small", num_classes, CLI_CONFIG)  # the default boxes
+    images = torch.stack([val[i][0] for i in range(len(val))]).numpy()
+    import onnxruntime as ort
+    import openvino as ov
+    session = ort.InferenceSession(str(trained / "model.onnx"))  # the default session
+    compiled = ov.Core().compile_model(str(trained / "model.onnx"), "CPU")
+    for loc, conf in (session.run(None, {session.get_inputs()[0].name: images}),
+                      [compiled(images)[output] for output in compiled.outputs]):
+        metric = DetectionAP(num_classes)
+        for detection, i in zip(postprocess(torch.from_numpy(np.asarray(loc)), torch.from_numpy(np.asarray(conf)),
+                                            task.priors), range(len(val))):
+            metric.update(detection, val[i][1])
+        # Equal within one quantization step: near-tie scores may reorder, a box may move a little.
+        assert metric.mean_ap() == pytest.approx(result["metric"], abs=0.02)
+
+
+def test_cli_resume_ends_bitwise_where_the_uninterrupted_run_ends(trained, shapes, config_file, tmp_path, capsys):
+    resume_matches_uninterrupted(config_file, shapes, trained, tmp_path, capsys)
+
+
+def test_cli_test_and_export_read_the_checkpoint(trained, shapes, config_file, tmp_path, capsys):
+    metric = json.loads((trained / "result.json").read_text())["metric"]
+    assert run_cli("test", "--config", config_file, "--data", shapes, "--resume", trained / "last.pth") == 0
+    assert f"compressed mAP@0.5: {metric:.4f}" in capsys.readouterr().out
+    assert run_cli("export", "--config", config_file, "--resume", trained / "last.pth",
+                   "--to-onnx", tmp_path / "ssd.onnx") == 0
+    import onnxruntime as ort
+    image = torch.randn(2, 3, SIZE, SIZE).numpy()
+    outputs = [ort.InferenceSession(str(path)).run(None, {"x": image}) for path in (tmp_path / "ssd.onnx",
+                                                                                   trained / "model.onnx")]
+    for a, b in zip(*outputs):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_cli_a_layout_error_is_one_line_and_exit_code_2(tmp_path, config_file, capsys):
+    root = write_shapes_dataset(tmp_path / "data", num_train=2, num_val=1, image_size=SIZE)
+    (root / "ImageSets" / "Main" / "train.txt").unlink()
+    log_dir = tmp_path / "log"
+    assert run_cli("train", "--config", config_file, "--data", root, "--log-dir", log_dir) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"fxcompress: error: {root / 'ImageSets' / 'Main' / 'train.txt'} does not exist "
+                     f"(expected {voc.VOC_DETECTION_LAYOUT})")
+    assert not log_dir.exists()
