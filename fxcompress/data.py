@@ -146,4 +146,5 @@ def progress_bar(iterable, description: str | None):
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is a declared dependency, but stay usable without it
         return iterable
-    return tqdm(iterable, desc=description, leave=False)
+    # disable=None: no bar when stderr is not a terminal, so logs written to files stay readable
+    return tqdm(iterable, desc=description, leave=False, disable=None)

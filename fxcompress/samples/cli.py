@@ -12,9 +12,7 @@ DistributedDataParallel.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import os
 import pathlib
 import sys
 
@@ -90,14 +88,10 @@ def run(args) -> dict:
     if args.command == "train":
         log_dir = _log_dir(args, config)
         _check_log_dir(log_dir, args.resume)
-    stack = contextlib.ExitStack()
     prepared = runner.prepare(task, config, args.data, args.weights, args.resume, needs_data)
     # Nothing was written so far: every user error above ended the run cleanly.
     processes = runner.start_processes(args.cpu_only)
     try:
-        # The library's own progress bars (initialization) follow the runner's: only on rank 0's terminal.
-        quiet = not (processes.is_main and sys.stderr.isatty())
-        stack.enter_context(_environment(TQDM_DISABLE="1") if quiet else contextlib.nullcontext())
         log = RunLog(log_dir, main=processes.is_main)
         run = runner.Runner(prepared, processes, config["workers"], log)
         if args.command == "train":
@@ -107,22 +101,7 @@ def run(args) -> dict:
         run.export_only(args.to_onnx)
         return {}
     finally:
-        stack.close()
         runner.stop_processes(processes)
-
-
-@contextlib.contextmanager
-def _environment(**values):
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def main(argv: list[str] | None = None) -> int:

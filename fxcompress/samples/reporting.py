@@ -59,7 +59,9 @@ class RunLog:
         levels = "".join(f", {k} {v:.3f}" for k, v in row.items() if k.endswith("_level"))
         self.line(f"epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, {metric_name} {row['metric']:.4f}, "
                   f"lr {row['lr']:.3g}{levels} ({row['seconds']:.1f} s)")
-        self.line(summary_table(statistics))
+        table = summary_table(statistics)
+        if table:  # nothing for a run without compression (fp32 training)
+            self.line(table)
         if self.log_dir is None:
             return
         (self.log_dir / "statistics.txt").write_text(f"after epoch {row['epoch']}\n{statistics}\n")

@@ -11,7 +11,6 @@ import datetime
 import json
 import os
 import pathlib
-import sys
 import time
 
 import torch
@@ -180,9 +179,12 @@ COMPRESSION_KEYS = ("input_info", "compression", "target_device", "ignored_scope
 
 def compile_model(task: Task, model: torch.nn.Module, config: dict):
     """(ctrl, gm) for the config's compression section; SampleError for a bad one."""
+    example = (task.example_input(config),)
     try:
+        if not config.get("compression"):  # no compression section: the fp32 model trains as it is
+            return compile_for_compression(model, [], example_inputs=example, copy=True)
         compression = Config({k: v for k, v in config.items() if k in COMPRESSION_KEYS})
-        return compile_for_compression(model, compression, example_inputs=(task.example_input(config),), copy=True)
+        return compile_for_compression(model, compression, example_inputs=example, copy=True)
     except FxCompressError as error:
         raise SampleError(str(error).splitlines()[0]) from None
 
