@@ -161,6 +161,8 @@ def test_layout_errors_name_the_path(tmp_path):
         task.build_model("ssd_small", 4, {**CONFIG, "detection": {"nms_iuo": 0.5}})
     with pytest.raises(SampleError, match=r"unknown detection model 'ssd' \(known: ssd_small"):
         task.build_model("ssd", 4, CONFIG)
+    with pytest.raises(SampleError, match=r"'pretrained': the detection sample loads no pretrained weights"):
+        task.build_model("ssd_small", 4, {**CONFIG, "pretrained": True})
 
 
 @pytest.mark.slow  # the command-line run below trains the same way (with compression)

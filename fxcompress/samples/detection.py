@@ -56,6 +56,9 @@ class DetectionTask(Task):
         return ["ssd_small"] + (list(TORCHVISION_MODELS) if _torchvision_detection() is not None else [])
 
     def build_model(self, name: str, num_classes: int, config: dict) -> nn.Module:
+        if config.get("pretrained"):
+            raise SampleError(f"config key 'pretrained': the {self.name} sample loads no pretrained weights "
+                              f"(nothing downloads); give fp32 weights with --weights")
         params = config.get("model_params", {})
         if not isinstance(params, dict):
             raise SampleError(f"config key 'model_params' must be an object, not {type(params).__name__}")

@@ -59,6 +59,9 @@ class SegmentationTask(Task):
         return ["unet"] + (list(TORCHVISION_MODELS) if _torchvision_segmentation() is not None else [])
 
     def build_model(self, name: str, num_classes: int, config: dict) -> nn.Module:
+        if config.get("pretrained"):
+            raise SampleError(f"config key 'pretrained': the {self.name} sample loads no pretrained weights "
+                              f"(nothing downloads); give fp32 weights with --weights")
         params = _model_params(config)
         if name == "unet":
             try:
