@@ -54,6 +54,16 @@ def test_unet_keeps_the_input_size_and_checks_it():
         task.build_model("unte", 3, CONFIG)
 
 
+def test_loss_skips_the_ignore_index_and_names_a_mask_value_out_of_range():
+    criterion = SegmentationTask().criterion({})
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [5.0, -5.0]]).T.reshape(1, 2, 3, 1)
+    loss = criterion(logits, torch.tensor([[[0], [1], [255]]]))
+    expected = torch.nn.functional.cross_entropy(logits[..., :2, :], torch.tensor([[[0], [1]]]))
+    assert float(loss) == pytest.approx(float(expected))
+    with pytest.raises(SampleError, match=r"a mask holds class index 7, but the model predicts 2 classes"):
+        criterion(logits, torch.tensor([[[0], [7], [255]]]))
+
+
 def test_voc_reader_returns_the_drawn_masks(shapes):
     task = SegmentationTask()
     train, val, num_classes = task.build_datasets(shapes, CONFIG)

@@ -41,6 +41,22 @@ class MainOutput(nn.Module):
         return self.model(x)["out"]
 
 
+class SegmentationLoss(nn.CrossEntropyLoss):
+    """Cross-entropy over pixels, skipping `ignore_index`; a mask value the model cannot predict is a
+    SampleError naming it (cross-entropy itself fails deep inside torch, or silently on CUDA)."""
+
+    def __init__(self, ignore_index: int):
+        super().__init__(ignore_index=ignore_index)
+
+    def forward(self, logits, masks):
+        labelled = masks[masks != self.ignore_index]
+        if labelled.numel() and (int(labelled.max()) >= logits.shape[1] or int(labelled.min()) < 0):
+            bad = int(labelled.max()) if int(labelled.max()) >= logits.shape[1] else int(labelled.min())
+            raise SampleError(f"a mask holds class index {bad}, but the model predicts {logits.shape[1]} classes "
+                              f"(config keys 'num_classes', 'classes', 'ignore_index' {self.ignore_index})")
+        return super().forward(logits, masks)
+
+
 def _model_params(config: dict) -> dict:
     params = config.get("model_params", {})
     if not isinstance(params, dict):
@@ -104,7 +120,7 @@ class SegmentationTask(Task):
         return train, val, num_classes
 
     def criterion(self, config: dict):
-        return nn.CrossEntropyLoss(ignore_index=int(config.get("ignore_index", self.ignore_index)))
+        return SegmentationLoss(int(config.get("ignore_index", self.ignore_index)))
 
     @torch.no_grad()
     def evaluate(self, model, loader, device) -> float:
