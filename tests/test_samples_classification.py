@@ -6,6 +6,7 @@ default session and OpenVINO); a second run stops after one epoch and resumes to
 bitwise."""
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,38 @@ def test_a_cifar_file_holding_other_objects_is_refused_not_unpickled(tmp_path):
     config = validate({**CONFIG, "input_info": {"sample_size": [1, 3, 32, 32]}})
     with pytest.raises(SampleError, match="not a CIFAR batch file"):
         ClassificationTask().build_datasets(tmp_path, config)
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet_tiny", "resnet18_like", "mobilenet_v2_tiny"])
+def test_the_own_models_take_the_configured_channels_and_classes(name):
+    sizes = [(1, 8, 8)] if name == "digits_cnn" else [(1, 16, 16), (3, 32, 32)]
+    for channels, height, width in sizes:
+        config = validate({**CONFIG, "model": name, "input_info": {"sample_size": [1, channels, height, width]}})
+        model = ClassificationTask().build_model(name, 7, config).eval()
+        assert model(torch.zeros(2, channels, height, width)).shape == (2, 7)
+    with pytest.raises(SampleError, match=r"config key 'input_info.sample_size': model 'digits_cnn' takes \[1, 1, 8, 8\]"):
+        ClassificationTask().build_model("digits_cnn", 10, validate({**CONFIG, "input_info": {"sample_size": [1, 3, 8, 8]}}))
+
+
+REFERENCE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "classification").glob("*.json"))
+
+
+def test_there_is_a_reference_config_for_each_algorithm():
+    assert [p.stem for p in REFERENCE_CONFIGS] == [
+        "digits_binarization", "digits_filter_pruning", "digits_fp32", "digits_int8", "digits_mixed_precision",
+        "digits_sparsity_int8"]
+
+
+@pytest.mark.parametrize("path", REFERENCE_CONFIGS, ids=lambda p: p.stem)
+def test_each_reference_config_validates_and_compiles(path):
+    from fxcompress.samples.config import read_config
+    from fxcompress.samples.runner import compile_model
+    from fxcompress.samples.tasks import task_for_config
+    config = validate(read_config(path))
+    task = task_for_config(config)
+    model = task.build_model(config["model"], 10, config)
+    ctrl, gm = compile_model(task, model, config)
+    expected = {"digits_fp32": [], "digits_int8": ["quantization"], "digits_mixed_precision": ["quantization", "mixed_precision"],
+                "digits_sparsity_int8": ["magnitude_sparsity", "quantization"], "digits_filter_pruning": ["filter_pruning"],
+                "digits_binarization": ["binarization"]}[path.stem]
+    assert list(ctrl) == expected

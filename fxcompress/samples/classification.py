@@ -25,23 +25,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".t
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
-# The package's own models: name -> builder(num_classes, in_channels, height).
+# The package's own models: name -> builder(num_classes, in_channels).
 OWN_MODELS = {
-    "digits_cnn": lambda n, c, h: own.DigitsCNN(num_classes=n),
-    "resnet_tiny": lambda n, c, h: own.ResNetTiny(num_classes=n, in_channels=c),
-    "resnet18_like": lambda n, c, h: _with_in_channels(own.resnet18_like(num_classes=n, width=8), c),
-    "mobilenet_v2_tiny": lambda n, c, h: own.MobileNetV2Tiny(num_classes=n, in_channels=c),
+    "digits_cnn": lambda n, c: own.DigitsCNN(num_classes=n),
+    "resnet_tiny": lambda n, c: own.ResNetTiny(num_classes=n, in_channels=c),
+    "resnet18_like": lambda n, c: own.ResNet((2, 2, 2, 2), num_classes=n, width=8, in_channels=c),
+    "mobilenet_v2_tiny": lambda n, c: own.MobileNetV2Tiny(num_classes=n, in_channels=c),
 }
 # DigitsCNN's flatten -> fc fixes its input: one channel, 8x8.
 _FIXED_INPUT = {"digits_cnn": (1, 8, 8)}
-
-
-def _with_in_channels(model: torch.nn.Module, channels: int) -> torch.nn.Module:
-    if channels != 3:
-        stem = model.conv1
-        model.conv1 = torch.nn.Conv2d(channels, stem.out_channels, stem.kernel_size, stem.stride,
-                                      stem.padding, bias=stem.bias is not None)
-    return model
 
 
 def _installed(module: str) -> bool:
@@ -74,7 +66,7 @@ class ClassificationTask(Task):
             if config.get("pretrained"):
                 raise SampleError(f"config key 'pretrained': model {name!r} has no pretrained weights "
                                   f"(give a checkpoint with --weights)")
-            return OWN_MODELS[name](num_classes, channels, height)
+            return OWN_MODELS[name](num_classes, channels)
         if name in _torchvision_models():
             return self._torchvision_model(name, num_classes, channels, config)
         raise SampleError(f"config key 'model': unknown classification model {name!r}; known: "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import pathlib
 import sys
 
@@ -109,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         run(args)
     except SampleError as error:
-        print(f"fxcompress: error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same error
+            print(f"fxcompress: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fxcompress: interrupted", file=sys.stderr)

@@ -112,6 +112,7 @@ def plot_history(history: list[dict], metric_name: str, fp32_metric: float, path
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return None
     figure = Figure(figsize=(7, 4))
@@ -121,6 +122,7 @@ def plot_history(history: list[dict], metric_name: str, fp32_metric: float, path
     axes.plot(epochs, [row["metric"] for row in history], marker="o", color="tab:blue", label=metric_name)
     axes.axhline(fp32_metric, color="tab:green", linestyle="--", label=f"fp32 {metric_name}")
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(metric_name)
     level_keys = [k for k in history[-1] if k.endswith("_level")]
     if level_keys:

@@ -275,6 +275,9 @@ class Runner:
                          "metric": metric, "fp32_metric": fp32, "history": history,
                          "num_classes": self.p.num_classes, "config": json.loads(json.dumps(config))}
                 log.checkpoint(state, is_best)
+        if best is None and config["epochs"] > start_epoch:
+            log.line("no best.pth: the compression schedules did not reach their targets in "
+                     f"{config['epochs']} epochs (last.pth holds the last epoch)")
         metrics = self.gather(metric)
         result = {"fp32_metric": fp32, "metric": metric, "metric_name": self.task.metric_name,
                   "best_metric": best, "epochs": config["epochs"], "metric_per_rank": metrics,
