@@ -3,6 +3,7 @@ their layout errors, UNet, training on drawn shapes, int8 export to ONNX Runtime
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -212,3 +213,19 @@ def test_cli_a_layout_error_is_one_line_and_exit_code_2(tmp_path, config_file, c
     assert error == (f"fxcompress: error: {tmp_path / 'SegmentationClass'} does not exist "
                      f"(expected {voc.VOC_SEGMENTATION_LAYOUT})")
     assert not log_dir.exists()
+
+
+@pytest.mark.slow  # Hessian traces take a while
+def test_cli_mixed_precision_takes_hessian_traces_of_the_segmentation_loss(shapes, tmp_path):
+    # HAWQ's default loss, cross-entropy without an ignore index, fails on VOC's 255 pixels:
+    # the runner gives it the task's loss.
+    config = {**CLI_CONFIG, "epochs": 1, "compression": {
+        "algorithm": "quantization", "initializer": {
+            "range": {"num_init_samples": 16},
+            "precision": {"type": "hawq", "bits": [4, 8], "compression_ratio": 1.5, "num_data_points": 16,
+                          "iter_number": 10}}}}
+    path = tmp_path / "hawq.json"
+    path.write_text(json.dumps(config))
+    assert run_cli("train", "--config", path, "--data", shapes, "--log-dir", tmp_path / "run") == 0
+    statistics = (tmp_path / "run" / "statistics.txt").read_text()
+    assert "mixed_precision" in statistics and re.search(r"bits: \{4: \d+, 8: \d+\}", statistics), statistics
