@@ -236,7 +236,7 @@ class Runner:
         history = []
         if resume is None:
             self.sampler.set_epoch(0)
-            ctrl.initialize(train_loader, device=self.device)
+            self.initialize(ctrl, train_loader)
             start_epoch, best = 0, None
             metric = self.evaluate(gm, val_loader)
             log.line(f"compressed {self.task.metric_name} after initialization: {metric:.4f}")
@@ -326,11 +326,21 @@ class Runner:
         self.log.line(str(ctrl.statistics()))
         return {"fp32_metric": fp32, "metric": metric, "metric_name": self.task.metric_name}
 
+    def initialize(self, ctrl, loader):
+        """ctrl.initialize; mixed precision (HAWQ) takes its Hessian traces of the task's loss
+        (its default, cross-entropy, fits classification only)."""
+        criterion = self.task.criterion(self.config)
+        for part in ctrl.parts:
+            if hasattr(part, "set_criterion"):
+                part.set_criterion(criterion, lambda outputs, targets, loss: loss(
+                    outputs, self.task.targets_to(targets, self.device)))
+        ctrl.initialize(loader, device=self.device)
+
     def sampler_free_initialize(self, ctrl):
         """Initialize compression from the train set (no checkpoint given): post-training compression."""
         loader = DataLoader(self.p.train_set, batch_size=self.config["batch_size"], shuffle=False,
                             num_workers=self.workers, collate_fn=self.task.collate_fn())
-        ctrl.initialize(loader, device=self.device)
+        self.initialize(ctrl, loader)
 
     def export_only(self, path):
         ctrl, gm = self.compressed()
