@@ -175,8 +175,8 @@ def test_top_level_keys_apply_as_in_nncf():
     rb, magnitude = config.passes
     assert rb.params["target_scopes"] == ["layer1"] and rb.params["ignored_scopes"] == ["fc", "conv1"]
     assert rb.params["compression_lr_multiplier"] == 3.0 and "compression_lr_multiplier" not in magnitude.params
-    with pytest.raises(ConfigError, match="compression_lr_multiplier: not supported by quantization"):
-        Config.from_dict({**base, "compression_lr_multiplier": 3.0, "compression": {"algorithm": "quantization"}})
+    (q,) = Config.from_dict({**base, "compression_lr_multiplier": 3.0, "compression": {"algorithm": "quantization"}}).passes
+    assert q.params["compression_lr_multiplier"] == 3.0
     with pytest.raises(ConfigError, match=r"initializer.precision.type: NNCF's 'autoq' .* is not supported"):
         Config.from_dict({**base, "compression": {"algorithm": "quantization", "initializer": {
             "precision": {"type": "autoq", "eval_subset_ratio": 0.5, "warmup_iter_number": 2}}}})
@@ -438,3 +438,29 @@ def test_scope_override_on_an_nncf_operation_name(resnet):
     # the add's two inputs: bn2's output, and the block input (the stem ReLU's output, through the max pool)
     assert {name for name, b in bits.items() if b == 4} == {"layer1_0_add_input_quantizer", "relu_output_quantizer"}
     assert len(bits) > 10 and {b for b in bits.values()} == {4, 8}
+
+
+def test_quantization_compression_lr_multiplier_scales_the_quantizer_gradients_only(resnet):
+    from fxcompress import Config
+    from fxcompress.quantizers import FakeQuantizer
+    model, inputs, _ = resnet
+    grads, outputs = [], []
+    for multiplier in (None, 4.0):
+        extra = {} if multiplier is None else {"compression_lr_multiplier": multiplier}
+        config = Config.from_dict({"input_info": {"sample_size": [2, 3, 32, 32]}, **extra,
+                                   "compression": {"algorithm": "quantization",
+                                                   "weights": {"mode": "asymmetric"}}})
+        ctrl, gm = compile_for_compression(model, config, inputs, copy=True)
+        ctrl.initialize([inputs])
+        out = gm(*inputs)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append({name: p.grad.clone() for name, p in gm.named_parameters() if p.grad is not None})
+    assert torch.equal(outputs[0], outputs[1])
+    quantizer_params = [n for n in grads[0] if "quantizer" in n]
+    assert any(n.endswith("zero_point") for n in quantizer_params) and any(n.endswith("scale") for n in quantizer_params)
+    for name, g in grads[0].items():
+        if name in quantizer_params:
+            assert torch.allclose(grads[1][name], 4.0 * g, rtol=1e-5, atol=0), name
+        else:
+            assert torch.equal(grads[1][name], g), name

@@ -108,6 +108,8 @@ QUANTIZATION_SCHEMA = {
         "quantize_outputs": {"type": "boolean"},
         "fold_bn": {"type": "boolean"},
         "learnable_ranges": {"type": "boolean"},
+        # NNCF: multiplies the gradients of every quantizer's scale (and zero point)
+        "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
         # NNCF's staged quantization ("params" block): quantizers switch on at the start epochs, and
         # the learning-rate policy drives an attached optimizer (fxcompress.schedulers.StagedScheduler).
         **STAGED_PARAMS,
@@ -206,10 +208,6 @@ class Quantize(CompressionPass):
     @classmethod
     def from_config_entry(cls, entry: dict, path: str, global_params: dict) -> list:
         """NNCF's ``initializer.precision`` (issue 8) makes one entry two passes: Quantize, then MixedPrecision."""
-        if "compression_lr_multiplier" in global_params:
-            raise ConfigError(f"compression_lr_multiplier: not supported by quantization (docs/quantization.md); "
-                              f"remove it or set it in the entries of the algorithms that take it "
-                              f"(rb_sparsity, binarization)", path="compression_lr_multiplier")
         initializer = entry.get("initializer")
         if not isinstance(initializer, dict) or "precision" not in initializer:
             return super().from_config_entry(entry, path, global_params)
@@ -256,7 +254,8 @@ class Quantize(CompressionPass):
                           f"matmul layer with float inputs that the scopes select"
                           + (f" (skipped {reasons})" if reasons else ""), stacklevel=2)
             return PassResult(gm, False, controller=self._controller([], skipped, folded))
-        infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules)
+        infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules,
+                                  lr_multiplier=self.params.get("compression_lr_multiplier"))
         controller = self._controller(infos, skipped, folded)
         controller.init_weight_ranges(gm)
         return PassResult(gm, True, controller=controller)
@@ -300,12 +299,14 @@ def _insert(gm: torch.fx.GraphModule, producer: torch.fx.Node, users: list[torch
 
 
 def insert_quantizers(gm: torch.fx.GraphModule, plan: QuantizationPlan, inserted_by: str,
-                      learnable: bool = True, range_rules: RangeInitRules | None = None) -> list[QuantizerInfo]:
+                      learnable: bool = True, range_rules: RangeInitRules | None = None,
+                      lr_multiplier: float | None = None) -> list[QuantizerInfo]:
     """One ``FakeQuantizer`` per annotated point; the annotations are consumed."""
     range_rules = range_rules or RangeInitRules(None)
     infos = []
     for point in plan.points:
-        quantizer = FakeQuantizer(point.spec, num_channels=point.num_channels, learnable=learnable)
+        quantizer = FakeQuantizer(point.spec, num_channels=point.num_channels, learnable=learnable,
+                                  lr_multiplier=lr_multiplier)
         device = _device_of(point.producer, gm)
         if device is not None:
             quantizer.to(device)
