@@ -3,7 +3,7 @@ type, JSON with comments, the samples' extra keys, staged quantization (docs/nnc
 import pytest
 import torch
 
-from fxcompress import ScopeError, compile_for_compression
+from fxcompress import ConfigError, ScopeError, compile_for_compression
 from fxcompress.passes import MagnitudeSparsity, Quantize
 from fxcompress.scopes import ScopeIndex, ScopeSet
 from fxcompress.testing import models as zoo
@@ -464,3 +464,49 @@ def test_quantization_compression_lr_multiplier_scales_the_quantizer_gradients_o
             assert torch.allclose(grads[1][name], 4.0 * g, rtol=1e-5, atol=0), name
         else:
             assert torch.equal(grads[1][name], g), name
+
+
+# -- NNCF quantizer ids in bitwidth_per_scope --------------------------------------------------------------
+
+def _manual(resnet, entries):
+    from fxcompress.passes import MixedPrecision
+    model, inputs, _ = resnet
+    ctrl, gm = compile_for_compression(model, [Quantize(overflow_fix="disable", quantize_inputs=True),
+                                               MixedPrecision(type="manual", bitwidth_per_scope=entries)], inputs)
+    bits = {n.target: gm.get_submodule(n.target).spec.bits for n in gm.graph.nodes
+            if n.op == "call_module" and "quantizer" in n.target}
+    return ctrl, gm, bits
+
+
+def test_nncf_quantizer_ids_in_bitwidth_per_scope_name_our_quantizers(resnet):
+    from fxcompress.passes.mixed_precision.quantizer_ids import nncf_quantizer_ids
+    block = "ResNet/Sequential[layer1]/BasicBlock[0]"
+    ctrl, gm, bits = _manual(resnet, [
+        [4, "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],                     # a weight quantizer
+        [4, "/nncf_model_input_0|OUTPUT"],                                   # the model input
+        [4, f"{block}/ReLU[relu]/relu__0|OUTPUT"],                           # an activation, by its producer
+        [4, f"{block}/NNCFBatchNorm2d[bn2]/batch_norm_0|OUTPUT"],            # an add's input (feeds no layer)
+        [4, "ResNet/Sequential[layer2]/BasicBlock[1]/NNCFConv2d[conv2]/conv2d_0|INPUT0"],  # by its consumer
+        [2, "{re}ResNet/Sequential\\[layer4\\]/BasicBlock\\[1\\]/NNCFConv2d\\[conv[12]\\]/conv2d_0|WEIGHT"],
+        [4, "ResNet/Sequential[layer3]/BasicBlock[0]/NNCFConv2d[conv2]/conv2d_0|INPUT"],  # any input port
+    ])
+    four = {name for name, b in bits.items() if b == 4}
+    assert four == {"conv1_weight_quantizer", "x_input_quantizer", "layer1_0_relu_output_quantizer",
+                    "layer1_0_add_input_quantizer", "layer2_1_relu_output_quantizer", "layer3_0_relu_output_quantizer"}
+    # the activation quantizers of those two layers follow them (the maximum rule, docs/mixed_precision.md)
+    assert {name for name, b in bits.items() if b == 2} == {
+        "layer4_1_conv1_weight_quantizer", "layer4_1_conv2_weight_quantizer",
+        "layer4_0_relu_1_output_quantizer", "layer4_1_relu_output_quantizer"}
+    assert {b for name, b in bits.items() if b not in (2, 4)} == {8}
+    ids = nncf_quantizer_ids(gm)
+    assert f"{block}/Conv2d[conv2]/conv2d_0|INPUT0" in ids["layer1_0_relu_output_quantizer"]
+    assert "ResNet/AdaptiveAvgPool2d[avgpool]/adaptive_avg_pool2d_0|OUTPUT" in ids["fc_input_quantizer"]
+
+
+def test_an_nncf_quantizer_id_matching_nothing_lists_the_nearest_ids(resnet):
+    with pytest.raises(ScopeError, match=r"bitwidth_per_scope\[0\]: NNCF quantizer id "
+                                         r"'ResNet/NNCFConv2d\[conv9\]/conv2d_0\|WEIGHT' names no quantizer.*"
+                                         r"did you mean 'ResNet/NNCFConv2d\[conv1\]/conv2d_0\|WEIGHT'"):
+        _manual(resnet, [[4, "ResNet/NNCFConv2d[conv9]/conv2d_0|WEIGHT"]])
+    with pytest.raises(ConfigError, match=r"unknown role .\|BIAS. in"):
+        _manual(resnet, [[4, "ResNet/NNCFConv2d[conv1]/conv2d_0|BIAS"]])
