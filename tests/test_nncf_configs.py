@@ -1,5 +1,7 @@
 """NNCF 2.x configs run unchanged: scope names in every NNCF form, VPU, bitwidth_per_scope without a
 type, JSON with comments, the samples' extra keys, staged quantization (docs/nncf_configs.md)."""
+import json
+
 import pytest
 import torch
 
@@ -353,6 +355,8 @@ MIXED_MANUAL_STAGED = """{
                     [8, "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],
                     [8, "ResNet/NNCFLinear[fc]/linear_0|WEIGHT"],
                     [8, "ResNet/Sequential[layer1]/BasicBlock[0]/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],
+                    [8, "/nncf_model_input_0|OUTPUT"],      // NNCF's quantizer ids of activations
+                    [8, "ResNet/ReLU[relu]/relu__0|OUTPUT"],
                 ],
             },
         },
@@ -362,9 +366,27 @@ MIXED_MANUAL_STAGED = """{
     },
 }"""
 
+PRUNING_LEGR = """{
+    // resnet18_imagenet_pruning_learned_ranking.json, with a short search
+    "model": "resnet18", "pretrained": false, "batch_size": 2,
+    "input_info": {"sample_size": [2, 3, 32, 32]},
+    "compression": [{
+        "algorithm": "filter_pruning",
+        "pruning_init": 0.1,
+        "params": {
+            "pruning_flops_target": 0.3, "pruning_steps": 2,
+            "interlayer_ranking_type": "learned_ranking",
+            "legr_params": {"generations": 3, "train_steps": 1, "max_pruning": 0.3, "random_seed": 1,},
+            "save_ranking_coeffs_path": "SAVE_PATH",
+        },
+        "ignored_scopes": ["{re}^ResNet/Sequential\\\\[layer4\\\\]/BasicBlock\\\\[1\\\\]/NNCFConv2d\\\\[conv1\\\\]/conv2d_0$"],
+    }],
+}"""
+
 E2E = [("binarization_xnor", BINARIZATION_XNOR, "resnet18_like"),
        ("rb_sparsity_int8", RB_SPARSITY_INT8, "mobilenet_v2_tiny"),
-       ("mixed_manual_staged", MIXED_MANUAL_STAGED, "resnet18_like")]
+       ("mixed_manual_staged", MIXED_MANUAL_STAGED, "resnet18_like"),
+       ("pruning_legr", PRUNING_LEGR, "resnet18_like")]
 
 
 def _train(ctrl, gm, batches):
@@ -388,7 +410,7 @@ def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, nam
     import onnxruntime as ort
     from fxcompress import Config
     path = tmp_path / f"{name}.json"
-    path.write_text(text)
+    path.write_text(text.replace("SAVE_PATH", str(tmp_path / "legr.json")))
     config = Config.from_json(path)
     model, _ = zoo.ARCHITECTURES[arch]()
     g = torch.Generator().manual_seed(0)
@@ -413,6 +435,13 @@ def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, nam
         assert "features_1_conv_1_weight_quantizer" not in quantizers
         assert "features_2_conv_2_weight_quantizer" in quantizers
         assert stats["quantization"]["target_device"] == "NPU"
+    elif name == "pruning_legr":
+        section = stats["filter_pruning"]
+        assert section["ranking_learned"] and section["legr_generations"] == 3
+        assert section["pruning_level"] == 0.3 and section["flops_pruned_ratio"] >= 0.3  # epoch 2: the target
+        coefficients = json.loads((tmp_path / "legr.json").read_text())
+        assert "layer4.1.conv1" not in coefficients and "layer1.0.conv1" in coefficients
+        assert {k: tuple(v) for k, v in coefficients.items()} == ctrl.filter_pruning.ranking_coeffs
     else:
         bits = {row["layer"]: row["bits"] for row in stats["mixed_precision"]["layers"]}
         assert bits["conv1"] == bits["fc"] == bits["layer1.0.conv1"] == 8
