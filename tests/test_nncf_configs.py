@@ -539,3 +539,32 @@ def test_an_nncf_quantizer_id_matching_nothing_lists_the_nearest_ids(resnet):
         _manual(resnet, [[4, "ResNet/NNCFConv2d[conv9]/conv2d_0|WEIGHT"]])
     with pytest.raises(ConfigError, match=r"unknown role .\|BIAS. in"):
         _manual(resnet, [[4, "ResNet/NNCFConv2d[conv1]/conv2d_0|BIAS"]])
+
+
+def test_unified_scale_ops_make_the_inputs_of_the_named_operations_share_one_quantizer(resnet, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    model, inputs, _ = resnet
+    adds = ["ResNet/Sequential[layer1]/BasicBlock[0]/__iadd___0", "{re}ResNet/Sequential\\[layer1\\]/BasicBlock\\[1\\]/__i?add___0"]
+    ctrl, gm = compile_for_compression(model, [Quantize(activations={"unified_scale_ops": [adds]})], inputs, copy=True)
+    users = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and "quantizer" in n.target:
+            users.setdefault(n.target, []).append(n)
+    # the two adds' four inputs: bn2 of each block, the stem's ReLU (through the max pool) and block 0's output
+    shared = users["layer1_0_add_input_quantizer"]
+    assert len(shared) == 4 and "layer1_1_add_input_quantizer" not in users
+    assert not hasattr(gm, "layer1_1_add_input_quantizer")
+    assert {n.args[0].name for n in shared} == {"layer1_0_bn2", "relu", "layer1_1_bn2", "layer1_0_relu_1"}
+    names = [q.name for q in ctrl.quantization.quantizers]
+    assert len(names) == len(set(names)) == len(users)
+    g = torch.Generator().manual_seed(0)
+    ctrl.initialize([(torch.rand(2, 3, 32, 32, generator=g),) for _ in range(2)])
+    path = ctrl.export_onnx(tmp_path / "unified.onnx")
+    gm.eval()
+    with torch.no_grad():
+        expected = gm(*inputs).numpy()
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": inputs[0].numpy()})
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+    with pytest.raises(ScopeError, match=r"unified_scale_ops\[0\]: scope 'ResNet/__add___9'"):
+        compile_for_compression(model, [Quantize(activations={"unified_scale_ops": [["ResNet/__add___9"]]})], inputs)

@@ -45,6 +45,7 @@ from .controller import QuantizationController, QuantizerInfo
 from .policy import (ANNOTATION_KEY, DEVICE_RULES, GroupSettings, Override, QuantizationPlan,
                      QuantizationSettings, node_label, plan_quantization)
 from .range_init import RANGE_TYPES, RangeInitRules
+from .unified_scales import UNIFIED_SCALE_OPS_SCHEMA, unified_scale_scopes, unify_scales
 
 __all__ = ["Quantize", "QUANTIZATION_SCHEMA", "insert_quantizers", "fold_batch_norms"]
 
@@ -91,7 +92,8 @@ QUANTIZATION_SCHEMA = {
         "bits": _BITS,
         "weights": {"type": "object", "additionalProperties": False,
                     "properties": {**_GROUP_PROPERTIES, "narrow_range": {"type": "boolean"}}},
-        "activations": {"type": "object", "additionalProperties": False, "properties": _GROUP_PROPERTIES},
+        "activations": {"type": "object", "additionalProperties": False,
+                        "properties": {**_GROUP_PROPERTIES, "unified_scale_ops": UNIFIED_SCALE_OPS_SCHEMA}},
         "preset": {"enum": ["performance", "mixed"]},
         "initializer": {"type": "object", "additionalProperties": False, "properties": {
             "range": {"oneOf": [_RANGE, {"type": "array", "items": _RANGE_ITEM}]},
@@ -159,6 +161,7 @@ class Quantize(CompressionPass):
             device=p["target_device"], rules=DEVICE_RULES[p["target_device"]],
             overflow_fix=p["overflow_fix"], quantize_inputs=p["quantize_inputs"],
             quantize_outputs=p["quantize_outputs"])
+        self.unified_scale_scopes = unified_scale_scopes(activations.get("unified_scale_ops"))
         initializer = p.get("initializer", {})
         self.range_rules = RangeInitRules(initializer.get("range"))
         self.num_bn_adaptation_samples = initializer.get("batchnorm_adaptation", {}).get(
@@ -235,6 +238,7 @@ class Quantize(CompressionPass):
                       self.settings.activations.ignored_scopes, self.settings.activations.target_scopes]
         scope_sets += [o.scopes for group in self.settings.overrides.values() for o in group]
         scope_sets += self.range_rules.scope_sets()
+        scope_sets += [scopes for group in self.unified_scale_scopes for scopes in group]
         for scopes in scope_sets:
             scopes.validate(gm)
 
@@ -256,6 +260,8 @@ class Quantize(CompressionPass):
             return PassResult(gm, False, controller=self._controller([], skipped, folded))
         infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules,
                                   lr_multiplier=self.params.get("compression_lr_multiplier"))
+        if self.unified_scale_scopes:
+            infos = unify_scales(gm, infos, self.unified_scale_scopes, self.settings.rules.agnostic)
         controller = self._controller(infos, skipped, folded)
         controller.init_weight_ranges(gm)
         return PassResult(gm, True, controller=controller)
