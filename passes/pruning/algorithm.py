@@ -391,7 +391,8 @@ class FilterPruningController(ControllerPart):
         self._save_coefficients()
 
     def _save_coefficients(self):
-        if self.params.get("save_ranking_coeffs_path"):
+        # under torch.distributed rank 0 writes: its coefficients are the ones every rank uses (distributed())
+        if self.params.get("save_ranking_coeffs_path") and (not is_distributed() or torch.distributed.get_rank() == 0):
             save_coefficients(self.params["save_ranking_coeffs_path"], self.ranking_coeffs)
 
     def set_pruning_level(self, level: float):
@@ -456,9 +457,15 @@ class FilterPruningController(ControllerPart):
         self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, samples, "filter pruning: BatchNorm adaptation")
 
     def distributed(self):
-        """Make every rank use rank 0's masks, and the mean of the adapted BatchNorm statistics."""
+        """Make every rank use rank 0's masks (and LeGR coefficients), and the mean of the adapted BatchNorm
+        statistics."""
         if not is_distributed() or not self.groups:
             return
+        if self.learned_ranking:  # later schedule steps rank with them: every rank uses rank 0's search
+            names = list(self.ranking_coeffs)
+            coefficients = torch.tensor([self.ranking_coeffs[n] for n in names], dtype=torch.float64)
+            broadcast_from_rank0([coefficients])
+            self.ranking_coeffs = {n: (float(a), float(b)) for n, (a, b) in zip(names, coefficients.tolist())}
         flags = torch.from_numpy(self.pruned.astype(np.uint8))
         broadcast_from_rank0([flags])
         self._set_pruned(flags.numpy().astype(bool))
