@@ -32,7 +32,6 @@ coefficients. The user's data come through ``ctrl.initialize(train_loader)`` and
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -174,9 +173,20 @@ def _inputs_and_target(batch, data: CalibrationData, target_fn: Callable):
             to_device(target_fn(batch), data.device))
 
 
+def _endless(loader: Iterable):
+    """The loader's batches, starting over at its end (without keeping them, unlike itertools.cycle)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("LeGR: the training loader yielded no batches")
+
+
 def _train_steps(model, data: CalibrationData, optimizer, steps: int, cb: LegrCallbacks):
     model.train()
-    batches = itertools.cycle(data.loader) if steps else iter(())
+    batches = _endless(data.loader)
     for _ in range(steps):
         args, kwargs, target = _inputs_and_target(next(batches), data, cb.target_fn)
         optimizer.zero_grad(set_to_none=True)
