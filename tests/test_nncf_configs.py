@@ -179,6 +179,12 @@ def test_top_level_keys_apply_as_in_nncf():
     assert rb.params["compression_lr_multiplier"] == 3.0 and "compression_lr_multiplier" not in magnitude.params
     (q,) = Config.from_dict({**base, "compression_lr_multiplier": 3.0, "compression": {"algorithm": "quantization"}}).passes
     assert q.params["compression_lr_multiplier"] == 3.0
+    assert Config.from_dict({**base, "compression": {"algorithm": "quantization",
+                                                     "weights": {"logarithm_scale": False}}}).passes
+    with pytest.raises(ConfigError, match=r"compression.activations.logarithm_scale: NNCF's optimization of "
+                                          r"log\(scale\) is not implemented"):
+        Config.from_dict({**base, "compression": {"algorithm": "quantization",
+                                                  "activations": {"logarithm_scale": True}}})
     with pytest.raises(ConfigError, match=r"initializer.precision.type: NNCF's 'autoq' .* is not supported"):
         Config.from_dict({**base, "compression": {"algorithm": "quantization", "initializer": {
             "precision": {"type": "autoq", "eval_subset_ratio": 0.5, "warmup_iter_number": 2}}}})

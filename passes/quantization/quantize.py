@@ -79,8 +79,8 @@ _GROUP_PROPERTIES = {
     **_QUANTIZER_PROPERTIES,
     "ignored_scopes": _SCOPES,
     "target_scopes": _SCOPES,
-    # NNCF's log-scale parametrization is not implemented: only its default is accepted.
-    "logarithm_scale": {"enum": [False]},
+    # NNCF's log-scale parametrization is not implemented: only its default is accepted (check()).
+    "logarithm_scale": {"type": "boolean"},
 }
 _OVERRIDE = {"type": "object", "additionalProperties": False, "properties": {
     **_QUANTIZER_PROPERTIES,
@@ -179,6 +179,10 @@ class Quantize(CompressionPass):
     @classmethod
     def check(cls, params: dict, prefix: str):
         def check_quantizer(values: dict, path: str):
+            if values.get("logarithm_scale") is True:
+                raise ConfigError(f"{path}.logarithm_scale: NNCF's optimization of log(scale) is not implemented "
+                                  "(the quantizers train the scale itself); remove it or set it to false "
+                                  "(docs/nncf_configs.md)", path=f"{path}.logarithm_scale")
             if values.get("mode") == "asymmetric" and values.get("signed") is True:
                 raise ConfigError(f"{path}.signed: an asymmetric quantizer is unsigned (it has a zero point); "
                                   "drop 'signed' or use mode 'symmetric'", path=f"{path}.signed")
