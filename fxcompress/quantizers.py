@@ -22,7 +22,8 @@ from . import ops
 from .distributed import average_across_ranks
 from .errors import ConfigError
 
-__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "range_to_qparams", "average_ranges_across_ranks"]
+__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "range_to_qparams", "average_ranges_across_ranks",
+           "scaled_gradient"]
 
 _MIN_SCALE = 1e-8
 # The scale of an empty range (all observed values zero): ONNX Runtime's quantization tool's choice
@@ -61,12 +62,27 @@ class QuantSpec:
         return replace(self, bits=bits)
 
 
-class FakeQuantizer(nn.Module):
-    """``y = (clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` with learnable ``s`` (and ``zp``)."""
+def scaled_gradient(p: torch.Tensor, multiplier: float | None) -> torch.Tensor:
+    """``p`` with its gradient multiplied by ``multiplier`` (NNCF's ``compression_lr_multiplier``):
+    the same value, so only training sees it."""
+    if multiplier is None or multiplier == 1:
+        return p
+    fixed = p.detach()
+    return fixed + (p - fixed) * multiplier
 
-    def __init__(self, spec: QuantSpec, num_channels: int = 1, learnable: bool = True):
+
+class FakeQuantizer(nn.Module):
+    """``y = (clamp(round(x / s) + zp, qmin, qmax) - zp) * s`` with learnable ``s`` (and ``zp``).
+
+    ``lr_multiplier`` (NNCF's ``compression_lr_multiplier``) multiplies the gradients of ``s``
+    and ``zp``, so they train at that multiple of the optimizer's learning rate.
+    """
+
+    def __init__(self, spec: QuantSpec, num_channels: int = 1, learnable: bool = True,
+                 lr_multiplier: float | None = None):
         super().__init__()
         self.spec = spec
+        self.lr_multiplier = lr_multiplier
         self.scale = nn.Parameter(torch.ones(num_channels), requires_grad=learnable)
         if spec.mode == "asymmetric":
             self.zero_point = nn.Parameter(torch.zeros(num_channels), requires_grad=learnable)
@@ -115,13 +131,13 @@ class FakeQuantizer(nn.Module):
 
     def effective_scale(self) -> torch.Tensor:
         # |scale| keeps the grid valid if an optimizer step pushes a learnable scale through zero.
-        return self.scale.abs().clamp_min(_MIN_SCALE)
+        return scaled_gradient(self.scale, self.lr_multiplier).abs().clamp_min(_MIN_SCALE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        return ops.fake_quantize(x, self.effective_scale(), self.zero_point, self.quant_min, self.quant_max,
-                                 self.axis)
+        return ops.fake_quantize(x, self.effective_scale(), scaled_gradient(self.zero_point, self.lr_multiplier),
+                                 self.quant_min, self.quant_max, self.axis)
 
     def extra_repr(self) -> str:
         s = self.spec

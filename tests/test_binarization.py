@@ -518,6 +518,25 @@ def test_range_types(range_type, expected):
     assert torch.allclose(module.relative_threshold(), torch.full((16,), 0.5))
 
 
+def test_list_form_range_sets_each_binarizer_from_the_first_item_that_selects_it():
+    # NNCF's list form: per-scope range configs; conv2 by min_max, conv3 (no item for it) by the default
+    ranges = [{"type": "min_max", "target_scopes": ["conv2"], "target_quantizer_group": "activations"},
+              {"type": "mean_min_max", "target_scopes": ["{re}conv[23]"], "ignored_scopes": ["conv3"]},
+              {"type": "min_max", "target_quantizer_group": "weights"}]  # weight binarizers have no range
+    ctrl, gm = compile_digits(Binarization(initializer={"range": ranges, "threshold": {"type": "half"}}))
+    batches = digits_batches(n=3, batch=8)
+    conv2 = [inputs_of(gm, "conv2_input_binarizer", [b]) for b in batches]
+    conv3 = torch.cat([inputs_of(gm, "conv3_input_binarizer", [b]) for b in batches])
+    ctrl.initialize(batches)
+    scale = {name: float(gm.get_submodule(f"{name}_input_binarizer").scale().detach()[0]) for name in ("conv2", "conv3")}
+    assert scale["conv2"] == pytest.approx(max(float(x.max()) for x in conv2), rel=1e-5)
+    assert scale["conv3"] == pytest.approx(float(torch.quantile(conv3.flatten(), 0.999)), rel=1e-4)
+    with pytest.raises(ScopeError, match=r"initializer.range\[0\].target_scopes: scope 'conv9'"):
+        compile_digits(Binarization(initializer={"range": [{"type": "min_max", "target_scopes": ["conv9"]}]}))
+    with pytest.raises(ConfigError, match=r"initializer.range\[0\].params.min_percentile: 50 is not below"):
+        Binarization(initializer={"range": [{"params": {"min_percentile": 50, "max_percentile": 10}}]})
+
+
 def test_batchnorm_adaptation_reestimates_running_statistics_only():
     ctrl, gm = compile_digits(Binarization(activations_quant_start_epoch=0, weights_quant_start_epoch=0,
                                            initializer={"batchnorm_adaptation": {"num_bn_adaptation_samples": 32}}))

@@ -1,9 +1,11 @@
 """NNCF 2.x configs run unchanged: scope names in every NNCF form, VPU, bitwidth_per_scope without a
 type, JSON with comments, the samples' extra keys, staged quantization (docs/nncf_configs.md)."""
+import json
+
 import pytest
 import torch
 
-from fxcompress import ScopeError, compile_for_compression
+from fxcompress import ConfigError, ScopeError, compile_for_compression
 from fxcompress.passes import MagnitudeSparsity, Quantize
 from fxcompress.scopes import ScopeIndex, ScopeSet
 from fxcompress.testing import models as zoo
@@ -175,8 +177,14 @@ def test_top_level_keys_apply_as_in_nncf():
     rb, magnitude = config.passes
     assert rb.params["target_scopes"] == ["layer1"] and rb.params["ignored_scopes"] == ["fc", "conv1"]
     assert rb.params["compression_lr_multiplier"] == 3.0 and "compression_lr_multiplier" not in magnitude.params
-    with pytest.raises(ConfigError, match="compression_lr_multiplier: not supported by quantization"):
-        Config.from_dict({**base, "compression_lr_multiplier": 3.0, "compression": {"algorithm": "quantization"}})
+    (q,) = Config.from_dict({**base, "compression_lr_multiplier": 3.0, "compression": {"algorithm": "quantization"}}).passes
+    assert q.params["compression_lr_multiplier"] == 3.0
+    assert Config.from_dict({**base, "compression": {"algorithm": "quantization",
+                                                     "weights": {"logarithm_scale": False}}}).passes
+    with pytest.raises(ConfigError, match=r"compression.activations.logarithm_scale: NNCF's optimization of "
+                                          r"log\(scale\) is not implemented"):
+        Config.from_dict({**base, "compression": {"algorithm": "quantization",
+                                                  "activations": {"logarithm_scale": True}}})
     with pytest.raises(ConfigError, match=r"initializer.precision.type: NNCF's 'autoq' .* is not supported"):
         Config.from_dict({**base, "compression": {"algorithm": "quantization", "initializer": {
             "precision": {"type": "autoq", "eval_subset_ratio": 0.5, "warmup_iter_number": 2}}}})
@@ -353,6 +361,8 @@ MIXED_MANUAL_STAGED = """{
                     [8, "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],
                     [8, "ResNet/NNCFLinear[fc]/linear_0|WEIGHT"],
                     [8, "ResNet/Sequential[layer1]/BasicBlock[0]/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],
+                    [8, "/nncf_model_input_0|OUTPUT"],      // NNCF's quantizer ids of activations
+                    [8, "ResNet/ReLU[relu]/relu__0|OUTPUT"],
                 ],
             },
         },
@@ -362,9 +372,27 @@ MIXED_MANUAL_STAGED = """{
     },
 }"""
 
+PRUNING_LEGR = """{
+    // resnet18_imagenet_pruning_learned_ranking.json, with a short search
+    "model": "resnet18", "pretrained": false, "batch_size": 2,
+    "input_info": {"sample_size": [2, 3, 32, 32]},
+    "compression": [{
+        "algorithm": "filter_pruning",
+        "pruning_init": 0.1,
+        "params": {
+            "pruning_flops_target": 0.3, "pruning_steps": 2,
+            "interlayer_ranking_type": "learned_ranking",
+            "legr_params": {"generations": 3, "train_steps": 1, "max_pruning": 0.3, "random_seed": 1,},
+            "save_ranking_coeffs_path": "SAVE_PATH",
+        },
+        "ignored_scopes": ["{re}^ResNet/Sequential\\\\[layer4\\\\]/BasicBlock\\\\[1\\\\]/NNCFConv2d\\\\[conv1\\\\]/conv2d_0$"],
+    }],
+}"""
+
 E2E = [("binarization_xnor", BINARIZATION_XNOR, "resnet18_like"),
        ("rb_sparsity_int8", RB_SPARSITY_INT8, "mobilenet_v2_tiny"),
-       ("mixed_manual_staged", MIXED_MANUAL_STAGED, "resnet18_like")]
+       ("mixed_manual_staged", MIXED_MANUAL_STAGED, "resnet18_like"),
+       ("pruning_legr", PRUNING_LEGR, "resnet18_like")]
 
 
 def _train(ctrl, gm, batches):
@@ -388,7 +416,7 @@ def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, nam
     import onnxruntime as ort
     from fxcompress import Config
     path = tmp_path / f"{name}.json"
-    path.write_text(text)
+    path.write_text(text.replace("SAVE_PATH", str(tmp_path / "legr.json")))
     config = Config.from_json(path)
     model, _ = zoo.ARCHITECTURES[arch]()
     g = torch.Generator().manual_seed(0)
@@ -413,6 +441,13 @@ def test_nncf_style_config_compiles_initializes_trains_and_exports(tmp_path, nam
         assert "features_1_conv_1_weight_quantizer" not in quantizers
         assert "features_2_conv_2_weight_quantizer" in quantizers
         assert stats["quantization"]["target_device"] == "NPU"
+    elif name == "pruning_legr":
+        section = stats["filter_pruning"]
+        assert section["ranking_learned"] and section["legr_generations"] == 3
+        assert section["pruning_level"] == 0.3 and section["flops_pruned_ratio"] >= 0.3  # epoch 2: the target
+        coefficients = json.loads((tmp_path / "legr.json").read_text())
+        assert "layer4.1.conv1" not in coefficients and "layer1.0.conv1" in coefficients
+        assert {k: tuple(v) for k, v in coefficients.items()} == ctrl.filter_pruning.ranking_coeffs
     else:
         bits = {row["layer"]: row["bits"] for row in stats["mixed_precision"]["layers"]}
         assert bits["conv1"] == bits["fc"] == bits["layer1.0.conv1"] == 8
@@ -438,3 +473,104 @@ def test_scope_override_on_an_nncf_operation_name(resnet):
     # the add's two inputs: bn2's output, and the block input (the stem ReLU's output, through the max pool)
     assert {name for name, b in bits.items() if b == 4} == {"layer1_0_add_input_quantizer", "relu_output_quantizer"}
     assert len(bits) > 10 and {b for b in bits.values()} == {4, 8}
+
+
+def test_quantization_compression_lr_multiplier_scales_the_quantizer_gradients_only(resnet):
+    from fxcompress import Config
+    from fxcompress.quantizers import FakeQuantizer
+    model, inputs, _ = resnet
+    grads, outputs = [], []
+    for multiplier in (None, 4.0):
+        extra = {} if multiplier is None else {"compression_lr_multiplier": multiplier}
+        config = Config.from_dict({"input_info": {"sample_size": [2, 3, 32, 32]}, **extra,
+                                   "compression": {"algorithm": "quantization",
+                                                   "weights": {"mode": "asymmetric"}}})
+        ctrl, gm = compile_for_compression(model, config, inputs, copy=True)
+        ctrl.initialize([inputs])
+        out = gm(*inputs)
+        out.square().sum().backward()
+        outputs.append(out.detach())
+        grads.append({name: p.grad.clone() for name, p in gm.named_parameters() if p.grad is not None})
+    assert torch.equal(outputs[0], outputs[1])
+    quantizer_params = [n for n in grads[0] if "quantizer" in n]
+    assert any(n.endswith("zero_point") for n in quantizer_params) and any(n.endswith("scale") for n in quantizer_params)
+    for name, g in grads[0].items():
+        if name in quantizer_params:
+            assert torch.allclose(grads[1][name], 4.0 * g, rtol=1e-5, atol=0), name
+        else:
+            assert torch.equal(grads[1][name], g), name
+
+
+# -- NNCF quantizer ids in bitwidth_per_scope --------------------------------------------------------------
+
+def _manual(resnet, entries):
+    from fxcompress.passes import MixedPrecision
+    model, inputs, _ = resnet
+    ctrl, gm = compile_for_compression(model, [Quantize(overflow_fix="disable", quantize_inputs=True),
+                                               MixedPrecision(type="manual", bitwidth_per_scope=entries)], inputs)
+    bits = {n.target: gm.get_submodule(n.target).spec.bits for n in gm.graph.nodes
+            if n.op == "call_module" and "quantizer" in n.target}
+    return ctrl, gm, bits
+
+
+def test_nncf_quantizer_ids_in_bitwidth_per_scope_name_our_quantizers(resnet):
+    from fxcompress.passes.mixed_precision.quantizer_ids import nncf_quantizer_ids
+    block = "ResNet/Sequential[layer1]/BasicBlock[0]"
+    ctrl, gm, bits = _manual(resnet, [
+        [4, "ResNet/NNCFConv2d[conv1]/conv2d_0|WEIGHT"],                     # a weight quantizer
+        [4, "/nncf_model_input_0|OUTPUT"],                                   # the model input
+        [4, f"{block}/ReLU[relu]/relu__0|OUTPUT"],                           # an activation, by its producer
+        [4, f"{block}/NNCFBatchNorm2d[bn2]/batch_norm_0|OUTPUT"],            # an add's input (feeds no layer)
+        [4, "ResNet/Sequential[layer2]/BasicBlock[1]/NNCFConv2d[conv2]/conv2d_0|INPUT0"],  # by its consumer
+        [2, "{re}ResNet/Sequential\\[layer4\\]/BasicBlock\\[1\\]/NNCFConv2d\\[conv[12]\\]/conv2d_0|WEIGHT"],
+        [4, "ResNet/Sequential[layer3]/BasicBlock[0]/NNCFConv2d[conv2]/conv2d_0|INPUT"],  # any input port
+    ])
+    four = {name for name, b in bits.items() if b == 4}
+    assert four == {"conv1_weight_quantizer", "x_input_quantizer", "layer1_0_relu_output_quantizer",
+                    "layer1_0_add_input_quantizer", "layer2_1_relu_output_quantizer", "layer3_0_relu_output_quantizer"}
+    # the activation quantizers of those two layers follow them (the maximum rule, docs/mixed_precision.md)
+    assert {name for name, b in bits.items() if b == 2} == {
+        "layer4_1_conv1_weight_quantizer", "layer4_1_conv2_weight_quantizer",
+        "layer4_0_relu_1_output_quantizer", "layer4_1_relu_output_quantizer"}
+    assert {b for name, b in bits.items() if b not in (2, 4)} == {8}
+    ids = nncf_quantizer_ids(gm)
+    assert f"{block}/Conv2d[conv2]/conv2d_0|INPUT0" in ids["layer1_0_relu_output_quantizer"]
+    assert "ResNet/AdaptiveAvgPool2d[avgpool]/adaptive_avg_pool2d_0|OUTPUT" in ids["fc_input_quantizer"]
+
+
+def test_an_nncf_quantizer_id_matching_nothing_lists_the_nearest_ids(resnet):
+    with pytest.raises(ScopeError, match=r"bitwidth_per_scope\[0\]: NNCF quantizer id "
+                                         r"'ResNet/NNCFConv2d\[conv9\]/conv2d_0\|WEIGHT' names no quantizer.*"
+                                         r"did you mean 'ResNet/NNCFConv2d\[conv1\]/conv2d_0\|WEIGHT'"):
+        _manual(resnet, [[4, "ResNet/NNCFConv2d[conv9]/conv2d_0|WEIGHT"]])
+    with pytest.raises(ConfigError, match=r"unknown role .\|BIAS. in"):
+        _manual(resnet, [[4, "ResNet/NNCFConv2d[conv1]/conv2d_0|BIAS"]])
+
+
+def test_unified_scale_ops_make_the_inputs_of_the_named_operations_share_one_quantizer(resnet, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+    model, inputs, _ = resnet
+    adds = ["ResNet/Sequential[layer1]/BasicBlock[0]/__iadd___0", "{re}ResNet/Sequential\\[layer1\\]/BasicBlock\\[1\\]/__i?add___0"]
+    ctrl, gm = compile_for_compression(model, [Quantize(activations={"unified_scale_ops": [adds]})], inputs, copy=True)
+    users = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and "quantizer" in n.target:
+            users.setdefault(n.target, []).append(n)
+    # the two adds' four inputs: bn2 of each block, the stem's ReLU (through the max pool) and block 0's output
+    shared = users["layer1_0_add_input_quantizer"]
+    assert len(shared) == 4 and "layer1_1_add_input_quantizer" not in users
+    assert not hasattr(gm, "layer1_1_add_input_quantizer")
+    assert {n.args[0].name for n in shared} == {"layer1_0_bn2", "relu", "layer1_1_bn2", "layer1_0_relu_1"}
+    names = [q.name for q in ctrl.quantization.quantizers]
+    assert len(names) == len(set(names)) == len(users)
+    g = torch.Generator().manual_seed(0)
+    ctrl.initialize([(torch.rand(2, 3, 32, 32, generator=g),) for _ in range(2)])
+    path = ctrl.export_onnx(tmp_path / "unified.onnx")
+    gm.eval()
+    with torch.no_grad():
+        expected = gm(*inputs).numpy()
+    (got,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": inputs[0].numpy()})
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()
+    with pytest.raises(ScopeError, match=r"unified_scale_ops\[0\]: scope 'ResNet/__add___9'"):
+        compile_for_compression(model, [Quantize(activations={"unified_scale_ops": [["ResNet/__add___9"]]})], inputs)

@@ -624,7 +624,7 @@ def test_checkpoint_round_trip(tmp_path):
     ({"pruning_target": 1.5}, "must be below 1.0"),
     ({"pruning_flops_target": 1.0}, "pruning_flops_target: 1.0 would remove all FLOPs"),
     ({"pruning_target": 0.3, "pruning_flops_target": 0.3}, "not both"),
-    ({"interlayer_ranking_type": "learned_ranking"}, "LeGR"),
+    ({"legr_params": {"generations": 2}}, "applies to interlayer_ranking_type 'learned_ranking' (LeGR) only"),
     ({"pruning_init": 0.6, "pruning_target": 0.5}, "above the target"),
     ({"pruning_targe": 0.5}, "did you mean 'pruning_target'"),
     ({"schedule": "linear"}, "one of 'exponential', 'exponential_with_bias', 'baseline'"),

@@ -35,6 +35,7 @@ from fxcompress.graph import add_module, get_attr_value, insert_before_input, in
 from fxcompress.optable import op_kind
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.schedulers import STAGED_PARAMS
+from fxcompress.scopes import ScopeSet
 from fxcompress.weights import weighted_ops
 
 from .init import RANGE_TYPES, THRESHOLD_TYPES, initialize_binarizers
@@ -48,21 +49,26 @@ __all__ = ["Binarization", "BinarizationController", "BinarizedLayer"]
 
 # NNCF's staged keys (fxcompress.schedulers.STAGED_PARAMS); in a JSON entry they sit in its "params"
 # block, which from_config_entry merges into the pass's keyword arguments.
+_RANGE_PROPERTIES = {
+    "num_init_samples": {"type": "integer", "minimum": 0},
+    "type": {"enum": list(RANGE_TYPES)},
+    "params": {"type": "object", "properties": {
+        "min_percentile": {"type": "number", "minimum": 0, "maximum": 100},
+        "max_percentile": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+    }, "additionalProperties": False},
+}
+_SCOPES = {"type": "array", "items": {"type": "string", "minLength": 1}}
+# NNCF's list form (its quantization initializer schema, which binarization reuses): per-scope
+# range configs; the first item whose scopes select a layer sets its activation binarizer.
+_RANGE_ITEM = {"type": "object", "additionalProperties": False, "properties": {
+    **_RANGE_PROPERTIES, "target_scopes": _SCOPES, "ignored_scopes": _SCOPES,
+    "target_quantizer_group": {"enum": ["weights", "activations"]}}}
+
 INITIALIZER_SCHEMA = {
     "type": "object",
     "properties": {
-        "range": {
-            "type": "object",
-            "properties": {
-                "num_init_samples": {"type": "integer", "minimum": 0},
-                "type": {"enum": list(RANGE_TYPES)},
-                "params": {"type": "object", "properties": {
-                    "min_percentile": {"type": "number", "minimum": 0, "maximum": 100},
-                    "max_percentile": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
-                }, "additionalProperties": False},
-            },
-            "additionalProperties": False,
-        },
+        "range": {"oneOf": [{"type": "object", "properties": _RANGE_PROPERTIES, "additionalProperties": False},
+                            {"type": "array", "items": _RANGE_ITEM}]},
         # fxcompress's own key (NNCF has none: its thresholds start at S / 2).
         "threshold": {
             "type": "object",
@@ -82,16 +88,47 @@ DEFAULT_INITIALIZER = {
 DEFAULT_ACTIVATIONS_START = 1   # NNCF's ACTIVATIONS_QUANT_START_EPOCH
 
 
+def _with_defaults(default: dict, given: dict) -> dict:
+    block = {**default, **given}
+    if "params" in default:
+        block["params"] = {**default["params"], **given.get("params", {})}
+    return block
+
+
 def initializer_params(params: dict) -> dict:
-    """The ``initializer`` block with every default filled in."""
+    """The ``initializer`` block with every default filled in (each item of a list-form range too)."""
     given = params.get("initializer") or {}
     out = {}
     for key, default in DEFAULT_INITIALIZER.items():
-        block = {**default, **given.get(key, {})}
-        if "params" in default:
-            block["params"] = {**default["params"], **given.get(key, {}).get("params", {})}
-        out[key] = block
+        value = given.get(key, {})
+        out[key] = ([_with_defaults(default, item) for item in value] if isinstance(value, list)
+                    else _with_defaults(default, value))
     return out
+
+
+def range_items(initializer: dict, gm: torch.fx.GraphModule | None = None) -> list[tuple[dict, ScopeSet, ScopeSet]]:
+    """A list-form ``initializer.range`` as ``(range, target_scopes, ignored_scopes)`` (bound to ``gm``)."""
+    out = []
+    for i, item in enumerate(initializer["range"] if isinstance(initializer["range"], list) else []):
+        sets = []
+        for key in ("target_scopes", "ignored_scopes"):
+            scopes = ScopeSet(item.get(key), f"initializer.range[{i}].{key}")
+            sets.append(scopes.bind(gm) if gm is not None else scopes)
+        out.append((item, *sets))
+    return out
+
+
+def range_for(initializer: dict, items: list, module_path: str) -> dict:
+    """The range config of the activation binarizer of the layer at ``module_path``: the first
+    list item for activations that selects it, else the default (an object-form range as it is)."""
+    if not isinstance(initializer["range"], list):
+        return initializer["range"]
+    for item, target, ignored in items:
+        if item.get("target_quantizer_group", "activations") != "activations" or ignored.matches(module_path):
+            continue
+        if not target or target.matches(module_path):
+            return item
+    return DEFAULT_INITIALIZER["range"]
 
 
 def scheduler_from_params(params: dict) -> StagedBinarizationScheduler:
@@ -196,8 +233,13 @@ class BinarizationController(ControllerPart):
     def initialize(self, ctx: InitContext):
         if ctx.data is None or not self.layers:
             return
-        initialize_binarizers(ctx.gm, [layer.activation_binarizer for layer in self.layers], ctx.data,
-                              self.initializer)
+        items = range_items(self.initializer, ctx.gm)
+        by_range: dict[int, tuple[dict, list]] = {}
+        for layer in self.layers:
+            rng = range_for(self.initializer, items, layer.module_path)
+            by_range.setdefault(id(rng), (rng, []))[1].append(layer.activation_binarizer)
+        for rng, binarizers in by_range.values():
+            initialize_binarizers(ctx.gm, binarizers, ctx.data, {**self.initializer, "range": rng})
         if ctx.distributed:  # BatchNorm adapts to the binarizers every rank keeps
             self._broadcast_binarizers()
         self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data,
@@ -321,14 +363,19 @@ class Binarization(CompressionPass):
 
     @classmethod
     def check(cls, params: dict, prefix: str):
-        rng = initializer_params(params)["range"]
-        low, high = rng["params"].get("min_percentile"), rng["params"]["max_percentile"]
-        if low is not None and low >= high:
-            raise ConfigError(f"{prefix}.initializer.range.params.min_percentile: {low} is not below "
-                              f"max_percentile ({high})", path=f"{prefix}.initializer.range.params.min_percentile")
+        ranges = initializer_params(params)["range"]
+        for i, rng in enumerate(ranges if isinstance(ranges, list) else [ranges]):
+            where = f"{prefix}.initializer.range" + (f"[{i}]" if isinstance(ranges, list) else "")
+            low, high = rng["params"].get("min_percentile"), rng["params"]["max_percentile"]
+            if low is not None and low >= high:
+                raise ConfigError(f"{where}.params.min_percentile: {low} is not below max_percentile ({high})",
+                                  path=f"{where}.params.min_percentile")
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self.validate_scopes(gm)
+        for _, target, ignored in range_items(initializer_params(self.params)):
+            target.validate(gm)
+            ignored.validate(gm)
         code_before = gm.code
         total_macs = sum(_macs(node, weight, axis) or 0 for node, weight, axis in _layers(gm)) or None
         convs = weighted_ops(gm, kinds=("conv",))

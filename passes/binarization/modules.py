@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from fxcompress import ops
+from fxcompress.quantizers import scaled_gradient
 
 __all__ = ["WeightBinarizer", "ActivationBinarizer", "BINARIZATION_MODES", "is_binarizer"]
 
@@ -51,14 +52,6 @@ _TAU_LIMIT = 1e-4  # tau is kept in [1e-4, 1 - 1e-4] when set, so its logit stay
 def _logit(p: torch.Tensor) -> torch.Tensor:
     p = p.clamp(_TAU_LIMIT, 1.0 - _TAU_LIMIT)
     return torch.log(p) - torch.log1p(-p)
-
-
-def _scaled_gradient(p: torch.Tensor, multiplier: float | None) -> torch.Tensor:
-    """``p`` with its gradient multiplied by ``multiplier`` (NNCF's compression_lr_multiplier)."""
-    if multiplier is None or multiplier == 1:
-        return p
-    fixed = p.detach()
-    return fixed + (p - fixed) * multiplier
 
 
 class WeightBinarizer(nn.Module):
@@ -98,11 +91,11 @@ class ActivationBinarizer(nn.Module):
     # -- the trained quantities as functions of the hidden parameters --------------------------
     def scale(self) -> torch.Tensor:
         """``S`` (shape [1])."""
-        return torch.exp(_scaled_gradient(self.log_scale, self.lr_multiplier))
+        return torch.exp(scaled_gradient(self.log_scale, self.lr_multiplier))
 
     def relative_threshold(self) -> torch.Tensor:
         """``tau`` in (0, 1) (shape [C]): the threshold as a fraction of ``S``."""
-        return torch.sigmoid(_scaled_gradient(self.threshold, self.lr_multiplier))
+        return torch.sigmoid(scaled_gradient(self.threshold, self.lr_multiplier))
 
     @torch.no_grad()
     def absolute_threshold(self) -> torch.Tensor:

@@ -27,7 +27,9 @@ mean min/max, percentile, threshold). Steps:
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from fxcompress.scopes import ScopeSet
 
 from .hessian import TraceEstimate, estimate_average_traces
 from .layers import QuantizedLayer, effective_bits_for, nominal_bits, quantizer_of, weight_value
+from .quantizer_ids import nncf_quantizer_ids
 from .selection import Selection, compression_ratio, select_bitwidths
 
 __all__ = ["MixedPrecisionController", "default_criterion_fn", "default_target_fn", "PROBES_PER_PASS"]
@@ -285,7 +288,10 @@ class MixedPrecisionController(ControllerPart):
         for layer in self.all_layers:
             for name in layer.activation_quantizers:
                 derived[name] = max(derived.get(name, 0), nominal_bits(layer, layer.module))
-        for name, module in self._activation_quantizers().items():
+        modules = self._activation_quantizers()
+        # Named ones need not feed a quantized layer (an addition's inputs in manual mode).
+        modules.update({name: self.gm.get_submodule(name) for name in activation_bits})
+        for name, module in modules.items():
             bits = activation_bits.get(name, derived.get(name))
             if bits is not None and module.spec.bits != bits:
                 module.set_bits(bits)
@@ -294,16 +300,24 @@ class MixedPrecisionController(ControllerPart):
         """``bitwidth_per_scope``: ``[[bits, scope], ...]``; later entries win (docs/mixed_precision.md)."""
         weight_bits: dict[str, int] = {}
         activation_bits: dict[str, int] = {}
+        weight_quantizers = {l.weight_quantizer for l in self.all_layers}
         activation_nodes = {n.target: n for n in gm.graph.nodes
                             if n.op == "call_module" and quantizer_of(gm, n) is not None
-                            and n.target not in {l.weight_quantizer for l in self.all_layers}}
+                            and n.target not in weight_quantizers}
+        nncf_ids: dict[str, tuple[str, ...]] | None = None
         for i, (bits, scope) in enumerate(self.params.get("bitwidth_per_scope", [])):
             field = f"bitwidth_per_scope[{i}]"
             pattern, _, role = scope.partition("|")
             role = role.upper()
-            if role not in ("", "WEIGHT", "INPUT", "OUTPUT"):
+            if not re.fullmatch(r"WEIGHT|OUTPUT|INPUT\d*|", role):
                 raise ConfigError(f"MixedPrecision.{field}: unknown role '|{role}' in {scope!r}; use '|WEIGHT', "
-                                  f"'|INPUT' or '|OUTPUT' (or none)", path=field)
+                                  f"'|OUTPUT', '|INPUT' or '|INPUT<port>' (or none)", path=field)
+            if role and "/" in pattern:  # an NNCF quantizer id (passes/quantization/quantizer_ids.py)
+                if nncf_ids is None:
+                    nncf_ids = nncf_quantizer_ids(gm)
+                for name in _match_quantizer_ids(pattern, role, nncf_ids, field, scope):
+                    (weight_bits if name in weight_quantizers else activation_bits)[name] = int(bits)
+                continue
             scopes = ScopeSet([pattern], field).bind(gm)
             matched = False
             if role in ("", "WEIGHT"):
@@ -311,7 +325,7 @@ class MixedPrecisionController(ControllerPart):
                     if scopes.matches(layer.module_path) or pattern == layer.weight_quantizer:
                         weight_bits[layer.weight_quantizer] = int(bits)
                         matched = True
-            if role in ("INPUT", "OUTPUT") or (role == "" and not matched):
+            if role not in ("", "WEIGHT") or (role == "" and not matched):
                 for name, node in activation_nodes.items():
                     if pattern == name or (role and scopes.matches(node.meta.get("module_path", ""))):
                         activation_bits[name] = int(bits)
@@ -480,6 +494,44 @@ def _plain(record) -> dict | None:
     if record is None:
         return None
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(record).items()}
+
+
+def _match_quantizer_ids(pattern: str, role: str, ids: dict[str, tuple[str, ...]], field: str,
+                         scope: str) -> list[str]:
+    """Quantizers an NNCF quantizer id names: ``<operation>|<role>``, the operation plain or ``{re}``.
+
+    A plain operation name matches an id with that name, else (NNCF's manual initializer:
+    ``scope_name in str(insertion_point)``) the ids that contain it; a ``{re}`` one is searched
+    in the operation names. ``|INPUT`` without a port matches every input port.
+    """
+    def split(quantizer_id: str) -> tuple[str, str]:
+        operation, _, id_role = quantizer_id.rpartition("|")
+        return operation, id_role
+
+    def role_matches(id_role: str) -> bool:
+        return id_role == role or (role == "INPUT" and id_role.startswith("INPUT"))
+
+    if pattern.startswith("{re}"):
+        try:
+            regex = re.compile(pattern[4:])
+        except re.error as exc:
+            raise ConfigError(f"MixedPrecision.{field}: invalid regular expression {pattern!r}: {exc}",
+                              path=field) from None
+        found = [name for name, qids in ids.items()
+                 if any(role_matches(r) and regex.search(op) for op, r in map(split, qids))]
+    else:
+        found = [name for name, qids in ids.items()
+                 if any(role_matches(r) and op == pattern for op, r in map(split, qids))]
+        if not found:
+            found = [name for name, qids in ids.items() if any(scope in q for q in qids)]
+    if found:
+        return found
+    every = [q for qids in ids.values() for q in qids]
+    close = difflib.get_close_matches(scope.replace("{re}", "").replace("\\", ""), every, n=3, cutoff=0.5)
+    hint = (f"did you mean {', '.join(repr(c) for c in close)}?" if close
+            else f"the model's quantizer ids look like {every[:3]}")
+    raise ScopeError(f"MixedPrecision.{field}: NNCF quantizer id {scope!r} names no quantizer of the model; {hint}",
+                     path=field)
 
 
 @torch.no_grad()

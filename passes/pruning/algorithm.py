@@ -26,12 +26,15 @@ from fxcompress.distributed import broadcast_from_rank0, is_distributed
 from fxcompress.errors import CheckpointError, ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, get_attr_value, insert_before_input, insert_on_output
 from fxcompress.pass_manager import PassContext, PassResult
+from fxcompress.scopes import ScopeIndex
 from fxcompress.weights import weighted_ops
 
 from .cost import CostModel
 from .dependency import ChannelAnalysis, Group, analyze_channels
 from .fold import INSERTED_BY, FoldPrunedChannels
-from .importance import CRITERIA, class_importance, flops_weighted
+from .importance import CRITERIA, class_importance, filter_importance, flops_weighted
+from .legr import (LEGR_DEFAULTS, LEGR_SCHEMA, Coefficients, LegrCallbacks, identity, load_coefficients, run_legr,
+                   save_coefficients)
 from .masks import ChannelMask, ChannelMaskedLayerNorm
 from .schedule import SCHEDULE_NAMES, build_pruning_scheduler
 from .selection import PRUNING_QUOTA, Selector
@@ -58,6 +61,9 @@ SCHEMA = {
         "prune_batch_norms": {"type": "boolean"},
         "zero_grad": {"type": "boolean"},
         "round_to": {"type": "integer", "minimum": 1},  # fxcompress: keep multiples of this many channels
+        "legr_params": LEGR_SCHEMA,
+        "save_ranking_coeffs_path": {"type": "string", "minLength": 1},
+        "load_ranking_coeffs_path": {"type": "string", "minLength": 1},
         "initializer": {
             "type": "object",
             "properties": {"batchnorm_adaptation": BATCHNORM_ADAPTATION_SCHEMA},
@@ -107,10 +113,11 @@ class FilterPruning(CompressionPass):
             raise ConfigError(f"{prefix}: weight_importance ({params['weight_importance']}) and filter_importance "
                               f"({params['filter_importance']}) disagree; give filter_importance only",
                               path=f"{prefix}.weight_importance")
-        if params["interlayer_ranking_type"] == "learned_ranking":
-            raise ConfigError(f"{prefix}.interlayer_ranking_type: 'learned_ranking' (LeGR) is not supported; "
-                              f"use 'unweighted_ranking' or 'flops_weighted_ranking'",
-                              path=f"{prefix}.interlayer_ranking_type")
+        legr_keys = [k for k in ("legr_params", "save_ranking_coeffs_path", "load_ranking_coeffs_path") if k in params]
+        if legr_keys and params["interlayer_ranking_type"] != "learned_ranking":
+            raise ConfigError(f"{prefix}.{legr_keys[0]}: applies to interlayer_ranking_type 'learned_ranking' (LeGR) "
+                              f"only, the ranking here is {params['interlayer_ranking_type']!r}",
+                              path=f"{prefix}.{legr_keys[0]}")
 
     # -- resolved options --------------------------------------------------------------------
     @property
@@ -313,6 +320,22 @@ class FilterPruningController(ControllerPart):
         self.scheduler.on_update(self._on_schedule)
         self.skipped = [{"scope": g.describe() or f"group {g.id}", "reason": "; ".join(g.reasons)}
                         for g in analysis.groups if not g.prunable]
+        # LeGR (legr.py): per-layer (a, b) of the filter importances; learned at initialize() unless loaded
+        self.learned_ranking = p["interlayer_ranking_type"] == "learned_ranking"
+        self.ranking_coeffs: Coefficients | None = None
+        self.ranking_learned = False
+        self.legr_rewards: list[float] = []
+        self.legr_callbacks = LegrCallbacks()
+        if self.learned_ranking and groups:
+            layers = self._ranked_layers()
+            if p.get("load_ranking_coeffs_path"):
+                index = ScopeIndex.of(gm)
+                self.ranking_coeffs = load_coefficients(p["load_ranking_coeffs_path"], layers,
+                                                        lambda path: index.module_ops.get(path, ()))
+                self.ranking_learned = True
+                self._save_coefficients()
+            else:
+                self.ranking_coeffs = identity(layers)
 
     # -- masks -------------------------------------------------------------------------------
     def bind_masks(self, bindings):
@@ -336,10 +359,14 @@ class FilterPruningController(ControllerPart):
 
     @property
     def global_ranking(self) -> bool:
-        return bool(self.params["all_weights"])
+        """One ranking over all groups: ``all_weights``, or LeGR (its coefficients exist to compare layers)."""
+        return bool(self.params["all_weights"]) or self.learned_ranking
 
     def scores(self) -> np.ndarray:
         """Importance per channel class from the current weights (normalized across layers when global)."""
+        if self.learned_ranking:  # as NNCF: LeGR's affine transforms replace the normalization
+            return class_importance(self.analysis, self.gm, self.criterion, normalize=False,
+                                    coefficients=self.ranking_coeffs)
         scores = class_importance(self.analysis, self.gm, self.criterion, normalize=self.global_ranking)
         if self.global_ranking and self.params["interlayer_ranking_type"] == "flops_weighted_ranking":
             if self._class_flops is None:
@@ -349,6 +376,56 @@ class FilterPruningController(ControllerPart):
                 self._class_flops = flops
             scores = flops_weighted(scores, self._class_flops)
         return scores
+
+    # -- LeGR ----------------------------------------------------------------------------------
+    def _ranked_layers(self) -> list[str]:
+        """The layers LeGR learns coefficients for: the producers of the prunable groups."""
+        return list(dict.fromkeys(layer.name for g in self.groups for layer in g.producers
+                                  if layer.weight_target is not None))
+
+    def set_legr_callbacks(self, *, val_loader=None, criterion=None, target_fn=None, optimizer_fn=None,
+                           train_steps_fn=None, val_fn=None):
+        """How LeGR fine-tunes and scores a candidate ranking (``legr.LegrCallbacks``; NNCF's
+        ``register_default_init_args(..., train_steps_fn=, val_loader=, legr_train_optimizer=, ...)``).
+        The training batches are the loader given to ``ctrl.initialize``."""
+        given = {"val_loader": val_loader, "criterion": criterion, "target_fn": target_fn,
+                 "optimizer_fn": optimizer_fn, "train_steps_fn": train_steps_fn, "val_fn": val_fn}
+        for key, value in given.items():
+            if value is not None:
+                setattr(self.legr_callbacks, key, value)
+
+    def apply_ranking(self, coefficients: Coefficients, level: float):
+        """Masks for ``level`` under the ranking ``coefficients`` (one LeGR candidate)."""
+        self.ranking_coeffs = dict(coefficients)
+        self.set_pruning_level(level)
+
+    def learn_ranking(self, data):
+        """Run LeGR's search on ``data`` (a ``CalibrationData``) and keep the best coefficients."""
+        settings = {**LEGR_DEFAULTS, **self.params.get("legr_params", {})}
+        level = float(settings.get("max_pruning", self.target))
+        limit = self.maximal_compression_rate
+        if level > limit + 1e-9:
+            raise ConfigError(f"FilterPruning.legr_params.max_pruning: {level:g} cannot be reached (at most "
+                              f"{limit:.4f} with these groups)", path="FilterPruning.legr_params.max_pruning")
+        norms = {}
+        for layer in self.analysis.layers.values():
+            if layer.name in self.ranking_coeffs:
+                weight = get_attr_value(self.gm, layer.weight_target)
+                norms[layer.name] = filter_importance(weight, layer.out_axis, self.criterion).cpu().numpy()
+        current, before = self.current_level, self.ranking_coeffs
+        try:
+            best, self.legr_rewards = run_legr(self, self.gm, data, self.legr_callbacks, settings, level, norms)
+        except BaseException:
+            self.apply_ranking(before, current)  # the masks as they were
+            raise
+        self.apply_ranking(best, current)
+        self.ranking_learned = True
+        self._save_coefficients()
+
+    def _save_coefficients(self):
+        # under torch.distributed rank 0 writes: its coefficients are the ones every rank uses (distributed())
+        if self.params.get("save_ranking_coeffs_path") and (not is_distributed() or torch.distributed.get_rank() == 0):
+            save_coefficients(self.params["save_ranking_coeffs_path"], self.ranking_coeffs)
 
     def set_pruning_level(self, level: float):
         """Recompute the masks for ``level`` (fraction of filters, or of FLOPs with pruning_flops_target)."""
@@ -399,7 +476,12 @@ class FilterPruningController(ControllerPart):
             mask.set(torch.from_numpy(self.analysis.keep(space, self.pruned)))
 
     # -- the training loop -----------------------------------------------------------------------
+    def needs_data(self) -> bool:
+        return self.learned_ranking and bool(self.groups) and not self.ranking_learned
+
     def initialize(self, ctx: InitContext):
+        if self.needs_data():
+            self.learn_ranking(ctx.data)
         init = self.params.get("initializer", {}).get("batchnorm_adaptation")
         if init is None or ctx.data is None or not self.groups:
             return
@@ -407,9 +489,15 @@ class FilterPruningController(ControllerPart):
         self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, samples, "filter pruning: BatchNorm adaptation")
 
     def distributed(self):
-        """Make every rank use rank 0's masks, and the mean of the adapted BatchNorm statistics."""
+        """Make every rank use rank 0's masks (and LeGR coefficients), and the mean of the adapted BatchNorm
+        statistics."""
         if not is_distributed() or not self.groups:
             return
+        if self.learned_ranking:  # later schedule steps rank with them: every rank uses rank 0's search
+            names = list(self.ranking_coeffs)
+            coefficients = torch.tensor([self.ranking_coeffs[n] for n in names], dtype=torch.float64)
+            broadcast_from_rank0([coefficients])
+            self.ranking_coeffs = {n: (float(a), float(b)) for n, (a, b) in zip(names, coefficients.tolist())}
         flags = torch.from_numpy(self.pruned.astype(np.uint8))
         broadcast_from_rank0([flags])
         self._set_pruned(flags.numpy().astype(bool))
@@ -421,6 +509,9 @@ class FilterPruningController(ControllerPart):
                    "target_kind": self.target_kind, "schedule": self.params["schedule"],
                    "epoch": self.scheduler.current_epoch, "frozen": self._frozen,
                    "groups": len(self.analysis.groups), "prunable_groups": len(self.groups)}
+        if self.learned_ranking:
+            summary.update({"ranking_learned": self.ranking_learned, "legr_generations": len(self.legr_rewards),
+                            "legr_best_reward": max(self.legr_rewards) if self.legr_rewards else None})
         rows = []
         if self.groups:
             now, full = self.cost.evaluate(self.pruned), self.cost.full
@@ -450,7 +541,9 @@ class FilterPruningController(ControllerPart):
     def state_dict(self) -> dict:
         return {"scheduler": self.scheduler.state_dict(), "num_classes": int(self.analysis.num_classes),
                 "pruned": [int(c) for c in np.nonzero(self.pruned)[0]], "level": float(self.current_level),
-                "applied": list(self._applied) if self._applied else None, "frozen": bool(self._frozen)}
+                "applied": list(self._applied) if self._applied else None, "frozen": bool(self._frozen),
+                "ranking_coeffs": ({k: [a, b] for k, (a, b) in self.ranking_coeffs.items()}
+                                   if self.ranking_coeffs is not None and self.ranking_learned else None)}
 
     def load_state_dict(self, state: dict):
         for key in ("scheduler", "num_classes", "pruned", "level", "frozen"):
@@ -470,6 +563,12 @@ class FilterPruningController(ControllerPart):
         self.current_level = float(state["level"])
         self._applied = tuple(state["applied"]) if state.get("applied") else None
         self._frozen = bool(state["frozen"])
+        if self.learned_ranking and state.get("ranking_coeffs"):
+            coeffs = {k: (float(a), float(b)) for k, (a, b) in state["ranking_coeffs"].items()}
+            if set(coeffs) != set(self.ranking_coeffs):
+                raise CheckpointError("filter_pruning checkpoint holds LeGR coefficients for other layers: "
+                                      "not the same model")
+            self.ranking_coeffs, self.ranking_learned = coeffs, True
 
     # -- lowering -----------------------------------------------------------------------------------
     def lowering_passes(self):

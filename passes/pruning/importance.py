@@ -45,8 +45,13 @@ def l2_normalized(weight: torch.Tensor) -> torch.Tensor:
     return weight / weight.norm().clamp_min(1e-12)
 
 
-def class_importance(analysis: ChannelAnalysis, gm, criterion: str, normalize: bool) -> np.ndarray:
-    """Importance per channel class: the sum of its producers' filter importances."""
+def class_importance(analysis: ChannelAnalysis, gm, criterion: str, normalize: bool,
+                     coefficients: dict[str, tuple[float, float]] | None = None) -> np.ndarray:
+    """Importance per channel class: the sum of its producers' filter importances.
+
+    ``coefficients`` (LeGR, ``legr.py``): a layer's filter importances become ``a * s + b``
+    with its ``(a, b)``; layers without an entry keep theirs.
+    """
     out = np.zeros(analysis.num_classes, dtype=np.float64)
     for layer in analysis.layers.values():
         if layer.out_space is None or layer.weight_target is None:
@@ -57,6 +62,9 @@ def class_importance(analysis: ChannelAnalysis, gm, criterion: str, normalize: b
         scores = filter_importance(weight, layer.out_axis, criterion).cpu().numpy()
         if scores.shape[0] != layer.out_space.size:
             continue  # grouped transposed conv: blocked anyway
+        if coefficients is not None and layer.name in coefficients:
+            a, b = coefficients[layer.name]
+            scores = a * scores + b
         np.add.at(out, analysis.classes_of(layer.out_space), scores)
     return out
 

@@ -45,6 +45,7 @@ from .controller import QuantizationController, QuantizerInfo
 from .policy import (ANNOTATION_KEY, DEVICE_RULES, GroupSettings, Override, QuantizationPlan,
                      QuantizationSettings, node_label, plan_quantization)
 from .range_init import RANGE_TYPES, RangeInitRules
+from .unified_scales import UNIFIED_SCALE_OPS_SCHEMA, unified_scale_scopes, unify_scales
 
 __all__ = ["Quantize", "QUANTIZATION_SCHEMA", "insert_quantizers", "fold_batch_norms"]
 
@@ -78,8 +79,8 @@ _GROUP_PROPERTIES = {
     **_QUANTIZER_PROPERTIES,
     "ignored_scopes": _SCOPES,
     "target_scopes": _SCOPES,
-    # NNCF's log-scale parametrization is not implemented: only its default is accepted.
-    "logarithm_scale": {"enum": [False]},
+    # NNCF's log-scale parametrization is not implemented: only its default is accepted (check()).
+    "logarithm_scale": {"type": "boolean"},
 }
 _OVERRIDE = {"type": "object", "additionalProperties": False, "properties": {
     **_QUANTIZER_PROPERTIES,
@@ -91,7 +92,8 @@ QUANTIZATION_SCHEMA = {
         "bits": _BITS,
         "weights": {"type": "object", "additionalProperties": False,
                     "properties": {**_GROUP_PROPERTIES, "narrow_range": {"type": "boolean"}}},
-        "activations": {"type": "object", "additionalProperties": False, "properties": _GROUP_PROPERTIES},
+        "activations": {"type": "object", "additionalProperties": False,
+                        "properties": {**_GROUP_PROPERTIES, "unified_scale_ops": UNIFIED_SCALE_OPS_SCHEMA}},
         "preset": {"enum": ["performance", "mixed"]},
         # NNCF's key: transformer defaults (TRANSFORMER_DEFAULTS); inferred for Hugging Face models.
         "model_type": {"enum": ["transformer"]},
@@ -110,6 +112,8 @@ QUANTIZATION_SCHEMA = {
         "quantize_outputs": {"type": "boolean"},
         "fold_bn": {"type": "boolean"},
         "learnable_ranges": {"type": "boolean"},
+        # NNCF: multiplies the gradients of every quantizer's scale (and zero point)
+        "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
         # NNCF's staged quantization ("params" block): quantizers switch on at the start epochs, and
         # the learning-rate policy drives an attached optimizer (fxcompress.schedulers.StagedScheduler).
         **STAGED_PARAMS,
@@ -152,6 +156,7 @@ class Quantize(CompressionPass):
         self.range_rules = RangeInitRules(initializer.get("range"))
         self.num_bn_adaptation_samples = initializer.get("batchnorm_adaptation", {}).get(
             "num_bn_adaptation_samples", DEFAULT_NUM_BN_ADAPTATION_SAMPLES)
+        self.unified_scale_scopes = unified_scale_scopes(self.params.get("activations", {}).get("unified_scale_ops"))
 
     def _params_for(self, model_type: str | None) -> dict:
         """The parameters with ``model_type``'s defaults for the keys the user did not give."""
@@ -203,6 +208,10 @@ class Quantize(CompressionPass):
     @classmethod
     def check(cls, params: dict, prefix: str):
         def check_quantizer(values: dict, path: str):
+            if values.get("logarithm_scale") is True:
+                raise ConfigError(f"{path}.logarithm_scale: NNCF's optimization of log(scale) is not implemented "
+                                  "(the quantizers train the scale itself); remove it or set it to false "
+                                  "(docs/nncf_configs.md)", path=f"{path}.logarithm_scale")
             if values.get("mode") == "asymmetric" and values.get("signed") is True:
                 raise ConfigError(f"{path}.signed: an asymmetric quantizer is unsigned (it has a zero point); "
                                   "drop 'signed' or use mode 'symmetric'", path=f"{path}.signed")
@@ -235,10 +244,6 @@ class Quantize(CompressionPass):
     @classmethod
     def from_config_entry(cls, entry: dict, path: str, global_params: dict) -> list:
         """NNCF's ``initializer.precision`` (issue 8) makes one entry two passes: Quantize, then MixedPrecision."""
-        if "compression_lr_multiplier" in global_params:
-            raise ConfigError(f"compression_lr_multiplier: not supported by quantization (docs/quantization.md); "
-                              f"remove it or set it in the entries of the algorithms that take it "
-                              f"(rb_sparsity, binarization)", path="compression_lr_multiplier")
         initializer = entry.get("initializer")
         if not isinstance(initializer, dict) or "precision" not in initializer:
             return super().from_config_entry(entry, path, global_params)
@@ -266,6 +271,7 @@ class Quantize(CompressionPass):
                       self.settings.activations.ignored_scopes, self.settings.activations.target_scopes]
         scope_sets += [o.scopes for group in self.settings.overrides.values() for o in group]
         scope_sets += self.range_rules.scope_sets()
+        scope_sets += [scopes for group in self.unified_scale_scopes for scopes in group]
         for scopes in scope_sets:
             scopes.validate(gm)
 
@@ -288,7 +294,10 @@ class Quantize(CompressionPass):
                           + (f" (skipped {reasons})" if reasons else ""), stacklevel=2)
             return PassResult(gm, False, controller=self._controller([], skipped, folded, params, model_type,
                                                                      chosen))
-        infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules)
+        infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules,
+                                  lr_multiplier=self.params.get("compression_lr_multiplier"))
+        if self.unified_scale_scopes:
+            infos = unify_scales(gm, infos, self.unified_scale_scopes, self.settings.rules.agnostic)
         controller = self._controller(infos, skipped, folded, params, model_type, chosen)
         controller.init_weight_ranges(gm)
         return PassResult(gm, True, controller=controller)
@@ -334,12 +343,14 @@ def _insert(gm: torch.fx.GraphModule, producer: torch.fx.Node, users: list[torch
 
 
 def insert_quantizers(gm: torch.fx.GraphModule, plan: QuantizationPlan, inserted_by: str,
-                      learnable: bool = True, range_rules: RangeInitRules | None = None) -> list[QuantizerInfo]:
+                      learnable: bool = True, range_rules: RangeInitRules | None = None,
+                      lr_multiplier: float | None = None) -> list[QuantizerInfo]:
     """One ``FakeQuantizer`` per annotated point; the annotations are consumed."""
     range_rules = range_rules or RangeInitRules(None)
     infos = []
     for point in plan.points:
-        quantizer = FakeQuantizer(point.spec, num_channels=point.num_channels, learnable=learnable)
+        quantizer = FakeQuantizer(point.spec, num_channels=point.num_channels, learnable=learnable,
+                                  lr_multiplier=lr_multiplier)
         device = _device_of(point.producer, gm)
         if device is not None:
             quantizer.to(device)
