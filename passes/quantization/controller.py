@@ -12,11 +12,13 @@ import torch.fx
 from fxcompress.batchnorm import adapt_batchnorm, average_batchnorm_statistics
 from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
 from fxcompress.data import CalibrationData, count_samples, preserved_modes, progress_bar
+from fxcompress.distributed import average_across_ranks
 from fxcompress.errors import CheckpointError, NotInitializedError
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 from fxcompress.schedulers import StagedScheduler
 
+from .bias_correction import bias_correction_targets, correct_biases, set_parameter, statistics_module
 from .range_init import RangeCollector, RangeInitConfig, weight_range
 
 __all__ = ["QuantizerInfo", "QuantizationScheduler", "QuantizationController"]
@@ -76,7 +78,8 @@ class QuantizationController(ControllerPart):
     algorithm = "quantization"
 
     def __init__(self, quantizers: list[QuantizerInfo], skipped: list[dict], *, settings: dict | None = None,
-                 num_bn_adaptation_samples: int = 0, staged: dict | None = None):
+                 num_bn_adaptation_samples: int = 0, staged: dict | None = None,
+                 fast_bias_correction: bool = False):
         super().__init__()
         self.quantizers = list(quantizers)
         self.skipped = list(skipped)
@@ -89,6 +92,9 @@ class QuantizationController(ControllerPart):
         self._adapted_bns: list = []
         self._distributed = False       # ranks average what initialization finds (ctrl.distributed())
         self._init_gm = self._init_data = None
+        self.fast_bias_correction = bool(fast_bias_correction)
+        self.bias_shifts: dict[str, torch.Tensor] = {}  # bias parameter path -> shift fast bias correction added
+        self._bias_skipped: list[dict] = []
 
     # -- lookup ----------------------------------------------------------------
     @property
@@ -111,14 +117,25 @@ class QuantizationController(ControllerPart):
 
     def initialize(self, ctx: InitContext):
         self.init_weight_ranges(ctx.gm)
+        correct = self.fast_bias_correction and ctx.data is not None and self.needs_data()
+        if correct:
+            self._undo_bias_correction(ctx.gm)  # the float statistics are those of the uncorrected model
+            targets, self._bias_skipped = bias_correction_targets(
+                ctx.gm, adapted_batch_norms=self.num_bn_adaptation_samples > 0)
+            statistics_gm, means = statistics_module(ctx.gm, targets)
         if self.needs_data():
             if ctx.data is None:
                 raise ValueError("initialize: quantization needs a data loader to set activation ranges: "
                                  "ctrl.initialize(loader)")
-            self.init_activation_ranges(ctx.gm, ctx.data)
+            # fast bias correction observes its layers' inputs in the same pass
+            self.init_activation_ranges(ctx.gm, ctx.data, statistics_gm if correct else None)
         self._distributed = self._distributed or ctx.distributed
         if self._distributed:  # BatchNorm adapts to the ranges every rank keeps
             average_ranges_across_ranks(q.module for q in self.quantizers)
+        if correct:  # after the ranges are final, before BatchNorm adaptation
+            self.bias_shifts = correct_biases(ctx.gm, targets, means)
+            if self._distributed:
+                self._average_corrected_biases(ctx.gm)
         self.set_calibration_data(ctx)
         self._adapted_bns = []
         if ctx.data is not None and self.num_bn_adaptation_samples > 0:
@@ -129,6 +146,18 @@ class QuantizationController(ControllerPart):
 
     def set_calibration_data(self, ctx: InitContext):
         self._init_gm, self._init_data = ctx.gm, ctx.data  # for the range re-init at a stage start
+
+    @torch.no_grad()
+    def _undo_bias_correction(self, gm: torch.fx.GraphModule):
+        """Take the shifts an earlier fast bias correction added out of the biases again."""
+        for path, shift in self.bias_shifts.items():
+            set_parameter(gm, path, get_attr_value(gm, path) - shift)
+        self.bias_shifts = {}
+
+    def _average_corrected_biases(self, gm: torch.fx.GraphModule):
+        """Ranks measured their shifts on their own data: every rank keeps the mean shift (and so the
+        mean corrected bias: the uncorrected biases are the same on every rank)."""
+        average_across_ranks([*self.bias_shifts.values(), *(get_attr_value(gm, path) for path in self.bias_shifts)])
 
     def _reinit_ranges(self, scheduler=None):
         """NNCF's staged scheduler re-initializes the ranges when a group is switched on: the weights
@@ -177,8 +206,13 @@ class QuantizationController(ControllerPart):
             q.module.set_range(low, high)
 
     @torch.no_grad()
-    def init_activation_ranges(self, gm: torch.nn.Module, data: CalibrationData):
-        """One pass over the data with all quantizers disabled, observing each activation quantizer's input."""
+    def init_activation_ranges(self, gm: torch.nn.Module, data: CalibrationData,
+                               forward: torch.nn.Module | None = None):
+        """One pass over the data with all quantizers disabled, observing each activation quantizer's input.
+
+        ``forward``: what runs instead of ``gm``, a module computing the same over the same quantizer
+        modules (fast bias correction's ``statistics_module``, which observes more on the way).
+        """
         targets = [q for q in self.activation_quantizers if q.range_init.num_init_samples > 0]
         collectors = {q.name: RangeCollector(q.range_init, q.module.spec, seed=i) for i, q in enumerate(targets)}
         active = {q.name: True for q in targets}
@@ -199,7 +233,7 @@ class QuantizationController(ControllerPart):
                 for args, kwargs in progress_bar(data.batches(total), "quantization: range init"):
                     for q in targets:
                         active[q.name] = seen < q.range_init.num_init_samples
-                    gm(*args, **kwargs)
+                    (forward or gm)(*args, **kwargs)
                     seen += count_samples(args, kwargs)
                     batches += 1
             finally:
@@ -225,6 +259,8 @@ class QuantizationController(ControllerPart):
         self._distributed = True  # ranges re-initialized at a stage start are averaged too
         average_ranges_across_ranks(q.module for q in self.quantizers)
         average_batchnorm_statistics(self._adapted_bns)
+        if self.bias_shifts and self._init_gm is not None:
+            self._average_corrected_biases(self._init_gm)
 
     # -- export ----------------------------------------------------------------
     def check_exportable(self):
@@ -264,9 +300,10 @@ class QuantizationController(ControllerPart):
             "initialized": bool(rows) and all(r["initialized"] for r in rows),
             "overflow_fix": sum(q.overflow_fix for q in self.quantizers),
             "bn_adapted": self.bn_adapted,
+            "bias_corrected": len(self.bias_shifts),
             **self.settings,
         }
-        return StatisticsSection(self.algorithm, summary, rows, list(self.skipped))
+        return StatisticsSection(self.algorithm, summary, rows, list(self.skipped) + list(self._bias_skipped))
 
     # -- checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -274,6 +311,7 @@ class QuantizationController(ControllerPart):
             "scheduler": self.scheduler.state_dict(),
             "initialized": self.initialized,
             "bn_adapted": int(self.bn_adapted),
+            "bias_shifts": {path: shift.detach().clone() for path, shift in self.bias_shifts.items()},
             "quantizers": {q.name: {"enabled": bool(q.module.enabled), "initialized": bool(q.module.initialized),
                                     "bits": int(q.module.spec.bits), "signed": bool(q.module.spec.signed)}
                            for q in self.quantizers},
@@ -299,3 +337,4 @@ class QuantizationController(ControllerPart):
                 q.module.spec = replace(q.module.spec, bits=int(saved["bits"]))
         self.initialized = bool(state.get("initialized", False))
         self.bn_adapted = int(state.get("bn_adapted", 0))
+        self.bias_shifts = {str(k): v for k, v in state.get("bias_shifts", {}).items()}

@@ -108,6 +108,9 @@ QUANTIZATION_SCHEMA = {
         "quantize_outputs": {"type": "boolean"},
         "fold_bn": {"type": "boolean"},
         "learnable_ranges": {"type": "boolean"},
+        # fxcompress extension, named after nncf.quantize's argument: fast bias correction in
+        # initialize() (off by default here, as for NNCF's QAT; quantize_post_training turns it on)
+        "fast_bias_correction": {"type": "boolean"},
         # NNCF's staged quantization ("params" block): quantizers switch on at the start epochs, and
         # the learning-rate policy drives an attached optimizer (fxcompress.schedulers.StagedScheduler).
         **STAGED_PARAMS,
@@ -124,14 +127,16 @@ class Quantize(CompressionPass):
     target_device="ANY", initializer={"range": {...}, "batchnorm_adaptation": {...}},
     scope_overrides={...}, overflow_fix="enable", quantize_inputs=True,
     quantize_outputs=False, fold_bn=False, learnable_ranges=True,
-    ignored_scopes=[...], target_scopes=[...])``; the keys and defaults are
-    NNCF's (docs/quantization.md lists them).
+    fast_bias_correction=False, ignored_scopes=[...], target_scopes=[...])``; the keys and
+    defaults are NNCF's (docs/quantization.md lists them; ``fast_bias_correction`` is
+    ``nncf.quantize``'s argument, an fxcompress extension in a config entry).
     """
     algorithm = "quantization"
     schema = QUANTIZATION_SCHEMA
     defaults = {
         "bits": 8, "preset": "performance", "target_device": "ANY", "overflow_fix": "enable",
         "quantize_inputs": True, "quantize_outputs": False, "fold_bn": False, "learnable_ranges": True,
+        "fast_bias_correction": False,
     }
 
     def __init__(self, **params):
@@ -267,7 +272,7 @@ class Quantize(CompressionPass):
             settings["folded_batch_norms"] = len(folded)
         return QuantizationController(
             infos, skipped, settings=settings, num_bn_adaptation_samples=self.num_bn_adaptation_samples,
-            staged=self.staged_params())
+            staged=self.staged_params(), fast_bias_correction=self.params["fast_bias_correction"])
 
 
 def _unsupported_weighted(gm: torch.fx.GraphModule) -> list[dict]:
