@@ -5,10 +5,11 @@ Per train seed (the split, the trained DigitsCNN): fp32 test accuracy, then for 
 configuration the accuracy drop against fp32 (450 test images: one image is 0.22 points) and
 two measures finer than accuracy, on the test images: the mean over classes of
 |mean logit shift| against fp32 (what bias correction targets) and the logit MSE against
-fp32. fxcompress: ``quantize_post_training(model, train_loader)`` (300 samples, no BatchNorm
-adaptation, as ``nncf.quantize``); NNCF 3.4: ``nncf.quantize(model, nncf.Dataset(train_loader,
-...), subset_size=300)`` (fast bias correction; its torch backend refuses to turn it off), when
-nncf is importable (its own venv: benchmarks/RESULTS.md says how it was made). ``--weight-bits 4`` quantizes weights to 4 bits (fxcompress
+fp32. Both get the same 300 training images (one per item): fxcompress
+``quantize_post_training(model, images, subset_size=300)`` (no BatchNorm adaptation, as
+``nncf.quantize``); NNCF 3.4 ``nncf.quantize(model, nncf.Dataset(images), subset_size=300)``
+(fast bias correction; its torch backend refuses to turn it off), when nncf is importable (its
+own venv: benchmarks/RESULTS.md says how it was made). ``--weight-bits 4`` quantizes weights to 4 bits (fxcompress
 only: nncf.quantize has no 4-bit weights for conv layers), where weight rounding moves the
 means far more.
 
@@ -48,16 +49,16 @@ def _errors(model, x, reference):
     return diff.mean(dim=0).abs().mean().item(), diff.pow(2).mean().item()
 
 
-def _nncf(model, train):
+def _nncf(model, calibration):
     import nncf
-    dataset = nncf.Dataset(train, lambda batch: batch[0])
-    return nncf.quantize(copy.deepcopy(model), dataset, subset_size=300)
+    return nncf.quantize(copy.deepcopy(model), nncf.Dataset(calibration), subset_size=len(calibration))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--weight-bits", type=int, default=8)
+    parser.add_argument("--subset-size", type=int, default=300)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -65,10 +66,11 @@ def main():
     if has_nncf:
         import nncf
         print(f"nncf {nncf.__version__}, torch {torch.__version__}")
-    configs = {"fxcompress, no bias correction": lambda m, t: quantize_post_training(
-                   m, t, fast_bias_correction=False, weights={"bits": args.weight_bits})[1],
-               "fxcompress, fast bias correction (default)": lambda m, t: quantize_post_training(
-                   m, t, weights={"bits": args.weight_bits})[1]}
+    weights = {"bits": args.weight_bits}
+    configs = {"fxcompress, no bias correction": lambda m, c: quantize_post_training(
+                   m, c, subset_size=len(c), fast_bias_correction=False, weights=weights)[1],
+               "fxcompress, fast bias correction (default)": lambda m, c: quantize_post_training(
+                   m, c, subset_size=len(c), weights=weights)[1]}
     if has_nncf:
         # NNCF's torch backend refuses fast_bias_correction=False ("not supported")
         configs["NNCF, fast bias correction (default)"] = lambda m, t: _nncf(m, t)
@@ -76,6 +78,8 @@ def main():
     for seed in range(args.seeds):
         model = train_digits_cnn(seed=seed)
         train, test = digits_loaders(batch_size=64, seed=seed)
+        # the same 300 training images for both, one per item (nncf.Dataset's subset_size counts items)
+        calibration = [image[None] for batch in train for image in batch[0]][:args.subset_size]
         x = torch.cat([batch[0] for batch in test])
         with torch.no_grad():
             reference = model(x)
@@ -83,7 +87,7 @@ def main():
         print(f"seed {seed}: fp32 {100 * fp32:.2f}%")
         for name, build in configs.items():
             torch.manual_seed(seed)
-            quantized = build(model, train)
+            quantized = build(model, calibration)
             drop = 100 * (fp32 - evaluate_accuracy(quantized, test))
             shift, mse = _errors(quantized, x, reference)
             rows[name].append((drop, shift, mse))
