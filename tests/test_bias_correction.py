@@ -136,6 +136,7 @@ def test_checkpoint_round_trip_keeps_the_corrected_biases(tmp_path):
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     load_state(gm2, saved["gm"])
     ctrl2.load_state_dict(saved["ctrl"])
+    assert ctrl2.statistics().to_dict() == ctrl.statistics().to_dict()
     x = torch.cat(data)
     with torch.no_grad():
         assert torch.equal(gm2(x), gm(x))

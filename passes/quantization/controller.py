@@ -1,6 +1,7 @@
 """What the ``Quantize`` pass leaves for the training loop: range init, BN adaptation, statistics, state."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -20,6 +21,7 @@ from fxcompress.schedulers import StagedScheduler
 
 from .bias_correction import bias_correction_targets, correct_biases, set_parameter, statistics_module
 from .range_init import RangeCollector, RangeInitConfig, weight_range
+from .smoothing import SmoothingGroup, smooth
 
 __all__ = ["QuantizerInfo", "QuantizationScheduler", "QuantizationController"]
 
@@ -79,7 +81,8 @@ class QuantizationController(ControllerPart):
 
     def __init__(self, quantizers: list[QuantizerInfo], skipped: list[dict], *, settings: dict | None = None,
                  num_bn_adaptation_samples: int = 0, staged: dict | None = None,
-                 fast_bias_correction: bool = False):
+                 fast_bias_correction: bool = False, smoothing: list[SmoothingGroup] = (),
+                 smooth_quant_alpha: float | None = None):
         super().__init__()
         self.quantizers = list(quantizers)
         self.skipped = list(skipped)
@@ -95,6 +98,9 @@ class QuantizationController(ControllerPart):
         self.fast_bias_correction = bool(fast_bias_correction)
         self.bias_shifts: dict[str, torch.Tensor] = {}  # bias parameter path -> shift fast bias correction added
         self._bias_skipped: list[dict] = []
+        self.smoothing_groups = list(smoothing)     # activation smoothing (SmoothQuant), set up at compile time
+        self.smooth_quant_alpha = smooth_quant_alpha
+        self.smoothed = 0
 
     # -- lookup ----------------------------------------------------------------
     @property
@@ -120,6 +126,12 @@ class QuantizationController(ControllerPart):
         correct = self.fast_bias_correction and ctx.data is not None and self.needs_data()
         if correct:
             self._undo_bias_correction(ctx.gm)  # the float statistics are those of the uncorrected model
+        if self.smoothing_groups and ctx.data is not None and self.needs_data():
+            # its own pass: the ranges below must see the smoothed activations
+            self.smoothed = smooth(ctx.gm, self.smoothing_groups, self.smooth_quant_alpha,
+                                   lambda: self._float_pass(ctx.gm, ctx.data))
+            self.init_weight_ranges(ctx.gm)
+        if correct:
             targets, self._bias_skipped = bias_correction_targets(
                 ctx.gm, adapted_batch_norms=self.num_bn_adaptation_samples > 0)
             statistics_gm, means = statistics_module(ctx.gm, targets)
@@ -216,7 +228,6 @@ class QuantizationController(ControllerPart):
         targets = [q for q in self.activation_quantizers if q.range_init.num_init_samples > 0]
         collectors = {q.name: RangeCollector(q.range_init, q.module.spec, seed=i) for i, q in enumerate(targets)}
         active = {q.name: True for q in targets}
-        enabled = {q.name: q.module.enabled for q in self.quantizers}
         hooks = []
         for q in targets:
             def hook(module, args, name=q.name):
@@ -225,11 +236,8 @@ class QuantizationController(ControllerPart):
             hooks.append(q.module.register_forward_pre_hook(hook))
         total = max(q.range_init.num_init_samples for q in targets)
         seen = batches = 0
-        with preserved_modes(gm):
+        with self._quantizers_off(gm):
             try:
-                for q in self.quantizers:
-                    q.module.enabled = False
-                gm.eval()
                 for args, kwargs in progress_bar(data.batches(total), "quantization: range init"):
                     for q in targets:
                         active[q.name] = seen < q.range_init.num_init_samples
@@ -239,8 +247,6 @@ class QuantizationController(ControllerPart):
             finally:
                 for h in hooks:
                     h.remove()
-                for q in self.quantizers:
-                    q.module.enabled = enabled[q.name]
         if batches == 0:
             raise ValueError("initialize: the data loader yielded no batches")
         unseen = []
@@ -253,6 +259,26 @@ class QuantizationController(ControllerPart):
         if unseen:
             warnings.warn(f"quantization: {len(unseen)} activation quantizers saw no data during range init "
                           f"({', '.join(unseen[:5])}); their ranges stay unset", stacklevel=3)
+
+    @contextlib.contextmanager
+    def _quantizers_off(self, gm: torch.nn.Module):
+        """Every quantizer of this part disabled (the float model), ``gm`` in eval mode; all restored after."""
+        enabled = {q.name: q.module.enabled for q in self.quantizers}
+        with preserved_modes(gm):
+            try:
+                for q in self.quantizers:
+                    q.module.enabled = False
+                gm.eval()
+                yield
+            finally:
+                for q in self.quantizers:
+                    q.module.enabled = enabled[q.name]
+
+    def _float_pass(self, gm: torch.nn.Module, data: CalibrationData):
+        """The float model over the range-init samples (activation smoothing's statistics)."""
+        total = max(q.range_init.num_init_samples for q in self.activation_quantizers)
+        with self._quantizers_off(gm):
+            data.run(gm, total, progress="quantization: activation smoothing", purpose="activation smoothing")
 
     def distributed(self):
         """Every rank gets the mean of the ranges (and adapted BatchNorm statistics) the ranks found."""
@@ -301,6 +327,7 @@ class QuantizationController(ControllerPart):
             "overflow_fix": sum(q.overflow_fix for q in self.quantizers),
             "bn_adapted": self.bn_adapted,
             "bias_corrected": len(self.bias_shifts),
+            "smoothed": self.smoothed,
             **self.settings,
         }
         return StatisticsSection(self.algorithm, summary, rows, list(self.skipped) + list(self._bias_skipped))
@@ -312,6 +339,8 @@ class QuantizationController(ControllerPart):
             "initialized": self.initialized,
             "bn_adapted": int(self.bn_adapted),
             "bias_shifts": {path: shift.detach().clone() for path, shift in self.bias_shifts.items()},
+            "bias_skipped": [dict(s) for s in self._bias_skipped],
+            "smoothed": int(self.smoothed),
             "quantizers": {q.name: {"enabled": bool(q.module.enabled), "initialized": bool(q.module.initialized),
                                     "bits": int(q.module.spec.bits), "signed": bool(q.module.spec.signed)}
                            for q in self.quantizers},
@@ -338,3 +367,5 @@ class QuantizationController(ControllerPart):
         self.initialized = bool(state.get("initialized", False))
         self.bn_adapted = int(state.get("bn_adapted", 0))
         self.bias_shifts = {str(k): v for k, v in state.get("bias_shifts", {}).items()}
+        self._bias_skipped = [dict(s) for s in state.get("bias_skipped", [])]
+        self.smoothed = int(state.get("smoothed", 0))

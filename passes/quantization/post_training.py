@@ -26,7 +26,7 @@ DEFAULT_SUBSET_SIZE = 300  # nncf.quantize's subset_size
 
 def quantize_post_training(model: torch.nn.Module, calibration_data: Iterable, example_inputs: Any = None, *,
                            subset_size: int = DEFAULT_SUBSET_SIZE, fast_bias_correction: bool = True,
-                           input_fn: Callable | None = None, leaf_modules=None, **quantize_params
+                           model_type: str | None = None, input_fn: Callable | None = None, leaf_modules=None, **quantize_params
                            ) -> tuple[CompressionController, torch.fx.GraphModule]:
     """Quantize ``model`` post-training on ``calibration_data``; returns ``(ctrl, gm)`` ready to evaluate
     or ``ctrl.export_onnx(path)``.
@@ -36,11 +36,19 @@ def quantize_post_training(model: torch.nn.Module, calibration_data: Iterable, e
     for the activation ranges and the bias correction. ``quantize_params``: ``Quantize``'s
     arguments (``preset``, ``target_device``, ``ignored_scopes``, ``weights``, ``activations``, ...);
     ``initializer={"range": ...}`` overrides the range settings (its ``num_init_samples`` wins over
-    ``subset_size``). The user's model is never modified.
+    ``subset_size``). ``model_type="transformer"`` (``nncf.ModelType.TRANSFORMER``) defaults
+    ``smooth_quant_alpha`` to 0.5 (activation smoothing) and ``preset`` to ``"mixed"``. The user's
+    model is never modified.
     """
     if not isinstance(subset_size, int) or isinstance(subset_size, bool) or subset_size <= 0:
         raise ConfigError(f"quantize_post_training: subset_size must be a positive integer, got {subset_size!r}",
                           path="subset_size")
+    if model_type not in (None, "transformer"):
+        raise ConfigError(f"quantize_post_training: model_type must be None or 'transformer', got {model_type!r}",
+                          path="model_type")
+    if model_type == "transformer":
+        quantize_params.setdefault("smooth_quant_alpha", 0.5)
+        quantize_params.setdefault("preset", "mixed")
     initializer = copy.deepcopy(quantize_params.pop("initializer", {}))
     ranges = initializer.setdefault("range", {})
     if isinstance(ranges, dict):

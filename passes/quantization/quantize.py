@@ -45,6 +45,7 @@ from .controller import QuantizationController, QuantizerInfo
 from .policy import (ANNOTATION_KEY, DEVICE_RULES, GroupSettings, Override, QuantizationPlan,
                      QuantizationSettings, node_label, plan_quantization)
 from .range_init import RANGE_TYPES, RangeInitRules
+from .smoothing import insert_smoothing
 
 __all__ = ["Quantize", "QUANTIZATION_SCHEMA", "insert_quantizers", "fold_batch_norms"]
 
@@ -111,6 +112,9 @@ QUANTIZATION_SCHEMA = {
         # fxcompress extension, named after nncf.quantize's argument: fast bias correction in
         # initialize() (off by default here, as for NNCF's QAT; quantize_post_training turns it on)
         "fast_bias_correction": {"type": "boolean"},
+        # fxcompress extension: SmoothQuant-style activation smoothing of linear layers' inputs, its
+        # alpha (NNCF's default for transformers: 0.5); absent: off (always off for convolutions)
+        "smooth_quant_alpha": {"type": "number", "minimum": 0, "maximum": 1},
         # NNCF's staged quantization ("params" block): quantizers switch on at the start epochs, and
         # the learning-rate policy drives an attached optimizer (fxcompress.schedulers.StagedScheduler).
         **STAGED_PARAMS,
@@ -127,7 +131,7 @@ class Quantize(CompressionPass):
     target_device="ANY", initializer={"range": {...}, "batchnorm_adaptation": {...}},
     scope_overrides={...}, overflow_fix="enable", quantize_inputs=True,
     quantize_outputs=False, fold_bn=False, learnable_ranges=True,
-    fast_bias_correction=False, ignored_scopes=[...], target_scopes=[...])``; the keys and
+    fast_bias_correction=False, smooth_quant_alpha=None, ignored_scopes=[...], target_scopes=[...])``; the keys and
     defaults are NNCF's (docs/quantization.md lists them; ``fast_bias_correction`` is
     ``nncf.quantize``'s argument, an fxcompress extension in a config entry).
     """
@@ -262,17 +266,21 @@ class Quantize(CompressionPass):
                           + (f" (skipped {reasons})" if reasons else ""), stacklevel=2)
             return PassResult(gm, False, controller=self._controller([], skipped, folded))
         infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules)
-        controller = self._controller(infos, skipped, folded)
+        smoothing = []
+        if self.params.get("smooth_quant_alpha") is not None:
+            smoothing = insert_smoothing(gm, [q.name for q in infos if q.group == "activations"], self.name)
+        controller = self._controller(infos, skipped, folded, smoothing)
         controller.init_weight_ranges(gm)
         return PassResult(gm, True, controller=controller)
 
-    def _controller(self, infos, skipped, folded) -> QuantizationController:
+    def _controller(self, infos, skipped, folded, smoothing=()) -> QuantizationController:
         settings = {"target_device": self.params["target_device"], "preset": self.params["preset"]}
         if folded:
             settings["folded_batch_norms"] = len(folded)
         return QuantizationController(
             infos, skipped, settings=settings, num_bn_adaptation_samples=self.num_bn_adaptation_samples,
-            staged=self.staged_params(), fast_bias_correction=self.params["fast_bias_correction"])
+            staged=self.staged_params(), fast_bias_correction=self.params["fast_bias_correction"],
+            smoothing=smoothing, smooth_quant_alpha=self.params.get("smooth_quant_alpha"))
 
 
 def _unsupported_weighted(gm: torch.fx.GraphModule) -> list[dict]:
