@@ -136,7 +136,7 @@ class InputMean(nn.Module):
         x = x.detach().float()
         axis = self.channel_axis % x.dim()
         dims = [d for d in range(x.dim()) if d != axis]
-        total = x.sum(dim=dims, dtype=torch.float64)
+        total = x.sum(dim=dims).double()  # float32 reduction (pairwise: accurate), float64 across batches
         self.total = total if self.total is None else self.total + total
         self.count += x.numel() // x.shape[axis]
         self.shape = x.shape
@@ -184,7 +184,7 @@ def statistics_module(gm: torch.fx.GraphModule, targets: list[BiasTarget]
 @torch.no_grad()
 def _shift(gm: torch.fx.GraphModule, target: BiasTarget, blob: torch.Tensor) -> torch.Tensor:
     """``mean(layer(blob, float weight)) - mean(layer(blob, quantized weight))`` per output channel
-    (the bias cancels)."""
+    (the bias cancels), computed as one call with the weight difference: the layer is linear in it."""
     weight_float = weight_quantized = get_attr_value(gm, target.weight_chain[0].target)
     for node in target.weight_chain[1:]:
         module = gm.get_submodule(node.target)
@@ -193,9 +193,8 @@ def _shift(gm: torch.fx.GraphModule, target: BiasTarget, blob: torch.Tensor) -> 
             weight_float = module(weight_float)
     node, fn = target.node, target.node.target
     rest = list(node.args[3:])
-    y_float = fn(blob, weight_float, None, *rest, **node.kwargs)
-    y_quantized = fn(blob, weight_quantized, None, *rest, **node.kwargs)
-    return _channel_mean(y_float, target.channel_axis) - _channel_mean(y_quantized, target.channel_axis)
+    shift = fn(blob, weight_float - weight_quantized, None, *rest, **node.kwargs)
+    return _channel_mean(shift, target.channel_axis)
 
 
 def set_parameter(gm: torch.nn.Module, path: str, value: torch.Tensor):
