@@ -38,7 +38,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from .errors import InputShapeError, TraceError
 from .integer_inputs import mark_integer_derived
@@ -652,6 +652,28 @@ def _tensor_facts(meta):
     return None, None
 
 
+def _tensor_metadata(value: torch.Tensor) -> TensorMetadata:
+    """fx's ``TensorMetadata`` of a concrete tensor, as ``shape_prop._extract_tensor_metadata`` computes it
+    but without its memory-format check, which imports sympy (about 4 s, a third of compiling
+    ResNet-18) to handle symbolic shapes that a concrete example tensor never has."""
+    memory_format = None
+    for candidate in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        if value.is_contiguous(memory_format=candidate) if value.layout == torch.strided else False:
+            memory_format = candidate
+            break
+    quantized = value.is_quantized
+    qparams = {}
+    if quantized:
+        if value.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            qparams = {"qscheme": value.qscheme(), "scale": value.q_scale(), "zero_point": value.q_zero_point()}
+        else:
+            qparams = {"qscheme": value.qscheme(), "scale": value.q_per_channel_scales().tolist(),
+                       "zero_point": value.q_per_channel_zero_points().tolist(),
+                       "axis": value.q_per_channel_axis()}
+    stride = value.stride() if value.layout == torch.strided else ()
+    return TensorMetadata(value.shape, value.dtype, value.requires_grad, stride, memory_format, quantized, qparams)
+
+
 class _MetadataInterpreter(torch.fx.Interpreter):
     """Runs the graph on the example inputs and records each node's ``tensor_meta`` (as fx's ShapeProp).
 
@@ -671,7 +693,7 @@ class _MetadataInterpreter(torch.fx.Interpreter):
             if not isinstance(value, torch.Tensor):
                 return value
             found.append(value)
-            return _extract_tensor_metadata(value)
+            return _tensor_metadata(value)
 
         meta = map_aggregate(result, tensor_meta)
         if found:

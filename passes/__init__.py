@@ -7,8 +7,8 @@ from .binarization import Binarization
 from .distillation import KnowledgeDistillation
 from .mixed_precision import MixedPrecision
 from .pruning import FilterPruning
-from .quantization import Quantize
+from .quantization import Quantize, quantize_post_training
 from .sparsity import ConstSparsity, MagnitudeSparsity, RBSparsity
 
-__all__ = ["Quantize", "MixedPrecision", "Binarization", "MagnitudeSparsity", "RBSparsity", "ConstSparsity",
+__all__ = ["Quantize", "quantize_post_training", "MixedPrecision", "Binarization", "MagnitudeSparsity", "RBSparsity", "ConstSparsity",
            "FilterPruning", "KnowledgeDistillation"]

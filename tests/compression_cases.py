@@ -25,6 +25,8 @@ def _quantize():
 
 CASES = {
     "quantization": lambda: [_quantize()],
+    # fast bias correction corrects fc; the convs are skipped (BatchNorm adaptation re-centres them)
+    "quantization_bias_correction": lambda: [Quantize(bits=8, initializer=QUANTIZE_INIT, fast_bias_correction=True)],
     "magnitude_sparsity": lambda: [MagnitudeSparsity(sparsity_init=0.5, sparsity_target=0.6, sparsity_target_epoch=2,
                                                      initializer=BN_ADAPTATION)],
     "rb_sparsity": lambda: [RBSparsity(sparsity_target=0.5, sparsity_target_epoch=2), _quantize()],

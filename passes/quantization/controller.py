@@ -1,6 +1,7 @@
 """What the ``Quantize`` pass leaves for the training loop: range init, BN adaptation, statistics, state."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -12,12 +13,15 @@ import torch.fx
 from fxcompress.batchnorm import adapt_batchnorm, average_batchnorm_statistics
 from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
 from fxcompress.data import CalibrationData, count_samples, preserved_modes, progress_bar
+from fxcompress.distributed import average_across_ranks
 from fxcompress.errors import CheckpointError, NotInitializedError, RangeInitError
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 from fxcompress.schedulers import StagedScheduler
 
+from .bias_correction import bias_correction_targets, correct_biases, set_parameter, statistics_module
 from .range_init import RangeCollector, RangeInitConfig, weight_range
+from .smoothing import SmoothingGroup, smooth
 
 __all__ = ["QuantizerInfo", "QuantizationScheduler", "QuantizationController"]
 
@@ -76,7 +80,9 @@ class QuantizationController(ControllerPart):
     algorithm = "quantization"
 
     def __init__(self, quantizers: list[QuantizerInfo], skipped: list[dict], *, settings: dict | None = None,
-                 num_bn_adaptation_samples: int = 0, staged: dict | None = None):
+                 num_bn_adaptation_samples: int = 0, staged: dict | None = None,
+                 fast_bias_correction: bool = False, smoothing: list[SmoothingGroup] = (),
+                 smooth_quant_alpha: float | None = None):
         super().__init__()
         self.quantizers = list(quantizers)
         self.skipped = list(skipped)
@@ -89,6 +95,12 @@ class QuantizationController(ControllerPart):
         self._adapted_bns: list = []
         self._distributed = False       # ranks average what initialization finds (ctrl.distributed())
         self._init_gm = self._init_data = None
+        self.fast_bias_correction = bool(fast_bias_correction)
+        self.bias_shifts: dict[str, torch.Tensor] = {}  # bias parameter path -> shift fast bias correction added
+        self._bias_skipped: list[dict] = []
+        self.smoothing_groups = list(smoothing)     # activation smoothing (SmoothQuant), set up at compile time
+        self.smooth_quant_alpha = smooth_quant_alpha
+        self.smoothed = 0
 
     # -- lookup ----------------------------------------------------------------
     @property
@@ -111,14 +123,31 @@ class QuantizationController(ControllerPart):
 
     def initialize(self, ctx: InitContext):
         self.init_weight_ranges(ctx.gm)
+        correct = self.fast_bias_correction and ctx.data is not None and self.needs_data()
+        if correct:
+            self._undo_bias_correction(ctx.gm)  # the float statistics are those of the uncorrected model
+        if self.smoothing_groups and ctx.data is not None and self.needs_data():
+            # its own pass: the ranges below must see the smoothed activations
+            self.smoothed = smooth(ctx.gm, self.smoothing_groups, self.smooth_quant_alpha,
+                                   lambda: self._float_pass(ctx.gm, ctx.data))
+            self.init_weight_ranges(ctx.gm)
+        if correct:
+            targets, self._bias_skipped = bias_correction_targets(
+                ctx.gm, adapted_batch_norms=self.num_bn_adaptation_samples > 0)
+            statistics_gm, means = statistics_module(ctx.gm, targets)
         if self.needs_data():
             if ctx.data is None:
                 raise ValueError("initialize: quantization needs a data loader to set activation ranges: "
                                  "ctrl.initialize(loader)")
-            self.init_activation_ranges(ctx.gm, ctx.data)
+            # fast bias correction observes its layers' inputs in the same pass
+            self.init_activation_ranges(ctx.gm, ctx.data, statistics_gm if correct else None)
         self._distributed = self._distributed or ctx.distributed
         if self._distributed:  # BatchNorm adapts to the ranges every rank keeps
             average_ranges_across_ranks(q.module for q in self.quantizers)
+        if correct:  # after the ranges are final, before BatchNorm adaptation
+            self.bias_shifts = correct_biases(ctx.gm, targets, means)
+            if self._distributed:
+                self._average_corrected_biases(ctx.gm)
         self.set_calibration_data(ctx)
         self._adapted_bns = []
         if ctx.data is not None and self.num_bn_adaptation_samples > 0:
@@ -138,6 +167,18 @@ class QuantizationController(ControllerPart):
 
     def set_calibration_data(self, ctx: InitContext):
         self._init_gm, self._init_data = ctx.gm, ctx.data  # for the range re-init at a stage start
+
+    @torch.no_grad()
+    def _undo_bias_correction(self, gm: torch.fx.GraphModule):
+        """Take the shifts an earlier fast bias correction added out of the biases again."""
+        for path, shift in self.bias_shifts.items():
+            set_parameter(gm, path, get_attr_value(gm, path) - shift)
+        self.bias_shifts = {}
+
+    def _average_corrected_biases(self, gm: torch.fx.GraphModule):
+        """Ranks measured their shifts on their own data: every rank keeps the mean shift (and so the
+        mean corrected bias: the uncorrected biases are the same on every rank)."""
+        average_across_ranks([*self.bias_shifts.values(), *(get_attr_value(gm, path) for path in self.bias_shifts)])
 
     def _reinit_ranges(self, scheduler=None):
         """NNCF's staged scheduler re-initializes the ranges when a group is switched on: the weights
@@ -186,12 +227,16 @@ class QuantizationController(ControllerPart):
             q.module.set_range(low, high)
 
     @torch.no_grad()
-    def init_activation_ranges(self, gm: torch.nn.Module, data: CalibrationData):
-        """One pass over the data with all quantizers disabled, observing each activation quantizer's input."""
+    def init_activation_ranges(self, gm: torch.nn.Module, data: CalibrationData,
+                               forward: torch.nn.Module | None = None):
+        """One pass over the data with all quantizers disabled, observing each activation quantizer's input.
+
+        ``forward``: what runs instead of ``gm``, a module computing the same over the same quantizer
+        modules (fast bias correction's ``statistics_module``, which observes more on the way).
+        """
         targets = [q for q in self.activation_quantizers if q.range_init.num_init_samples > 0]
         collectors = {q.name: RangeCollector(q.range_init, q.module.spec, seed=i) for i, q in enumerate(targets)}
         active = {q.name: True for q in targets}
-        enabled = {q.name: q.module.enabled for q in self.quantizers}
         hooks = []
         for q in targets:
             def hook(module, args, name=q.name):
@@ -200,22 +245,17 @@ class QuantizationController(ControllerPart):
             hooks.append(q.module.register_forward_pre_hook(hook))
         total = max(q.range_init.num_init_samples for q in targets)
         seen = batches = 0
-        with preserved_modes(gm):
+        with self._quantizers_off(gm):
             try:
-                for q in self.quantizers:
-                    q.module.enabled = False
-                gm.eval()
                 for args, kwargs in progress_bar(data.batches(total), "quantization: range init"):
                     for q in targets:
                         active[q.name] = seen < q.range_init.num_init_samples
-                    gm(*args, **kwargs)
+                    (forward or gm)(*args, **kwargs)
                     seen += count_samples(args, kwargs)
                     batches += 1
             finally:
                 for h in hooks:
                     h.remove()
-                for q in self.quantizers:
-                    q.module.enabled = enabled[q.name]
         if batches == 0:
             raise ValueError("initialize: the data loader yielded no batches")
         unseen, ranges = [], {}
@@ -245,11 +285,33 @@ class QuantizationController(ControllerPart):
             f"initialization (range [{low}, {high}]): a range must be finite. Exclude the node with "
             f"ignored_scopes, or check the calibration data for inf/NaN")
 
+    @contextlib.contextmanager
+    def _quantizers_off(self, gm: torch.nn.Module):
+        """Every quantizer of this part disabled (the float model), ``gm`` in eval mode; all restored after."""
+        enabled = {q.name: q.module.enabled for q in self.quantizers}
+        with preserved_modes(gm):
+            try:
+                for q in self.quantizers:
+                    q.module.enabled = False
+                gm.eval()
+                yield
+            finally:
+                for q in self.quantizers:
+                    q.module.enabled = enabled[q.name]
+
+    def _float_pass(self, gm: torch.nn.Module, data: CalibrationData):
+        """The float model over the range-init samples (activation smoothing's statistics)."""
+        total = max(q.range_init.num_init_samples for q in self.activation_quantizers)
+        with self._quantizers_off(gm):
+            data.run(gm, total, progress="quantization: activation smoothing", purpose="activation smoothing")
+
     def distributed(self):
         """Every rank gets the mean of the ranges (and adapted BatchNorm statistics) the ranks found."""
         self._distributed = True  # ranges re-initialized at a stage start are averaged too
         average_ranges_across_ranks(q.module for q in self.quantizers)
         average_batchnorm_statistics(self._adapted_bns)
+        if self.bias_shifts and self._init_gm is not None:
+            self._average_corrected_biases(self._init_gm)
 
     # -- export ----------------------------------------------------------------
     def check_exportable(self):
@@ -289,9 +351,11 @@ class QuantizationController(ControllerPart):
             "initialized": bool(rows) and all(r["initialized"] for r in rows),
             "overflow_fix": sum(q.overflow_fix for q in self.quantizers),
             "bn_adapted": self.bn_adapted,
+            "bias_corrected": len(self.bias_shifts),
+            "smoothed": self.smoothed,
             **self.settings,
         }
-        return StatisticsSection(self.algorithm, summary, rows, list(self.skipped))
+        return StatisticsSection(self.algorithm, summary, rows, list(self.skipped) + list(self._bias_skipped))
 
     # -- checkpoints -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -299,6 +363,9 @@ class QuantizationController(ControllerPart):
             "scheduler": self.scheduler.state_dict(),
             "initialized": self.initialized,
             "bn_adapted": int(self.bn_adapted),
+            "bias_shifts": {path: shift.detach().clone() for path, shift in self.bias_shifts.items()},
+            "bias_skipped": [dict(s) for s in self._bias_skipped],
+            "smoothed": int(self.smoothed),
             "quantizers": {q.name: {"enabled": bool(q.module.enabled), "initialized": bool(q.module.initialized),
                                     "bits": int(q.module.spec.bits), "signed": bool(q.module.spec.signed)}
                            for q in self.quantizers},
@@ -324,3 +391,6 @@ class QuantizationController(ControllerPart):
                 q.module.spec = replace(q.module.spec, bits=int(saved["bits"]))
         self.initialized = bool(state.get("initialized", False))
         self.bn_adapted = int(state.get("bn_adapted", 0))
+        self.bias_shifts = {str(k): v for k, v in state.get("bias_shifts", {}).items()}
+        self._bias_skipped = [dict(s) for s in state.get("bias_skipped", [])]
+        self.smoothed = int(state.get("smoothed", 0))

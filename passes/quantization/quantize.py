@@ -45,6 +45,7 @@ from .controller import QuantizationController, QuantizerInfo
 from .policy import (ANNOTATION_KEY, DEVICE_RULES, GroupSettings, Override, QuantizationPlan,
                      QuantizationSettings, node_label, plan_quantization)
 from .range_init import RANGE_TYPES, RangeInitRules
+from .smoothing import insert_smoothing
 from .unified_scales import UNIFIED_SCALE_OPS_SCHEMA, unified_scale_scopes, unify_scales
 
 __all__ = ["Quantize", "QUANTIZATION_SCHEMA", "insert_quantizers", "fold_batch_norms"]
@@ -114,6 +115,12 @@ QUANTIZATION_SCHEMA = {
         "learnable_ranges": {"type": "boolean"},
         # NNCF: multiplies the gradients of every quantizer's scale (and zero point)
         "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
+        # fxcompress extension, named after nncf.quantize's argument: fast bias correction in
+        # initialize() (off by default here, as for NNCF's QAT; quantize_post_training turns it on)
+        "fast_bias_correction": {"type": "boolean"},
+        # fxcompress extension: SmoothQuant-style activation smoothing of linear layers' inputs, its
+        # alpha (NNCF's default for transformers: 0.5); absent: off (always off for convolutions)
+        "smooth_quant_alpha": {"type": "number", "minimum": 0, "maximum": 1},
         # NNCF's staged quantization ("params" block): quantizers switch on at the start epochs, and
         # the learning-rate policy drives an attached optimizer (fxcompress.schedulers.StagedScheduler).
         **STAGED_PARAMS,
@@ -138,14 +145,16 @@ class Quantize(CompressionPass):
     target_device="ANY", initializer={"range": {...}, "batchnorm_adaptation": {...}},
     scope_overrides={...}, overflow_fix="enable", quantize_inputs=True,
     quantize_outputs=False, fold_bn=False, learnable_ranges=True,
-    ignored_scopes=[...], target_scopes=[...])``; the keys and defaults are
-    NNCF's (docs/quantization.md lists them).
+    fast_bias_correction=False, smooth_quant_alpha=None, ignored_scopes=[...], target_scopes=[...])``; the keys and
+    defaults are NNCF's (docs/quantization.md lists them; ``fast_bias_correction`` is
+    ``nncf.quantize``'s argument, an fxcompress extension in a config entry).
     """
     algorithm = "quantization"
     schema = QUANTIZATION_SCHEMA
     defaults = {
         "bits": 8, "preset": "performance", "target_device": "ANY", "overflow_fix": "enable",
         "quantize_inputs": True, "quantize_outputs": False, "fold_bn": False, "learnable_ranges": True,
+        "fast_bias_correction": False,
     }
 
     def __init__(self, **params):
@@ -298,11 +307,14 @@ class Quantize(CompressionPass):
                                   lr_multiplier=self.params.get("compression_lr_multiplier"))
         if self.unified_scale_scopes:
             infos = unify_scales(gm, infos, self.unified_scale_scopes, self.settings.rules.agnostic)
-        controller = self._controller(infos, skipped, folded, params, model_type, chosen)
+        smoothing = []
+        if params.get("smooth_quant_alpha") is not None:
+            smoothing = insert_smoothing(gm, [q.name for q in infos if q.group == "activations"], self.name)
+        controller = self._controller(infos, skipped, folded, params, model_type, chosen, smoothing)
         controller.init_weight_ranges(gm)
         return PassResult(gm, True, controller=controller)
 
-    def _controller(self, infos, skipped, folded, params, model_type, chosen) -> QuantizationController:
+    def _controller(self, infos, skipped, folded, params, model_type, chosen, smoothing=()) -> QuantizationController:
         settings = {"target_device": params["target_device"], "preset": params["preset"]}
         if model_type:
             settings["model_type"] = f"{model_type} ({chosen})"
@@ -310,7 +322,8 @@ class Quantize(CompressionPass):
             settings["folded_batch_norms"] = len(folded)
         return QuantizationController(
             infos, skipped, settings=settings, num_bn_adaptation_samples=self.num_bn_adaptation_samples,
-            staged=self.staged_params())
+            staged=self.staged_params(), fast_bias_correction=params["fast_bias_correction"],
+            smoothing=smoothing, smooth_quant_alpha=params.get("smooth_quant_alpha"))
 
 
 def _unsupported_weighted(gm: torch.fx.GraphModule) -> list[dict]:

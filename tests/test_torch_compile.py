@@ -1,0 +1,63 @@
+"""A compressed GraphModule under ``torch.compile``: one graph, no breaks at the quantizers or masks
+(the ops have fake kernels and autograd formulas), and the same forward and gradients as eager.
+
+``aot_eager`` traces forward and backward with fake tensors, as Inductor does, without generating
+code, so the test needs no C++ compiler and stays fast; Inductor's speed is benchmarks/bench_qat_step.py's.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxcompress import compile_for_compression
+from fxcompress.passes import MagnitudeSparsity, Quantize
+from fxcompress.testing import DigitsCNN
+
+dynamo = pytest.importorskip("torch._dynamo")
+from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
+
+
+def _compressed(passes):
+    torch.manual_seed(0)
+    x = torch.randn(8, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, gm = compile_for_compression(DigitsCNN(seed=0), passes, example_inputs=(x[:2],), copy=True)
+    ctrl.initialize([x])
+    gm.train()
+    return gm, x
+
+
+def test_compressed_graph_compiles_to_one_graph_with_eager_numerics():
+    gm, x = _compressed([MagnitudeSparsity(sparsity_init=0.5), Quantize(bits=8)])  # masks and quantizers
+    graphs = []
+
+    def counting_aot_eager(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
+
+    dynamo.reset()
+    # fullgraph=True: a graph break anywhere (a quantizer, a mask) is an error, not a split
+    compiled = torch.compile(gm, backend=counting_aot_eager, fullgraph=True)
+    y = torch.randint(0, 10, (x.shape[0],))
+    params = [p for p in gm.parameters() if p.requires_grad]
+    # train mode: BatchNorm updates its running statistics, so each side gets its own copy
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    loss_compiled = F.cross_entropy(compiled(x), y)
+    grads_compiled = torch.autograd.grad(loss_compiled, params)
+    gm.load_state_dict(state)
+    loss_eager = F.cross_entropy(gm(x), y)
+    grads_eager = torch.autograd.grad(loss_eager, params)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1
+    ops = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert any("fake_quantize" in op for op in ops) and any("apply_mask" in op for op in ops), ops
+    scale_grads = 0
+    for (name, p), a, b in zip([(n, p) for n, p in gm.named_parameters() if p.requires_grad], grads_compiled,
+                               grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        scale_grads += "quantizer" in name and bool(b.abs().sum() > 0)
+    assert scale_grads > 0  # the learnable ranges get gradients through the compiled graph too
