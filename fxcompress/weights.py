@@ -1,6 +1,7 @@
 """The weight edge of convolutions and linear layers, where masks and weight quantizers go.
 
-``nn.Conv2d`` called as a module hides its weight. ``weighted_ops(gm)`` rewrites
+``nn.Conv2d`` called as a module hides its weight. ``functionalize_weighted(gm)``
+(an explicit rewrite step, run by each pass that inserts on weights) rewrites
 such calls into their functional form with the weight read by a ``get_attr``::
 
     conv1 = self.conv1(x)
@@ -11,7 +12,8 @@ becomes
 so every compression pass inserts on the same edge (``weight_input``) and they
 stack in pass order: ``conv1_weight -> conv1_weight_mask -> conv1_weight_quantizer
 -> conv2d``. Parameter names (``conv1.weight``) are unchanged, so state dicts keep
-their keys. The rewrite is exact and idempotent.
+their keys. The rewrite is exact and idempotent. ``weighted_ops(gm)`` is then a
+pure query: the ops in functional form, each with its weight edge.
 """
 from __future__ import annotations
 
@@ -23,11 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .graph import get_attr_value
-from .optable import OpKind, op_kind
+from .optable import Kind, OpKind, as_kinds, op_kind
 
-__all__ = ["WeightedOp", "weighted_ops", "functionalize", "WEIGHTED_KINDS"]
+__all__ = ["WeightedOp", "weighted_ops", "functionalize", "functionalize_weighted", "WEIGHTED_KINDS"]
 
-WEIGHTED_KINDS = ("conv", "conv_transpose", "linear", "addmm")  # addmm: transformers' Conv1D (GPT-2)
+WEIGHTED_KINDS = (Kind.conv, Kind.conv_transpose, Kind.linear, Kind.addmm)  # addmm: transformers' Conv1D (GPT-2)
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
@@ -120,24 +122,32 @@ def _weight_source(node: torch.fx.Node, kind: OpKind) -> torch.fx.Node | None:
     return current if isinstance(current, torch.fx.Node) and current.op == "get_attr" else None
 
 
-def weighted_ops(gm: torch.fx.GraphModule, kinds=WEIGHTED_KINDS) -> list[WeightedOp]:
-    """All conv/linear ops of the graph in functional form (rewriting module calls in place)."""
-    ops = []
-    changed = False
+def functionalize_weighted(gm: torch.fx.GraphModule, kinds=WEIGHTED_KINDS) -> int:
+    """Rewrite every conv/linear module call of ``kinds`` into functional form; returns how many.
+
+    Module calls with no exact functional form (``functionalize`` returns None) stay modules.
+    """
+    kinds = as_kinds(kinds)
+    rewritten = 0
     for node in list(gm.graph.nodes):
+        if node.op == "call_module" and op_kind(node, gm) in kinds and functionalize(gm, node) is not None:
+            rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
+
+
+def weighted_ops(gm: torch.fx.GraphModule, kinds=WEIGHTED_KINDS) -> list[WeightedOp]:
+    """The conv/linear ops of the graph in functional form (a query: it changes nothing).
+
+    Module calls are not listed: run ``functionalize_weighted(gm)`` first to bring them to this form.
+    """
+    kinds = as_kinds(kinds)
+    ops = []
+    for node in gm.graph.nodes:
         kind = op_kind(node, gm)
-        if kind is None or kind.name not in kinds:
-            continue
-        if node.op == "call_module":
-            path = node.target
-            new = functionalize(gm, node)
-            if new is None:
-                continue
-            node, changed = new, True
-        elif node.op != "call_function" or len(node.args) <= kind.weight_arg:
+        if kind not in kinds or node.op != "call_function" or len(node.args) <= kind.weight_arg:
             continue
         path = node.meta.get("module_path", "")
         ops.append(WeightedOp(node, kind, path, _weight_source(node, kind)))
-    if changed:
-        gm.recompile()
     return ops

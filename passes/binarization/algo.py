@@ -32,10 +32,10 @@ from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.distributed import broadcast_from_rank0
 from fxcompress.errors import CheckpointError, ConfigError, NotInitializedError
 from fxcompress.graph import add_module, get_attr_value, insert_before_input, insert_on_output
-from fxcompress.optable import op_kind
+from fxcompress.optable import Kind, op_kind
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.schedulers import STAGED_PARAMS
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, weighted_ops
 
 from .init import RANGE_TYPES, THRESHOLD_TYPES, initialize_binarizers
 from .lowering import EXPORT_FORMS, LowerBinarizers
@@ -331,7 +331,8 @@ class Binarization(CompressionPass):
         self.validate_scopes(gm)
         code_before = gm.code
         total_macs = sum(_macs(node, weight, axis) or 0 for node, weight, axis in _layers(gm)) or None
-        convs = weighted_ops(gm, kinds=("conv",))
+        functionalize_weighted(gm, kinds=(Kind.conv,))
+        convs = weighted_ops(gm, kinds=(Kind.conv,))
         decisions = decide(gm, convs, self.selects, self.params["binarize_first_last"])
         skipped = [{"scope": d.op.module_path, "reason": d.reason} for d in decisions if not d.binarize]
         layers: list[BinarizedLayer] = []

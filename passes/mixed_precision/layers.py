@@ -24,14 +24,14 @@ import torch
 import torch.fx
 
 from fxcompress.graph import get_attr_value
-from fxcompress.optable import kind_of, op_kind
+from fxcompress.optable import kinds_tagged, op_kind
 from fxcompress.quantizers import FakeQuantizer
 from fxcompress.weights import WEIGHTED_KINDS
 
 __all__ = ["QuantizedLayer", "find_quantized_layers", "quantizer_of", "weight_value", "layer_flops",
            "nominal_bits", "effective_bits_for"]
 
-AGNOSTIC_KINDS = frozenset({"max_pool", "flatten", "reshape", "transpose", "dropout", "identity"})
+AGNOSTIC_KINDS = kinds_tagged("quantization_agnostic")
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _activation_quantizer_node(gm: torch.fx.GraphModule, data_input) -> torch.fx
     while isinstance(current, torch.fx.Node):
         if quantizer_of(gm, current) is not None:
             return current
-        if kind_of(current, gm) not in AGNOSTIC_KINDS or not current.args:
+        if op_kind(current, gm) not in AGNOSTIC_KINDS or not current.args:
             return None
         current = current.args[0]
     return None
@@ -118,7 +118,7 @@ def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer
     skipped = []
     for node in gm.graph.nodes:
         kind = op_kind(node, gm)
-        if kind is None or kind.name not in WEIGHTED_KINDS:
+        if kind not in WEIGHTED_KINDS:
             continue
         path = node.target if node.op == "call_module" else node.meta.get("module_path", node.name)
         # Read only: Quantize put every layer it quantized into functional form (fxcompress.weights);

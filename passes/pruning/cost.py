@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxcompress.optable import op_kind
+from fxcompress.optable import Kind, OpKind, op_kind
 
 from .dependency import ChannelAnalysis, Layer
 
@@ -105,14 +105,14 @@ class CostModel:
         out_k = int(kept[layer.out_space.index]) if layer.out_space is not None else None
         in_k = int(kept[layer.in_space.index]) if layer.in_space is not None else None
         groups = layer.groups
-        if layer.kind == "conv":
+        if layer.kind is Kind.conv:
             if out_k is not None:
                 ws[0] = out_k
             if layer.depthwise:
                 groups = in_k if in_k is not None else groups
             elif in_k is not None:
                 ws[1] = in_k // max(1, groups)
-        elif layer.kind == "conv_transpose":
+        elif layer.kind is Kind.conv_transpose:
             if in_k is not None:
                 ws[0] = in_k
             if out_k is not None:

@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from fxcompress.errors import PassError
 from fxcompress.graph import get_attr_value
-from fxcompress.optable import op_kind
+from fxcompress.optable import Kind, op_kind
+from fxcompress.quantizers import is_quantizer
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
 from .dependency import shape_args
@@ -101,10 +102,9 @@ class FoldPrunedChannels(Pass):
         modified = False
         for node in list(gm.graph.nodes):
             kind = op_kind(node, gm)
-            name = kind.name if kind else None
-            if name in ("conv", "conv_transpose", "linear") and node.op == "call_function":
+            if kind in (Kind.conv, Kind.conv_transpose, Kind.linear) and node.op == "call_function":
                 modified |= self._fold_layer(gm, node, kind)
-            elif name == "batch_norm" and node.op == "call_module":
+            elif kind is Kind.batch_norm and node.op == "call_module":
                 modified |= self._fold_norm(gm, node)
             elif node.meta.get("pruning_reshape"):
                 modified |= self._fold_reshape(node)
@@ -135,14 +135,14 @@ class FoldPrunedChannels(Pass):
         keep_in = self._keep(node.meta.get("pruning_input"))
         if keep_out is None and keep_in is None:
             return False
-        out_axis, in_axis = kind.weight_out_axis, (0 if kind.name == "conv_transpose" else 1)
+        out_axis, in_axis = kind.weight_out_axis, (0 if kind is Kind.conv_transpose else 1)
         source, chain = self._edge(gm, node, kind.weight_arg, "weight")
         if source is None:
             raise PassError(f"cannot fold '{node.name}': its weight is not a parameter")
         weight = get_attr_value(gm, source.target)
-        groups_index = 6 if kind.name in ("conv", "conv_transpose") else None
+        groups_index = kind.arg_names.index("groups") if "groups" in kind.arg_names else None
         groups = node.args[groups_index] if groups_index is not None and len(node.args) > groups_index else 1
-        depthwise = kind.name == "conv" and groups > 1 and weight.shape[1] == 1 and \
+        depthwise = kind is Kind.conv and groups > 1 and weight.shape[1] == 1 and \
             node.meta.get("pruning_input") is not None and len(node.meta["pruning_input"]["classes"]) == groups
         new = weight
         if keep_out is not None:
@@ -173,9 +173,9 @@ class FoldPrunedChannels(Pass):
         if isinstance(module, ChannelMask):
             return  # removed with the other masks
         axis = getattr(module, "axis", None)
-        if type(module).__name__ == "FakeQuantizer" and (axis is None or keep_out is None):
+        if is_quantizer(module) and (axis is None or keep_out is None):
             return  # per-tensor: shape-agnostic
-        if type(module).__name__ == "FakeQuantizer" and axis == out_axis:
+        if is_quantizer(module) and axis == out_axis:
             sliced = copy.deepcopy(module)
             index = keep_out.to(module.scale.device)
             for attr in ("scale", "zero_point"):

@@ -41,11 +41,11 @@ import torch.nn as nn
 from fxcompress.errors import PassError
 from fxcompress.export import SIGNED_TO_UNSIGNED, storage_dtype
 from fxcompress.graph import copy_meta, get_attr_value, unique_name
-from fxcompress.optable import kind_of
+from fxcompress.optable import Kind, op_arg, op_kind
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 from fxcompress.patterns import Chain, Step
 from fxcompress.quantizers import FakeQuantizer
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, weighted_ops
 
 __all__ = ["IntegerWeight", "freeze_weight", "fold_channel_factor", "FoldBatchNorm", "LowerQuantizers",
            "quantization_lowering_passes", "drop_unused_tensors"]
@@ -288,7 +288,7 @@ class FoldBatchNorm(Pass):
     name = "fold_batch_norm"
     lowering_order = BN_FOLD_ORDER
     preserves_outputs = True
-    _CHAIN = Chain(Step("conv", "conv_transpose"), "batch_norm")
+    _CHAIN = Chain(Step(Kind.conv, Kind.conv_transpose), Kind.batch_norm)
 
     def __init__(self):
         self.folded: list[dict] = []
@@ -296,13 +296,11 @@ class FoldBatchNorm(Pass):
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self.folded, self.skipped = [], []
-        kinds = ("conv", "conv_transpose")
-        module_convs = sum(1 for n in gm.graph.nodes if n.op == "call_module" and kind_of(n, gm) in kinds)
+        kinds = (Kind.conv, Kind.conv_transpose)
+        functionalized = functionalize_weighted(gm, kinds=kinds) > 0
         convs = {op.node: op for op in weighted_ops(gm, kinds=kinds)}
-        functionalized = module_convs != sum(1 for n in gm.graph.nodes
-                                             if n.op == "call_module" and kind_of(n, gm) in kinds)
         for match in list(self._CHAIN.find(gm)):
-            conv, bn_node = match.first, match["batch_norm"]
+            conv, bn_node = match.first, match[Kind.batch_norm]
             scope = bn_node.meta.get("module_path", bn_node.name)
             reason = self._fold(gm, convs.get(conv), bn_node)
             if reason:
@@ -322,9 +320,9 @@ class FoldBatchNorm(Pass):
         if isinstance(stats, str):
             return stats
         mean, var, gamma, beta, eps = stats
-        groups = conv.args[6] if len(conv.args) > 6 else conv.kwargs.get("groups", 1)
-        grouped_transposed = op.kind.name == "conv_transpose" and groups != 1
-        bias_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+        groups = op_arg(conv, op.kind, "groups", 1)
+        grouped_transposed = op.kind is Kind.conv_transpose and groups != 1
+        bias_node = op_arg(conv, op.kind, "bias")
         bias = _tensor_attr(gm, bias_node)
         if bias_node is not None and bias is None:
             return "the conv bias is computed, not a parameter"
@@ -388,11 +386,11 @@ class FoldBatchNorm(Pass):
 
 
 # Ops that only move or select values: a quantized tensor's values stay on its grid through them.
-_SHAPE_KINDS = frozenset({"flatten", "reshape", "transpose", "dropout", "identity"})
+_SHAPE_KINDS = frozenset({Kind.flatten, Kind.reshape, Kind.transpose, Kind.dropout, Kind.identity})
 # Consumers OpenVINO runs in int8 only with signed activations: matmuls of two activations
 # (q @ k^T). scaled_dot_product_attention is not here: the exporter decomposes it with reshapes
 # and a Mul between its inputs and the MatMul, so its inputs are never int8 MatMul operands.
-_SIGNED_CONSUMERS = frozenset({"matmul"})
+_SIGNED_CONSUMERS = frozenset({Kind.matmul})
 
 
 def _is_shape_op_on(node: torch.fx.Node, tensor: torch.fx.Node, gm) -> bool:
@@ -401,7 +399,7 @@ def _is_shape_op_on(node: torch.fx.Node, tensor: torch.fx.Node, gm) -> bool:
         return False
     if node.op == "call_function" and node.target is operator.getitem:
         return True  # slicing a tensor (tuples of chunk/split outputs are not quantizer outputs)
-    return kind_of(node, gm) in _SHAPE_KINDS
+    return op_kind(node, gm) in _SHAPE_KINDS
 
 
 def _consumers(gm, node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -414,7 +412,7 @@ def _consumers(gm, node: torch.fx.Node) -> list[torch.fx.Node]:
 
 def _feeds_only_activation_matmuls(gm, node: torch.fx.Node) -> bool:
     consumers = _consumers(gm, node)
-    return bool(consumers) and all(kind_of(c, gm) in _SIGNED_CONSUMERS for c in consumers)
+    return bool(consumers) and all(op_kind(c, gm) in _SIGNED_CONSUMERS for c in consumers)
 
 
 def _requantize_after_shape_ops(gm: torch.fx.GraphModule, qdq: torch.fx.Node):
