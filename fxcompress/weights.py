@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from .graph import get_attr_value
 from .optable import Kind, OpKind, as_kinds, op_kind
 
-__all__ = ["WeightedOp", "weighted_ops", "functionalize", "functionalize_weighted", "WEIGHTED_KINDS"]
+__all__ = ["WeightedOp", "weighted_ops", "functionalize", "functionalize_weighted", "WEIGHTED_KINDS",
+           "walk_to_parameter", "parameter_of", "edge_value"]
 
 WEIGHTED_KINDS = (Kind.conv, Kind.conv_transpose, Kind.linear, Kind.addmm)  # addmm: transformers' Conv1D (GPT-2)
 
@@ -114,12 +115,47 @@ def functionalize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Nod
     return new
 
 
-def _weight_source(node: torch.fx.Node, kind: OpKind) -> torch.fx.Node | None:
-    """Walk back from the weight argument through inserted transforms to the parameter."""
-    current = node.args[kind.weight_arg] if len(node.args) > kind.weight_arg else node.kwargs.get("weight")
+def walk_to_parameter(edge) -> tuple[torch.fx.Node | None, list[torch.fx.Node]]:
+    """Walk back from a weight (or bias) edge through the transforms passes inserted on it.
+
+    Returns the parameter's ``get_attr`` (None when the tensor is computed in the graph) and the
+    inserted transforms met on the way, parameter side first (``[mask, quantizer]``). The one walker
+    every pass uses, so all agree on what stands between a parameter and its op.
+    """
+    chain, current = [], edge
     while isinstance(current, torch.fx.Node) and current.meta.get("inserted_by") and current.args:
+        chain.append(current)
         current = current.args[0]
-    return current if isinstance(current, torch.fx.Node) and current.op == "get_attr" else None
+    source = current if isinstance(current, torch.fx.Node) and current.op == "get_attr" else None
+    return source, chain[::-1]
+
+
+def parameter_of(edge) -> torch.fx.Node | None:
+    """The ``get_attr`` of the parameter behind a weight or bias edge, or None when it is computed."""
+    return walk_to_parameter(edge)[0]
+
+
+@torch.no_grad()
+def edge_value(gm: torch.fx.GraphModule, edge) -> torch.Tensor | None:
+    """The tensor on a weight edge: the parameter through the inserted module transforms (masks) on it.
+
+    None when the tensor is computed in the graph or a transform on the way is not a module call.
+    """
+    source, chain = walk_to_parameter(edge)
+    if source is None or any(t.op != "call_module" for t in chain):
+        return None
+    value = get_attr_value(gm, source.target)
+    if not isinstance(value, torch.Tensor):
+        return None
+    value = value.detach()
+    for transform in chain:
+        value = gm.get_submodule(transform.target)(value)
+    return value
+
+
+def _weight_source(node: torch.fx.Node, kind: OpKind) -> torch.fx.Node | None:
+    """The parameter behind the op's weight argument."""
+    return parameter_of(node.args[kind.weight_arg] if len(node.args) > kind.weight_arg else node.kwargs.get("weight"))
 
 
 def functionalize_weighted(gm: torch.fx.GraphModule, kinds=WEIGHTED_KINDS) -> int:

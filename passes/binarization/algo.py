@@ -35,7 +35,7 @@ from fxcompress.graph import add_module, get_attr_value, insert_before_input, in
 from fxcompress.optable import Kind, op_kind
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.schedulers import STAGED_PARAMS
-from fxcompress.weights import functionalize_weighted, weighted_ops
+from fxcompress.weights import functionalize_weighted, parameter_of, weighted_ops
 
 from .init import RANGE_TYPES, THRESHOLD_TYPES, initialize_binarizers
 from .lowering import EXPORT_FORMS, LowerBinarizers
@@ -138,10 +138,8 @@ def _layers(gm: torch.fx.GraphModule):
         if node.op == "call_module":
             weight = getattr(gm.get_submodule(node.target), "weight", None)
         elif len(node.args) > kind.weight_arg:
-            source = node.args[kind.weight_arg]
-            while isinstance(source, torch.fx.Node) and source.meta.get("inserted_by") and source.args:
-                source = source.args[0]  # through masks and binarizers inserted by passes
-            if isinstance(source, torch.fx.Node) and source.op == "get_attr":
+            source = parameter_of(node.args[kind.weight_arg])  # through masks and binarizers inserted by passes
+            if source is not None:
                 weight = get_attr_value(gm, source.target)
         if isinstance(weight, torch.Tensor):
             yield node, weight, kind.weight_out_axis

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from fxcompress.graph import get_attr_value
 from fxcompress.optable import kinds_tagged, op_kind
 from fxcompress.quantizers import FakeQuantizer
-from fxcompress.weights import WEIGHTED_KINDS
+from fxcompress.weights import WEIGHTED_KINDS, edge_value, walk_to_parameter
 
 __all__ = ["QuantizedLayer", "find_quantized_layers", "quantizer_of", "weight_value", "layer_flops",
            "nominal_bits", "effective_bits_for"]
@@ -60,15 +59,9 @@ def quantizer_of(gm: torch.fx.GraphModule, node) -> FakeQuantizer | None:
 
 
 def _weight_quantizer_node(gm: torch.fx.GraphModule, edge) -> torch.fx.Node | None:
-    """The FakeQuantizer call on a weight edge (walking back through inserted transforms)."""
-    current = edge
-    while isinstance(current, torch.fx.Node) and current.op == "call_module" and current.args:
-        if quantizer_of(gm, current) is not None:
-            return current
-        if not current.meta.get("inserted_by"):
-            return None
-        current = current.args[0]
-    return None
+    """The FakeQuantizer call on a weight edge nearest to the op (among the inserted transforms)."""
+    _, transforms = walk_to_parameter(edge)
+    return next((t for t in reversed(transforms) if quantizer_of(gm, t) is not None), None)
 
 
 def _activation_quantizer_node(gm: torch.fx.GraphModule, data_input) -> torch.fx.Node | None:
@@ -85,19 +78,7 @@ def _activation_quantizer_node(gm: torch.fx.GraphModule, data_input) -> torch.fx
 @torch.no_grad()
 def weight_value(gm: torch.fx.GraphModule, quantizer_node: torch.fx.Node) -> torch.Tensor | None:
     """The tensor the weight quantizer sees: its parameter through the modules before it (masks)."""
-    chain, current = [], quantizer_node.args[0]
-    while isinstance(current, torch.fx.Node) and current.op == "call_module" and current.args:
-        chain.append(current)
-        current = current.args[0]
-    if not isinstance(current, torch.fx.Node) or current.op != "get_attr":
-        return None
-    value = get_attr_value(gm, current.target)
-    if not isinstance(value, torch.Tensor):
-        return None
-    value = value.detach()
-    for transform in reversed(chain):
-        value = gm.get_submodule(transform.target)(value)
-    return value
+    return edge_value(gm, quantizer_node.args[0])
 
 
 def layer_flops(kind: str, weight: torch.Tensor, node: torch.fx.Node) -> int:

@@ -51,7 +51,7 @@ import torch.fx
 
 from fxcompress.optable import Kind, OpKind, op_arg, op_kind
 from fxcompress.quantizers import is_quantizer
-from fxcompress.weights import WeightedOp
+from fxcompress.weights import WeightedOp, parameter_of
 
 from .index_maps import reshape_channel_map
 
@@ -233,11 +233,8 @@ class ChannelAnalysis:
         weight_arg = node.args[op.kind.weight_arg] if len(node.args) > op.kind.weight_arg else None
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else (_tensor_shape(weight_arg) or ())
         bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        bias_source = bias_arg
-        while isinstance(bias_source, torch.fx.Node) and bias_source.meta.get("inserted_by") and bias_source.args:
-            bias_source = bias_source.args[0]
-        bias_target = bias_source.target if isinstance(bias_source, torch.fx.Node) and \
-            bias_source.op == "get_attr" else None
+        bias_source = parameter_of(bias_arg)
+        bias_target = bias_source.target if bias_source is not None else None
         groups, stride = 1, (1,)
         if kind in (Kind.conv, Kind.conv_transpose):
             groups = op_arg(node, kind, "groups", 1)

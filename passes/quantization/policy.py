@@ -46,7 +46,7 @@ from fxcompress.graph import get_attr_value
 from fxcompress.optable import Kind, OpKind, kind_of, kinds_tagged, op_kind
 from fxcompress.quantizers import QuantSpec, is_quantizer
 from fxcompress.scopes import ScopeSet
-from fxcompress.weights import WeightedOp
+from fxcompress.weights import WeightedOp, parameter_of
 
 __all__ = ["ANNOTATION_KEY", "InputRule", "DeviceRules", "DEVICE_RULES", "GroupSettings", "Override",
            "QuantizationSettings", "QuantizationPoint", "QuantizationPlan", "plan_quantization",
@@ -445,11 +445,9 @@ class _Planner:
 
     def matmul_weight(self, node: torch.fx.Node, operand: torch.fx.Node, index: int) -> bool:
         """Quantize a 2-D parameter operand of a matmul as a weight; True when it was handled."""
-        source = operand
-        while source.meta.get("inserted_by") and source.args and isinstance(source.args[0], torch.fx.Node):
-            source = source.args[0]
+        source = parameter_of(operand)
         shape = operand.meta.get("shape")
-        if source.op != "get_attr" or not _is_float_tensor(operand) or not isinstance(shape, tuple) \
+        if source is None or not _is_float_tensor(operand) or not isinstance(shape, tuple) \
                 or len(shape) != 2:
             return False
         if _is_quantizer_node(operand, self.gm):
