@@ -32,6 +32,7 @@ from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.distributed import broadcast_from_rank0
 from fxcompress.errors import CheckpointError, ConfigError, NotInitializedError
 from fxcompress.graph import add_module, get_attr_value, insert_before_input, insert_on_output
+from fxcompress.flops import op_macs
 from fxcompress.optable import Kind, op_kind
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.schedulers import STAGED_PARAMS
@@ -115,17 +116,6 @@ class BinarizedLayer:
     activation_binarizer_name: str   # e.g. "conv2_input_binarizer"
     activation_binarizer: ActivationBinarizer
     macs: int | None                 # multiply-accumulates per sample (from the traced shapes)
-
-
-def _macs(node: torch.fx.Node, weight: torch.Tensor | None, out_axis: int = 0) -> int | None:
-    shape = node.meta.get("shape")
-    if weight is None or not isinstance(shape, (tuple, torch.Size)) or len(shape) < 2:
-        return None
-    per_output = weight.numel() // max(1, weight.shape[out_axis])
-    spatial = 1
-    for d in shape[1:]:
-        spatial *= int(d)
-    return spatial * per_output
 
 
 def _layers(gm: torch.fx.GraphModule):
@@ -328,7 +318,7 @@ class Binarization(CompressionPass):
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self.validate_scopes(gm)
         code_before = gm.code
-        total_macs = sum(_macs(node, weight, axis) or 0 for node, weight, axis in _layers(gm)) or None
+        total_macs = sum(op_macs(node, gm) or 0 for node, _, _ in _layers(gm)) or None
         functionalize_weighted(gm, kinds=(Kind.conv,))
         convs = weighted_ops(gm, kinds=(Kind.conv,))
         decisions = decide(gm, convs, self.selects, self.params["binarize_first_last"])
@@ -357,7 +347,7 @@ class Binarization(CompressionPass):
             a_name = add_module(gm, f"{op.module_path or op.node.name}_input_binarizer", a_binarizer)
             insert_before_input(gm, op.node, op.node.args[0], a_name, self.name)
             layers.append(BinarizedLayer(op.module_path, target, w_name, w_binarizer, a_name, a_binarizer,
-                                         _macs(op.node, op.weight(gm), op.out_axis)))
+                                         op_macs(op.node, gm)))
         controller = BinarizationController(gm, layers, skipped, self.params, total_macs)
         if not layers:
             reasons = "; ".join(f"{s['scope']}: {s['reason']}" for s in skipped) or "the model has no convolution"

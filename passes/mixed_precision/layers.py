@@ -17,13 +17,13 @@ CPUs without VNNI; mixed precision keeps that fix when it assigns 8 bits.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
-from fxcompress.optable import kinds_tagged, op_kind
+from fxcompress.flops import positions, weighted_macs
+from fxcompress.optable import Kind, OpKind, as_kinds, kinds_tagged, op_kind
 from fxcompress.quantizers import FakeQuantizer
 from fxcompress.weights import WEIGHTED_KINDS, edge_value, walk_to_parameter
 
@@ -81,16 +81,16 @@ def weight_value(gm: torch.fx.GraphModule, quantizer_node: torch.fx.Node) -> tor
     return edge_value(gm, quantizer_node.args[0])
 
 
-def layer_flops(kind: str, weight: torch.Tensor, node: torch.fx.Node) -> int:
-    """FLOPs per sample as NNCF counts them (``compute_FLOPs_hook``): 2 × multiply-accumulates."""
-    out_shape = node.meta.get("shape")
-    if kind in ("conv", "conv_transpose"):
-        spatial = math.prod(out_shape[2:]) if isinstance(out_shape, tuple) and len(out_shape) > 2 else 1
-        return 2 * weight.numel() * spatial
-    data = node.args[0] if node.args else None
+def layer_flops(kind: OpKind | str, weight: torch.Tensor, node: torch.fx.Node) -> int:
+    """FLOPs per sample (2 x multiply-accumulates, as NNCF's ``compute_FLOPs_hook``) of a conv/linear
+    node with this weight, counted by ``fxcompress.flops`` (a transposed conv at its input positions,
+    where NNCF takes the output positions); 1 position where the traced shapes are unknown."""
+    kind = next(iter(as_kinds((kind,))))
+    data = node.args[1 if kind is Kind.addmm else 0] if node.args else None
     in_shape = data.meta.get("shape") if isinstance(data, torch.fx.Node) else None
-    tokens = math.prod(in_shape[1:-1]) if isinstance(in_shape, tuple) and len(in_shape) > 2 else 1
-    return 2 * weight.numel() * tokens
+    out_shape = node.meta.get("shape")
+    known = isinstance(in_shape if kind is Kind.conv_transpose else out_shape, tuple)
+    return 2 * weighted_macs(weight.shape, positions(kind, in_shape, out_shape) if known else 1)
 
 
 def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer], list[dict]]:
@@ -115,7 +115,7 @@ def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer
             skipped.append({"scope": path, "reason": "its weight is computed in the graph, not a parameter"})
             continue
         act = _activation_quantizer_node(gm, node.args[0] if node.args else None)
-        flops = layer_flops(kind.name, weight, node)
+        flops = layer_flops(kind, weight, node)
         if qnode.target in layers:  # a shared weight: one quantizer, several ops
             layer = layers[qnode.target]
             layer.flops += flops

@@ -40,7 +40,6 @@ This module decides; it does not touch the graph (``FilterPruning`` does).
 """
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from fxcompress.flops import positions
 from fxcompress.optable import Kind, OpKind, op_arg, op_kind
 from fxcompress.quantizers import is_quantizer
 from fxcompress.weights import WeightedOp, parameter_of
@@ -241,13 +241,7 @@ class ChannelAnalysis:
             stride = op_arg(node, kind, "stride", 1)
         stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,)
         out_shape, in_shape = _tensor_shape(node), _tensor_shape(_data_input(node))
-        spatial = 1
-        if kind is Kind.conv and out_shape:
-            spatial = math.prod(out_shape[2:])
-        elif kind is Kind.conv_transpose and in_shape:
-            spatial = math.prod(in_shape[2:])
-        elif kind is Kind.linear and out_shape:
-            spatial = math.prod(out_shape[1:-1])
+        spatial = positions(kind, in_shape, out_shape) if out_shape and in_shape else 1
         layer = Layer(node, kind, op.module_path, weight_target, bias_target, shape,
                       int(groups) if isinstance(groups, int) else -1, spatial, stride)
         if weight_target is None or not isinstance(weight, torch.Tensor):
