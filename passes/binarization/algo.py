@@ -262,8 +262,7 @@ class BinarizationController(ControllerPart):
                 layer.weight_binarizer.enabled = bool(weight)
 
     def lowering_passes(self):
-        return [LowerBinarizers([layer.weight_binarizer_name for layer in self.layers],
-                                [layer.activation_binarizer_name for layer in self.layers], self.export_form)]
+        return [LowerBinarizers(self.export_form)]
 
     def compression_parameters(self) -> list[torch.nn.Parameter]:
         """The hidden parameters (``log_scale``, ``threshold`` of every activation binarizer)."""

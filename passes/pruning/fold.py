@@ -1,4 +1,4 @@
-"""Lowering pass (``lowering_order`` 20): remove pruned channels physically.
+"""Lowering pass (``LoweringPhase.PRUNE_CHANNELS``): remove pruned channels physically.
 
 ``FilterPruning`` annotates every node whose channels may shrink with
 ``node.meta["pruning_space"] = {"axis", "classes"}`` (the channel class of each
@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from fxcompress.errors import PassError
 from fxcompress.graph import get_attr_value
+from fxcompress.lowering import LoweringPhase
 from fxcompress.optable import Kind, op_kind
 from fxcompress.quantizers import is_quantizer
 from fxcompress.pass_manager import Pass, PassContext, PassResult
@@ -78,7 +79,7 @@ def _refresh_module_attributes(owner: nn.Module, weight: torch.Tensor, groups: i
 
 class FoldPrunedChannels(Pass):
     name = "filter_pruning_fold"
-    lowering_order = 20
+    lowering_order = LoweringPhase.PRUNE_CHANNELS
     preserves_outputs = True
 
     def __init__(self, pruned_classes):

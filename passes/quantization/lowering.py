@@ -1,9 +1,9 @@
 """Lowering of a quantized graph into the form that exports as an ONNX QDQ model.
 
 Run by ``ctrl.lower()`` / ``ctrl.strip()`` / ``ctrl.export_onnx()`` on a deep
-copy of the trained graph, in ``lowering_order`` (after masks and pruning):
+copy of the trained graph, in ``fxcompress.lowering.LoweringPhase`` order (after masks and pruning):
 
-1. ``FoldBatchNorm`` (order 30): ``conv -> BatchNorm`` (eval, running stats)
+1. ``FoldBatchNorm`` (``LoweringPhase.FOLD_BATCH_NORM``): ``conv -> BatchNorm`` (eval, running stats)
    becomes one conv with new weight and bias tensors (never written in place).
    When the conv's weight goes through a weight quantizer, the quantizer is
    frozen to integers ``q`` with per-output-channel ``scale`` and the BN factor
@@ -15,7 +15,7 @@ copy of the trained graph, in ``lowering_order`` (after masks and pruning):
    case that cannot stay exact, a symmetric full range with ``q == qmin`` in a
    channel with ``f < 0`` (``-qmin`` does not fit), keeps that BatchNorm.
    A BatchNorm after a conv without a quantizer is folded in float.
-2. ``LowerQuantizers`` (order 40): every ``FakeQuantizer`` becomes an export op
+2. ``LowerQuantizers`` (``LoweringPhase.LOWER_QUANTIZERS``): every ``FakeQuantizer`` becomes an export op
    of ``fxcompress.export``: a quantizer on a weight (its input is a
    parameter) becomes integer buffers ``<name>_q`` (int8, or uint8 for
    unsigned ranges, whatever the bit width) + ``scale`` + ``zero_point`` read by
@@ -41,6 +41,7 @@ import torch.nn as nn
 from fxcompress.errors import PassError
 from fxcompress.export import SIGNED_TO_UNSIGNED, storage_dtype
 from fxcompress.graph import copy_meta, get_attr_value, unique_name
+from fxcompress.lowering import LoweringPhase
 from fxcompress.optable import Kind, op_arg, op_kind
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 from fxcompress.patterns import Chain, Step
@@ -50,8 +51,8 @@ from fxcompress.weights import functionalize_weighted, weighted_ops
 __all__ = ["IntegerWeight", "freeze_weight", "fold_channel_factor", "FoldBatchNorm", "LowerQuantizers",
            "quantization_lowering_passes", "drop_unused_tensors"]
 
-BN_FOLD_ORDER = 30
-QUANTIZER_LOWERING_ORDER = 40
+BN_FOLD_ORDER = LoweringPhase.FOLD_BATCH_NORM
+QUANTIZER_LOWERING_ORDER = LoweringPhase.LOWER_QUANTIZERS
 
 _DEQUANTIZE_WEIGHT = torch.ops.fxcompress.dequantize_weight.default
 _QUANTIZE_DEQUANTIZE = torch.ops.fxcompress.quantize_dequantize.default

@@ -274,7 +274,7 @@ class SparsityController(ControllerPart):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def lowering_passes(self):
-        return [FoldMasks([layer.mask_name for layer in self.layers])]
+        return [FoldMasks()]
 
     def distributed(self):
         """Masks computed on rank 0 win, so all ranks prune the same weights."""
