@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from . import ops
 from .distributed import average_across_ranks
 from .errors import ConfigError
 
-__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "range_to_qparams", "average_ranges_across_ranks"]
+__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "quantizer_at", "range_to_qparams", "average_ranges_across_ranks"]
 
 _MIN_SCALE = 1e-8
 
@@ -148,6 +149,15 @@ def range_to_qparams(spec: QuantSpec, low: torch.Tensor, high: torch.Tensor
 
 def is_quantizer(module: nn.Module) -> bool:
     return isinstance(module, FakeQuantizer)
+
+
+def quantizer_at(gm: nn.Module, node) -> FakeQuantizer | None:
+    """The ``FakeQuantizer`` a graph node calls, or None: the one quantizer lookup of every pass."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FakeQuantizer):
+            return module
+    return None
 
 
 def average_ranges_across_ranks(quantizers: Iterable[FakeQuantizer]):

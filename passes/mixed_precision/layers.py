@@ -24,7 +24,7 @@ import torch.fx
 
 from fxcompress.flops import positions, weighted_macs
 from fxcompress.optable import Kind, OpKind, as_kinds, kinds_tagged, op_kind
-from fxcompress.quantizers import FakeQuantizer
+from fxcompress.quantizers import FakeQuantizer, quantizer_at
 from fxcompress.weights import WEIGHTED_KINDS, edge_value, walk_to_parameter
 
 __all__ = ["QuantizedLayer", "find_quantized_layers", "quantizer_of", "weight_value", "layer_flops",
@@ -50,12 +50,7 @@ class QuantizedLayer:
         return self.activation_quantizers[0] if self.activation_quantizers else None
 
 
-def quantizer_of(gm: torch.fx.GraphModule, node) -> FakeQuantizer | None:
-    if isinstance(node, torch.fx.Node) and node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, FakeQuantizer):
-            return module
-    return None
+quantizer_of = quantizer_at  # the shared lookup (fxcompress.quantizers), under this module's name
 
 
 def _weight_quantizer_node(gm: torch.fx.GraphModule, edge) -> torch.fx.Node | None:

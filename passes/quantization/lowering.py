@@ -45,7 +45,7 @@ from fxcompress.lowering import LoweringPhase
 from fxcompress.optable import Kind, op_arg, op_kind
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 from fxcompress.patterns import Chain, Step
-from fxcompress.quantizers import FakeQuantizer
+from fxcompress.quantizers import FakeQuantizer, quantizer_at
 from fxcompress.weights import functionalize_weighted, weighted_ops
 
 __all__ = ["IntegerWeight", "freeze_weight", "fold_channel_factor", "FoldBatchNorm", "LowerQuantizers",
@@ -220,12 +220,7 @@ def drop_unused_tensors(gm: torch.fx.GraphModule) -> list[str]:
     return dropped
 
 
-def _quantizer_of(gm: torch.fx.GraphModule, node) -> FakeQuantizer | None:
-    if isinstance(node, torch.fx.Node) and node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, FakeQuantizer):
-            return module
-    return None
+_quantizer_of = quantizer_at
 
 
 def _tensor_attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:

@@ -44,7 +44,7 @@ import torch.fx
 
 from fxcompress.graph import get_attr_value
 from fxcompress.optable import Kind, OpKind, kind_of, kinds_tagged, op_kind
-from fxcompress.quantizers import QuantSpec, is_quantizer
+from fxcompress.quantizers import QuantSpec, quantizer_at
 from fxcompress.scopes import ScopeSet
 from fxcompress.weights import WeightedOp, parameter_of
 
@@ -294,7 +294,7 @@ def _only_feeds(node: torch.fx.Node, gm, kinds: frozenset, through: OpKind) -> b
 
 
 def _is_quantizer_node(node: torch.fx.Node, gm) -> bool:
-    return node.op == "call_module" and is_quantizer(gm.get_submodule(node.target))
+    return quantizer_at(gm, node) is not None
 
 
 def _resolve(node: torch.fx.Node, consumer: torch.fx.Node, gm, rules: DeviceRules):
