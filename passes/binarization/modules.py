@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from fxcompress import ops
+from fxcompress.gradients import scaled_gradient
 
 __all__ = ["WeightBinarizer", "ActivationBinarizer", "BINARIZATION_MODES", "is_binarizer"]
 
@@ -53,12 +54,7 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def _scaled_gradient(p: torch.Tensor, multiplier: float | None) -> torch.Tensor:
-    """``p`` with its gradient multiplied by ``multiplier`` (NNCF's compression_lr_multiplier)."""
-    if multiplier is None or multiplier == 1:
-        return p
-    fixed = p.detach()
-    return fixed + (p - fixed) * multiplier
+_scaled_gradient = scaled_gradient  # NNCF's compression_lr_multiplier (fxcompress.gradients)
 
 
 class WeightBinarizer(nn.Module):

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from fxcompress import ops
+from fxcompress.gradients import scaled_gradient
 
 __all__ = ["SparsityMask", "BinaryMask", "RBMask", "straight_through_threshold", "RB_INIT_PROBABILITY"]
 
@@ -109,11 +110,7 @@ class RBMask(SparsityMask):
         self._frozen = bool(value)
 
     def _logits(self) -> torch.Tensor:
-        logits = self.logits
-        if self.lr_multiplier is not None and self.lr_multiplier != 1:
-            fixed = logits.detach()
-            logits = fixed + (logits - fixed) * self.lr_multiplier  # same value, scaled gradient
-        return logits
+        return scaled_gradient(self.logits, self.lr_multiplier)  # same value, scaled gradient
 
     def keep_probability_mask(self) -> torch.Tensor:
         """``[sigmoid(logits) > 0.5]`` with a straight-through gradient (the sparsity loss's density term)."""
