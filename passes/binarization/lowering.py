@@ -43,7 +43,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxcompress.export import register_onnx_translation
-from fxcompress.graph import copy_meta, get_attr_value, inserted_modules, unique_name
+from fxcompress.graph import copy_meta, get_attr_value, inserted_modules, read_only_through, unique_name
 from fxcompress.lowering import LoweringPhase
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
@@ -195,14 +195,6 @@ class LowerBinarizers(Pass):
         return new
 
     # -- weights -------------------------------------------------------------------------------
-    @staticmethod
-    def _read_only_through(gm, target: str, names: set[str]) -> bool:
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and node.target == target:
-                if any(not (u.op == "call_module" and u.target in names) for u in node.users):
-                    return False
-        return True
-
     def _fold_weight(self, gm, node: torch.fx.Node, module: WeightBinarizer, names: set[str]) -> torch.fx.Node:
         source = node.args[0]
         if source.op != "get_attr":
@@ -216,7 +208,7 @@ class LowerBinarizers(Pass):
             binarized = module.binarize(weight.detach()).detach().clone()
         owner_path, _, attr = source.target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        if self._read_only_through(gm, source.target, names):
+        if read_only_through(gm, source.target, names):
             value = nn.Parameter(binarized, requires_grad=False) if isinstance(weight, nn.Parameter) else binarized
             setattr(owner, attr, value)  # a new tensor under the old name: the original is never written
             return source

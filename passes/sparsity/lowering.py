@@ -17,7 +17,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxcompress.graph import get_attr_value, inserted_modules, unique_name
+from fxcompress.graph import get_attr_value, inserted_modules, read_only_through, unique_name
 from fxcompress.lowering import LoweringPhase
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
@@ -38,7 +38,7 @@ class FoldMasks(Pass):
             module = gm.get_submodule(node.target)
             mask = module.binary_mask().detach()
             source = node.args[0]
-            if source.op == "get_attr" and self._only_read_through_masks(gm, source.target, names):
+            if source.op == "get_attr" and read_only_through(gm, source.target, names):
                 self._replace_parameter(gm, source.target, mask)
                 replacement = source
             else:
@@ -49,14 +49,6 @@ class FoldMasks(Pass):
         # Unused get_attr nodes of dropped masks are removed; nothing else is dead here.
         gm.graph.eliminate_dead_code()
         return PassResult(gm, modified=bool(mask_nodes))
-
-    @staticmethod
-    def _only_read_through_masks(gm, target: str, names: set[str]) -> bool:
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and node.target == target:
-                if any(not (u.op == "call_module" and u.target in names) for u in node.users):
-                    return False
-        return True
 
     @staticmethod
     def _replace_parameter(gm, target: str, mask: torch.Tensor):
