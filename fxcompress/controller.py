@@ -6,8 +6,8 @@ inserted (quantizers, masks) by direct reference. The user talks to the
 ``scheduler``, ``statistics``, ``state_dict`` to every part (and hands out a
 part by its algorithm name: ``ctrl["quantization"]``), and lowers the
 graph for ``strip()`` / ``export_onnx()`` with the lowering passes the parts
-provide, in a fixed order (``Pass.lowering_order``: masks and pruning act on
-float weights before quantizers are turned into export ops).
+provide, in the fixed order of ``fxcompress.lowering.LoweringPhase`` (masks and
+pruning act on float weights before quantizers are turned into export ops).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch.fx
 from . import inspect as fx_inspect
 from .data import CalibrationData
 from .errors import CheckpointError
+from .lowering import LoweringPhase
 from .pass_manager import Pass, PassContext, PassManager, PassRecord
 
 __all__ = ["Scheduler", "CompositeScheduler", "ControllerPart", "StatisticsSection", "Statistics",
@@ -359,7 +360,7 @@ class CompressionController:
     # -- lowering ----------------------------------------------------------
     def lowering_passes(self) -> list[Pass]:
         passes = [p for part in self.parts for p in part.lowering_passes()]
-        return sorted(passes, key=lambda p: getattr(p, "lowering_order", 50))
+        return sorted(passes, key=lambda p: getattr(p, "lowering_order", LoweringPhase.DEFAULT))
 
     def lower(self, debug: bool = False) -> torch.fx.GraphModule:
         """A lowered deep copy of the graph: masks folded, channels removed, quantizers as export ops."""

@@ -21,7 +21,8 @@ import torch.fx
 
 __all__ = [
     "shallow_module_copy", "detach_submodules", "GraphSnapshot", "TensorSnapshot", "unique_name",
-    "add_module", "insert_on_output", "insert_before_input", "copy_meta", "get_attr_value",
+    "add_module", "insert_on_output", "insert_before_input", "copy_meta", "get_attr_value", "inserted_modules",
+    "read_only_through",
 ]
 
 _SHAPE_META = ("shape", "dtype", "module_path", "tensor_meta")
@@ -225,6 +226,23 @@ def insert_before_input(gm: torch.fx.GraphModule, consumer: torch.fx.Node, input
     copy_meta(input_node, new, inserted_by)
     consumer.replace_input_with(input_node, new)
     return new
+
+
+def inserted_modules(gm: torch.fx.GraphModule, module_type) -> list[torch.fx.Node]:
+    """The calls of modules of ``module_type`` that a compression pass inserted (``inserted_by``), in graph
+    order: how lowering passes find what to lower, from the graph's own marks."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.meta.get("inserted_by")
+            and isinstance(gm.get_submodule(n.target), module_type)]
+
+
+def read_only_through(gm: torch.fx.GraphModule, target: str, module_names: set[str]) -> bool:
+    """Whether every read of the tensor ``target`` goes into one of the modules ``module_names``: a
+    lowering pass may then replace the tensor itself (masks, binarizers folded under the same name)."""
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target == target:
+            if any(not (u.op == "call_module" and u.target in module_names) for u in node.users):
+                return False
+    return True
 
 
 def get_attr_value(gm: torch.nn.Module, target: str) -> Any:

@@ -5,7 +5,12 @@ compute the same thing, so passes treat ``nn.ReLU``, ``F.relu``, ``torch.relu``
 and ``x.relu()`` alike, and states the facts passes need: where the weight is,
 which weight axis holds output channels, how channels pass through.
 
-``op_kind(node, gm)`` answers "what is this node?" for every pass.
+``op_kind(node, gm)`` answers "what is this node?" for every pass, with an
+``OpKind`` object: passes compare with ``Kind.conv`` (``kind is Kind.conv``,
+``kind in {Kind.conv, Kind.linear}``), never with the kind's name, so a
+misspelt kind (``Kind.cnov``) raises at import instead of silently matching
+nothing. Facts shared by several kinds are tags (``kinds_tagged("pooling")``).
+``op_arg(node, kind, "groups")`` reads an argument by name, positional or keyword.
 """
 from __future__ import annotations
 
@@ -18,10 +23,10 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["OpKind", "OPS", "op_kind", "kind_of", "called_module"]
+__all__ = ["OpKind", "OPS", "Kind", "KINDS", "op_kind", "kind_of", "kinds_tagged", "as_kinds", "op_arg", "called_module"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per kind: compared by identity
 class OpKind:
     name: str
     modules: tuple[type, ...] = ()
@@ -35,6 +40,14 @@ class OpKind:
     # Channel behaviour for pruning: "elementwise" ops keep channel c as channel c.
     channel_passthrough: bool = False
     tags: frozenset = field(default_factory=frozenset)
+    # Names of the functional form's positional arguments (``op_arg`` reads them by name).
+    arg_names: tuple[str, ...] = ()
+
+    def __reduce__(self):  # unpickle to the one table object, so identity comparisons still hold
+        return (_kind_named, (self.name,))
+
+    def __repr__(self) -> str:
+        return f"Kind.{self.name}"
 
 
 def _fns(*names):
@@ -52,19 +65,28 @@ def _fns(*names):
 
 
 _RELU_LIKE = frozenset({"relu_like"})
+# Tags: "weighted" (conv/linear forms with a weight argument), "int8_compute" (the runtime computes it
+# in int8 on quantized inputs), "relu_like", "activation", "elementwise_binary", "pooling",
+# "quantization_agnostic" (a quantized input gives an output on the same grid: NNCF's
+# quantization-agnostic ops, through which quantizers are moved and looked up).
+_AGNOSTIC = frozenset({"quantization_agnostic"})
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
 OPS: tuple[OpKind, ...] = (
     OpKind("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), (F.conv1d, F.conv2d, F.conv3d),
-           weight_arg=1, bias_arg=2, weight_out_axis=0, tags=frozenset({"weighted", "int8_compute"})),
+           weight_arg=1, bias_arg=2, weight_out_axis=0, tags=frozenset({"weighted", "int8_compute"}),
+           arg_names=_CONV_ARGS),
     OpKind("conv_transpose", (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
            (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d),
-           weight_arg=1, bias_arg=2, weight_out_axis=1, tags=frozenset({"weighted", "int8_compute"})),
+           weight_arg=1, bias_arg=2, weight_out_axis=1, tags=frozenset({"weighted", "int8_compute"}),
+           arg_names=_CONV_T_ARGS),
     OpKind("linear", (nn.Linear,), (F.linear,), weight_arg=1, bias_arg=2, weight_out_axis=0,
-           tags=frozenset({"weighted", "int8_compute"})),
+           tags=frozenset({"weighted", "int8_compute"}), arg_names=("input", "weight", "bias")),
     # torch.addmm(bias, x, weight) with a [in, out] weight: a linear layer with a transposed weight, as
     # transformers' Conv1D (GPT-2 and others) computes it; output channels on weight axis 1.
     OpKind("addmm", (), (torch.addmm,), ("addmm",), weight_arg=2, bias_arg=0, weight_out_axis=1,
-           tags=frozenset({"weighted", "int8_compute"})),
+           tags=frozenset({"weighted", "int8_compute"}), arg_names=("input", "mat1", "mat2")),
     OpKind("matmul", (), (operator.matmul, torch.matmul, torch.bmm, torch.mm), ("matmul", "bmm", "mm"),
            tags=frozenset({"int8_compute"})),
     # q, k, v are its first three inputs; OpenVINO runs it (fused) in int8 when they are quantized.
@@ -94,22 +116,22 @@ OPS: tuple[OpKind, ...] = (
            tags=frozenset({"elementwise_binary"})),
     OpKind("div", (), (operator.truediv, torch.div), ("div",), tags=frozenset({"elementwise_binary"})),
     OpKind("cat", (), _fns("torch.cat", "torch.concat", "torch.concatenate")),
-    OpKind("flatten", (nn.Flatten,), (torch.flatten,), ("flatten",)),
-    OpKind("reshape", (), (torch.reshape,), ("view", "reshape")),
+    OpKind("flatten", (nn.Flatten,), (torch.flatten,), ("flatten",), tags=_AGNOSTIC),
+    OpKind("reshape", (), (torch.reshape,), ("view", "reshape"), tags=_AGNOSTIC),
     OpKind("max_pool", (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
                         nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d),
            (F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-            F.adaptive_max_pool3d), channel_passthrough=True, tags=frozenset({"pooling"})),
+            F.adaptive_max_pool3d), channel_passthrough=True, tags=frozenset({"pooling"}) | _AGNOSTIC),
     OpKind("avg_pool", (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
                         nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d),
            (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
             F.adaptive_avg_pool3d), channel_passthrough=True, tags=frozenset({"pooling"})),
     OpKind("mean", (), (torch.mean,), ("mean",)),
     OpKind("dropout", (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d), (F.dropout,),
-           channel_passthrough=True),
-    OpKind("identity", (nn.Identity,), (), ("contiguous", "clone"), channel_passthrough=True),
+           channel_passthrough=True, tags=_AGNOSTIC),
+    OpKind("identity", (nn.Identity,), (), ("contiguous", "clone"), channel_passthrough=True, tags=_AGNOSTIC),
     OpKind("embedding", (nn.Embedding,), (F.embedding,), weight_arg=1),
-    OpKind("transpose", (), (torch.transpose, torch.permute), ("transpose", "permute", "t")),
+    OpKind("transpose", (), (torch.transpose, torch.permute), ("transpose", "permute", "t"), tags=_AGNOSTIC),
 )
 
 _BY_MODULE: dict[type, OpKind] = {}
@@ -123,6 +145,55 @@ for _kind in OPS:
     for _name in _kind.methods:
         _BY_METHOD.setdefault(_name, _kind)
 KINDS: dict[str, OpKind] = {k.name: k for k in OPS}
+
+
+def _kind_named(name: str) -> OpKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise KeyError(f"unknown op kind {name!r}; the kinds are: {', '.join(sorted(KINDS))}") from None
+
+
+class _KindNamespace:
+    """``Kind.conv``, ``Kind.batch_norm``, ...: the table's kinds as attributes (an unknown one raises)."""
+
+    def __init__(self, kinds: dict[str, OpKind]):
+        self.__dict__.update(kinds)
+
+    def __getattr__(self, name: str) -> OpKind:  # only reached for names that are not kinds
+        raise AttributeError(f"unknown op kind {name!r}; the kinds are: {', '.join(sorted(KINDS))}")
+
+    def __getitem__(self, name: str) -> OpKind:
+        return _kind_named(name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("the op kinds are fixed by fxcompress.optable.OPS")
+
+
+Kind = _KindNamespace(KINDS)
+
+
+def as_kinds(kinds) -> frozenset[OpKind]:
+    """Kind objects from kind objects or kind names (an unknown name raises)."""
+    return frozenset(k if isinstance(k, OpKind) else _kind_named(k) for k in kinds)
+
+
+def kinds_tagged(tag: str) -> frozenset[OpKind]:
+    """The kinds carrying ``tag`` (an unknown tag raises: it would match nothing)."""
+    found = frozenset(k for k in OPS if tag in k.tags)
+    if not found:
+        raise KeyError(f"no op kind has the tag {tag!r}")
+    return found
+
+
+def op_arg(node: torch.fx.Node, kind: OpKind, name: str, default=None):
+    """Argument ``name`` of a functional call of ``kind``, given positionally or by keyword."""
+    if name not in kind.arg_names:
+        raise KeyError(f"op kind {kind.name!r} has no argument {name!r} (it has {kind.arg_names})")
+    index = kind.arg_names.index(name)
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
 
 
 def called_module(node: torch.fx.Node, gm: torch.nn.Module) -> torch.nn.Module | None:

@@ -2,12 +2,15 @@
 
 A pattern is data: a chain of steps, each naming one or more op kinds from
 ``fxcompress.optable`` (so ``nn.ReLU``, ``F.relu``, ``torch.relu`` and
-``x.relu()`` all match ``"relu"``; ``x + y`` and ``torch.add`` match ``"add"``)::
+``x.relu()`` all match ``Kind.relu``; ``x + y`` and ``torch.add`` match ``Kind.add``)::
 
-    CONV_BN_RELU = Chain("conv", "batch_norm", Optional("relu", "hardtanh"))
+    CONV_BN_RELU = Chain(Kind.conv, Kind.batch_norm, Optional(Kind.relu, Kind.hardtanh))
     for match in CONV_BN_RELU.find(gm):
-        conv, bn = match["conv"], match["batch_norm"]
-        relu = match.get("relu")          # None where the optional step is absent
+        conv, bn = match[Kind.conv], match[Kind.batch_norm]
+        relu = match.get(Kind.relu)       # None where the optional step is absent
+
+A kind may also be given by its name (``"conv"``); an unknown name raises when
+the pattern is built, so a misspelt pattern fails at import, not by matching nothing.
 
 Consecutive steps are linked through the first input of the later node, and an
 intermediate node must have exactly one user (otherwise folding it away would
@@ -22,7 +25,7 @@ from typing import Iterator
 import torch
 import torch.fx
 
-from .optable import kind_of
+from .optable import Kind, OpKind, as_kinds, op_kind
 
 __all__ = ["Step", "Optional", "Chain", "Match", "tensor_inputs", "is_kind", "find_nodes"]
 
@@ -32,28 +35,32 @@ class Step:
     kinds: frozenset
     optional: bool = False
 
-    def __init__(self, *kinds: str, optional: bool = False):
-        object.__setattr__(self, "kinds", frozenset(kinds))
+    def __init__(self, *kinds: OpKind | str, optional: bool = False):
+        object.__setattr__(self, "kinds", as_kinds(kinds))
         object.__setattr__(self, "optional", optional)
 
     def matches(self, node: torch.fx.Node, gm) -> bool:
-        return kind_of(node, gm) in self.kinds
+        return op_kind(node, gm) in self.kinds
 
 
-def Optional(*kinds: str) -> Step:  # noqa: N802 - reads like a pattern keyword
+def _kind(kind: OpKind | str) -> OpKind:
+    return kind if isinstance(kind, OpKind) else Kind[kind]
+
+
+def Optional(*kinds: OpKind | str) -> Step:  # noqa: N802 - reads like a pattern keyword
     return Step(*kinds, optional=True)
 
 
 @dataclass
 class Match:
     nodes: list[torch.fx.Node]
-    by_kind: dict[str, torch.fx.Node]
+    by_kind: dict[OpKind, torch.fx.Node]
 
-    def __getitem__(self, kind: str) -> torch.fx.Node:
-        return self.by_kind[kind]
+    def __getitem__(self, kind: OpKind | str) -> torch.fx.Node:
+        return self.by_kind[_kind(kind)]
 
-    def get(self, kind: str, default=None):
-        return self.by_kind.get(kind, default)
+    def get(self, kind: OpKind | str, default=None):
+        return self.by_kind.get(_kind(kind), default)
 
     @property
     def first(self) -> torch.fx.Node:
@@ -74,13 +81,13 @@ class Chain:
         """The longest match of this chain starting at ``node``, or None."""
         if not self.steps[0].matches(node, gm):
             return None
-        nodes, by_kind = [node], {kind_of(node, gm): node}
+        nodes, by_kind = [node], {op_kind(node, gm): node}
         current = node
         for step in self.steps[1:]:
             nxt = _sole_user(current)
             if nxt is not None and step.matches(nxt, gm) and nxt.args and nxt.args[0] is current:
                 nodes.append(nxt)
-                by_kind[kind_of(nxt, gm)] = nxt
+                by_kind[op_kind(nxt, gm)] = nxt
                 current = nxt
             elif not step.optional:
                 return None
@@ -101,13 +108,14 @@ def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
 
 
-def is_kind(node: torch.fx.Node, gm, *kinds: str) -> bool:
-    return kind_of(node, gm) in kinds
+def is_kind(node: torch.fx.Node, gm, *kinds: OpKind | str) -> bool:
+    return op_kind(node, gm) in as_kinds(kinds)
 
 
-def find_nodes(gm: torch.fx.GraphModule, *kinds: str) -> list[torch.fx.Node]:
+def find_nodes(gm: torch.fx.GraphModule, *kinds: OpKind | str) -> list[torch.fx.Node]:
     """All nodes of the given kinds, in graph order."""
-    return [n for n in gm.graph.nodes if kind_of(n, gm) in kinds]
+    wanted = as_kinds(kinds)
+    return [n for n in gm.graph.nodes if op_kind(n, gm) in wanted]
 
 
 def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:

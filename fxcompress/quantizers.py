@@ -16,14 +16,16 @@ from dataclasses import dataclass, replace
 from typing import Iterable
 
 import torch
+import torch.fx
 import torch.nn as nn
 
 from . import ops
 from .distributed import average_across_ranks
 from .errors import ConfigError
+from .gradients import scaled_gradient
 
-__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "range_to_qparams", "average_ranges_across_ranks",
-           "scaled_gradient"]
+__all__ = ["QuantSpec", "FakeQuantizer", "is_quantizer", "quantizer_at", "range_to_qparams",
+           "average_ranges_across_ranks"]
 
 _MIN_SCALE = 1e-8
 # The scale of an empty range (all observed values zero): ONNX Runtime's quantization tool's choice
@@ -60,15 +62,6 @@ class QuantSpec:
 
     def with_bits(self, bits: int) -> "QuantSpec":
         return replace(self, bits=bits)
-
-
-def scaled_gradient(p: torch.Tensor, multiplier: float | None) -> torch.Tensor:
-    """``p`` with its gradient multiplied by ``multiplier`` (NNCF's ``compression_lr_multiplier``):
-    the same value, so only training sees it."""
-    if multiplier is None or multiplier == 1:
-        return p
-    fixed = p.detach()
-    return fixed + (p - fixed) * multiplier
 
 
 class FakeQuantizer(nn.Module):
@@ -171,6 +164,15 @@ def range_to_qparams(spec: QuantSpec, low: torch.Tensor, high: torch.Tensor
 
 def is_quantizer(module: nn.Module) -> bool:
     return isinstance(module, FakeQuantizer)
+
+
+def quantizer_at(gm: nn.Module, node) -> FakeQuantizer | None:
+    """The ``FakeQuantizer`` a graph node calls, or None: the one quantizer lookup of every pass."""
+    if isinstance(node, torch.fx.Node) and node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, FakeQuantizer):
+            return module
+    return None
 
 
 def average_ranges_across_ranks(quantizers: Iterable[FakeQuantizer]):

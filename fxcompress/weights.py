@@ -1,6 +1,7 @@
 """The weight edge of convolutions and linear layers, where masks and weight quantizers go.
 
-``nn.Conv2d`` called as a module hides its weight. ``weighted_ops(gm)`` rewrites
+``nn.Conv2d`` called as a module hides its weight. ``functionalize_weighted(gm)``
+(an explicit rewrite step, run by each pass that inserts on weights) rewrites
 such calls into their functional form with the weight read by a ``get_attr``::
 
     conv1 = self.conv1(x)
@@ -11,7 +12,8 @@ becomes
 so every compression pass inserts on the same edge (``weight_input``) and they
 stack in pass order: ``conv1_weight -> conv1_weight_mask -> conv1_weight_quantizer
 -> conv2d``. Parameter names (``conv1.weight``) are unchanged, so state dicts keep
-their keys. The rewrite is exact and idempotent.
+their keys. The rewrite is exact and idempotent. ``weighted_ops(gm)`` is then a
+pure query: the ops in functional form, each with its weight edge.
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .graph import get_attr_value
-from .optable import OpKind, op_kind
+from .optable import Kind, OpKind, as_kinds, op_kind
 
-__all__ = ["WeightedOp", "weighted_ops", "functionalize", "WEIGHTED_KINDS"]
+__all__ = ["WeightedOp", "weighted_ops", "functionalize", "functionalize_weighted", "WEIGHTED_KINDS",
+           "walk_to_parameter", "parameter_of", "edge_value"]
 
-WEIGHTED_KINDS = ("conv", "conv_transpose", "linear", "addmm")  # addmm: transformers' Conv1D (GPT-2)
+WEIGHTED_KINDS = (Kind.conv, Kind.conv_transpose, Kind.linear, Kind.addmm)  # addmm: transformers' Conv1D (GPT-2)
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
@@ -112,32 +115,75 @@ def functionalize(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.fx.Nod
     return new
 
 
-def _weight_source(node: torch.fx.Node, kind: OpKind) -> torch.fx.Node | None:
-    """Walk back from the weight argument through inserted transforms to the parameter."""
-    current = node.args[kind.weight_arg] if len(node.args) > kind.weight_arg else node.kwargs.get("weight")
+def walk_to_parameter(edge) -> tuple[torch.fx.Node | None, list[torch.fx.Node]]:
+    """Walk back from a weight (or bias) edge through the transforms passes inserted on it.
+
+    Returns the parameter's ``get_attr`` (None when the tensor is computed in the graph) and the
+    inserted transforms met on the way, parameter side first (``[mask, quantizer]``). The one walker
+    every pass uses, so all agree on what stands between a parameter and its op.
+    """
+    chain, current = [], edge
     while isinstance(current, torch.fx.Node) and current.meta.get("inserted_by") and current.args:
+        chain.append(current)
         current = current.args[0]
-    return current if isinstance(current, torch.fx.Node) and current.op == "get_attr" else None
+    source = current if isinstance(current, torch.fx.Node) and current.op == "get_attr" else None
+    return source, chain[::-1]
+
+
+def parameter_of(edge) -> torch.fx.Node | None:
+    """The ``get_attr`` of the parameter behind a weight or bias edge, or None when it is computed."""
+    return walk_to_parameter(edge)[0]
+
+
+@torch.no_grad()
+def edge_value(gm: torch.fx.GraphModule, edge) -> torch.Tensor | None:
+    """The tensor on a weight edge: the parameter through the inserted module transforms (masks) on it.
+
+    None when the tensor is computed in the graph or a transform on the way is not a module call.
+    """
+    source, chain = walk_to_parameter(edge)
+    if source is None or any(t.op != "call_module" for t in chain):
+        return None
+    value = get_attr_value(gm, source.target)
+    if not isinstance(value, torch.Tensor):
+        return None
+    value = value.detach()
+    for transform in chain:
+        value = gm.get_submodule(transform.target)(value)
+    return value
+
+
+def _weight_source(node: torch.fx.Node, kind: OpKind) -> torch.fx.Node | None:
+    """The parameter behind the op's weight argument."""
+    return parameter_of(node.args[kind.weight_arg] if len(node.args) > kind.weight_arg else node.kwargs.get("weight"))
+
+
+def functionalize_weighted(gm: torch.fx.GraphModule, kinds=WEIGHTED_KINDS) -> int:
+    """Rewrite every conv/linear module call of ``kinds`` into functional form; returns how many.
+
+    Module calls with no exact functional form (``functionalize`` returns None) stay modules.
+    """
+    kinds = as_kinds(kinds)
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and op_kind(node, gm) in kinds and functionalize(gm, node) is not None:
+            rewritten += 1
+    if rewritten:
+        gm.recompile()
+    return rewritten
 
 
 def weighted_ops(gm: torch.fx.GraphModule, kinds=WEIGHTED_KINDS) -> list[WeightedOp]:
-    """All conv/linear ops of the graph in functional form (rewriting module calls in place)."""
+    """The conv/linear ops of the graph in functional form (a query: it changes nothing).
+
+    Module calls are not listed: run ``functionalize_weighted(gm)`` first to bring them to this form.
+    """
+    kinds = as_kinds(kinds)
     ops = []
-    changed = False
-    for node in list(gm.graph.nodes):
+    for node in gm.graph.nodes:
         kind = op_kind(node, gm)
-        if kind is None or kind.name not in kinds:
-            continue
-        if node.op == "call_module":
-            path = node.target
-            new = functionalize(gm, node)
-            if new is None:
-                continue
-            node, changed = new, True
-        elif node.op != "call_function" or len(node.args) <= kind.weight_arg:
+        if kind not in kinds or node.op != "call_function" or len(node.args) <= kind.weight_arg:
             continue
         path = node.meta.get("module_path", "")
         ops.append(WeightedOp(node, kind, path, _weight_source(node, kind)))
-    if changed:
-        gm.recompile()
     return ops

@@ -20,7 +20,7 @@ from fxcompress.optable import op_kind
 from fxcompress.pass_manager import PassContext, PassManager
 from fxcompress.passes.quantization.lowering import quantization_lowering_passes
 from fxcompress.quantizers import FakeQuantizer, QuantSpec
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, weighted_ops
 
 
 def _is_quantizer(gm, node) -> bool:
@@ -45,6 +45,7 @@ def quantize_graph(model, example_inputs, *, weight_bits=8, activation_bits=8, p
         example_inputs = (example_inputs,)
     gm = fxcompress.trace(model, tuple(example_inputs))
     layer_bits = {}
+    functionalize_weighted(gm)
     for i, op in enumerate(weighted_ops(gm)):
         bits = bits_per_layer[i % len(bits_per_layer)] if bits_per_layer else weight_bits
         layer_bits[op.node] = bits

@@ -6,9 +6,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxcompress import trace
-from fxcompress.optable import kind_of
+import pickle
+
+from fxcompress.optable import Kind, kind_of, kinds_tagged, op_arg, op_kind
 from fxcompress.patterns import Chain, Optional, find_nodes
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, weighted_ops
+from test_flops import Functional
 
 
 class Forms(nn.Module):
@@ -43,7 +46,10 @@ def test_chain_matches_every_form_and_optional_steps():
     assert all(m.get("relu") is not None for m in matches)
     assert [m["conv"].target for m in matches] == [f"convs.{i}" for i in range(4)]
     # Functional convs (after weighted_ops) match the same pattern.
-    weighted_ops(gm)
+    assert weighted_ops(gm) == []  # a query: module calls are listed only once functionalized
+    assert functionalize_weighted(gm) == 4
+    assert functionalize_weighted(gm) == 0  # idempotent
+    assert len(weighted_ops(gm)) == 4
     assert len(list(Chain("conv", "batch_norm", "relu").find(gm))) == 4
 
 
@@ -65,3 +71,28 @@ def test_chain_does_not_fuse_through_a_tensor_with_other_users():
 def test_chain_must_start_with_required_step():
     with pytest.raises(ValueError):
         Chain(Optional("relu"), "conv")
+
+
+def test_kinds_are_objects_and_a_misspelt_kind_raises():
+    with pytest.raises(AttributeError, match="unknown op kind 'cnov'"):
+        Kind.cnov  # noqa: B018
+    with pytest.raises(KeyError, match="unknown op kind 'batchnorm'"):
+        Chain("conv", "batchnorm")
+    with pytest.raises(KeyError, match="no op kind has the tag"):
+        kinds_tagged("quantisation_agnostic")
+    assert pickle.loads(pickle.dumps(Kind.conv)) is Kind.conv
+    assert kinds_tagged("quantization_agnostic") == {Kind.max_pool, Kind.flatten, Kind.reshape, Kind.transpose,
+                                                      Kind.dropout, Kind.identity}
+    gm = trace(Forms().eval(), (torch.randn(1, 4, 6, 6),))
+    match = next(Chain(Kind.conv, Kind.batch_norm).find(gm))
+    assert match[Kind.conv] is match["conv"] and op_kind(match[Kind.batch_norm], gm) is Kind.batch_norm
+
+
+def test_op_arg_reads_positional_and_keyword_arguments_by_name():
+    gm = trace(Functional(), (torch.randn(1, 6, 5, 5),))  # F.conv2d(x, w, None, 1, 1, groups=3)
+    conv = find_nodes(gm, Kind.conv)[0]
+    assert op_arg(conv, Kind.conv, "groups", 1) == 3          # keyword
+    assert op_arg(conv, Kind.conv, "padding") == 1            # positional
+    assert op_arg(conv, Kind.conv, "dilation", 1) == 1        # absent: the default
+    with pytest.raises(KeyError, match="has no argument 'group'"):
+        op_arg(conv, Kind.conv, "group")

@@ -29,7 +29,7 @@ from fxcompress.passes.pruning.schedule import build_pruning_scheduler, exponent
 from fxcompress.schedulers import exponential_schedule
 from fxcompress.testing import assert_modules_agree, build, seeded
 from fxcompress.testing.strategies import conv_nets
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, weighted_ops
 
 AGGRESSIVE = dict(schedule="baseline", prune_first_conv=True, prune_downsample_convs=True)
 
@@ -257,6 +257,7 @@ def test_reference_architectures_prune_and_fold(name):
 def test_resnet_residual_adds_tie_the_convs_of_a_stage():
     case = build("resnet18_like")
     gm = trace(case.model, case.example_inputs)
+    functionalize_weighted(gm)
     analysis = analyze_channels(gm, weighted_ops(gm))
     stage = {tuple(p.name for p in g.producers): g for g in analysis.groups}
     g = stage[("layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2")]
@@ -290,6 +291,7 @@ def test_grouped_conv_loses_whole_groups_and_densenet_concat_maps_ranges():
 
     case = build("densenet_tiny")
     gm = trace(case.model, case.example_inputs)
+    functionalize_weighted(gm)
     analysis = analyze_channels(gm, weighted_ops(gm))
     by_producer = {g.describe(): g for g in analysis.groups}
     # the stem's 16 channels are read by every later layer of the block through the concats

@@ -22,7 +22,7 @@ from fxcompress.passes.quantization import RangeInitConfig, annotations, plan_qu
 from fxcompress.passes.quantization.range_init import RangeCollector, mse_range
 from fxcompress.quantizers import FakeQuantizer, QuantSpec, is_quantizer
 from fxcompress.testing import build, resnet18_like, strategies
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, weighted_ops
 
 NO_BN_ADAPT = {"batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}
 
@@ -88,6 +88,7 @@ def test_resnet18_placement_matches_nncf_counts():
 def test_policy_alone_annotates_without_surgery():
     case = build("resnet18_like")
     gm = trace(case.model, case.example_inputs)
+    functionalize_weighted(gm)
     ops = weighted_ops(gm)
     q = Quantize()
     plan = plan_quantization(gm, ops, q.settings, q.selects)

@@ -32,11 +32,12 @@ from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.distributed import broadcast_from_rank0
 from fxcompress.errors import CheckpointError, ConfigError, NotInitializedError
 from fxcompress.graph import add_module, get_attr_value, insert_before_input, insert_on_output
-from fxcompress.optable import op_kind
+from fxcompress.flops import op_macs
+from fxcompress.optable import Kind, op_kind
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.schedulers import STAGED_PARAMS
 from fxcompress.scopes import ScopeSet
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, parameter_of, weighted_ops
 
 from .init import RANGE_TYPES, THRESHOLD_TYPES, initialize_binarizers
 from .lowering import EXPORT_FORMS, LowerBinarizers
@@ -154,17 +155,6 @@ class BinarizedLayer:
     macs: int | None                 # multiply-accumulates per sample (from the traced shapes)
 
 
-def _macs(node: torch.fx.Node, weight: torch.Tensor | None, out_axis: int = 0) -> int | None:
-    shape = node.meta.get("shape")
-    if weight is None or not isinstance(shape, (tuple, torch.Size)) or len(shape) < 2:
-        return None
-    per_output = weight.numel() // max(1, weight.shape[out_axis])
-    spatial = 1
-    for d in shape[1:]:
-        spatial *= int(d)
-    return spatial * per_output
-
-
 def _layers(gm: torch.fx.GraphModule):
     """``(node, weight, out_axis)`` of every conv / transposed conv / linear, module or functional form."""
     for node in gm.graph.nodes:
@@ -175,10 +165,8 @@ def _layers(gm: torch.fx.GraphModule):
         if node.op == "call_module":
             weight = getattr(gm.get_submodule(node.target), "weight", None)
         elif len(node.args) > kind.weight_arg:
-            source = node.args[kind.weight_arg]
-            while isinstance(source, torch.fx.Node) and source.meta.get("inserted_by") and source.args:
-                source = source.args[0]  # through masks and binarizers inserted by passes
-            if isinstance(source, torch.fx.Node) and source.op == "get_attr":
+            source = parameter_of(node.args[kind.weight_arg])  # through masks and binarizers inserted by passes
+            if source is not None:
                 weight = get_attr_value(gm, source.target)
         if isinstance(weight, torch.Tensor):
             yield node, weight, kind.weight_out_axis
@@ -316,8 +304,7 @@ class BinarizationController(ControllerPart):
                 layer.weight_binarizer.enabled = bool(weight)
 
     def lowering_passes(self):
-        return [LowerBinarizers([layer.weight_binarizer_name for layer in self.layers],
-                                [layer.activation_binarizer_name for layer in self.layers], self.export_form)]
+        return [LowerBinarizers(self.export_form)]
 
     def compression_parameters(self) -> list[torch.nn.Parameter]:
         """The hidden parameters (``log_scale``, ``threshold`` of every activation binarizer)."""
@@ -377,8 +364,9 @@ class Binarization(CompressionPass):
             target.validate(gm)
             ignored.validate(gm)
         code_before = gm.code
-        total_macs = sum(_macs(node, weight, axis) or 0 for node, weight, axis in _layers(gm)) or None
-        convs = weighted_ops(gm, kinds=("conv",))
+        total_macs = sum(op_macs(node, gm) or 0 for node, _, _ in _layers(gm)) or None
+        functionalize_weighted(gm, kinds=(Kind.conv,))
+        convs = weighted_ops(gm, kinds=(Kind.conv,))
         decisions = decide(gm, convs, self.selects, self.params["binarize_first_last"])
         skipped = [{"scope": d.op.module_path, "reason": d.reason} for d in decisions if not d.binarize]
         layers: list[BinarizedLayer] = []
@@ -405,7 +393,7 @@ class Binarization(CompressionPass):
             a_name = add_module(gm, f"{op.module_path or op.node.name}_input_binarizer", a_binarizer)
             insert_before_input(gm, op.node, op.node.args[0], a_name, self.name)
             layers.append(BinarizedLayer(op.module_path, target, w_name, w_binarizer, a_name, a_binarizer,
-                                         _macs(op.node, op.weight(gm), op.out_axis)))
+                                         op_macs(op.node, gm)))
         controller = BinarizationController(gm, layers, skipped, self.params, total_macs)
         if not layers:
             reasons = "; ".join(f"{s['scope']}: {s['reason']}" for s in skipped) or "the model has no convolution"

@@ -1,7 +1,7 @@
 """Lowering binarizers for ``strip()`` / ``export_onnx()``: plain tensors and standard ops only.
 
-Runs at ``lowering_order = 45`` (after mask folding 10, BN folding 30 and
-quantizer lowering 40), on ``ctrl.lower()``'s deep copy, in eval mode:
+Runs at ``LoweringPhase.LOWER_BINARIZERS`` (after mask folding, BN folding and
+quantizer lowering), on ``ctrl.lower()``'s deep copy, in eval mode:
 
 - an enabled ``WeightBinarizer`` is folded: its output ``sign(w) * m`` is
   computed once (by the same op as in training, so the values are identical)
@@ -43,14 +43,15 @@ import torch.fx
 import torch.nn as nn
 
 from fxcompress.export import register_onnx_translation
-from fxcompress.graph import copy_meta, get_attr_value, unique_name
+from fxcompress.graph import copy_meta, get_attr_value, inserted_modules, read_only_through, unique_name
+from fxcompress.lowering import LoweringPhase
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
 from .modules import ActivationBinarizer, WeightBinarizer
 
 __all__ = ["LowerBinarizers", "BINARIZATION_LOWERING_ORDER", "EXPORT_FORMS", "binary_activation_qdq"]
 
-BINARIZATION_LOWERING_ORDER = 45
+BINARIZATION_LOWERING_ORDER = LoweringPhase.LOWER_BINARIZERS
 EXPORT_FORMS = ("where", "qdq")
 
 
@@ -95,18 +96,15 @@ class LowerBinarizers(Pass):
     preserves_outputs = True
     lowering_order = BINARIZATION_LOWERING_ORDER
 
-    def __init__(self, weight_binarizers: list[str], activation_binarizers: list[str], export_form: str = "where"):
+    def __init__(self, export_form: str = "where"):
         if export_form not in EXPORT_FORMS:
             raise ValueError(f"export_form must be one of {EXPORT_FORMS}, got {export_form!r}")
-        self.weight_binarizers = list(dict.fromkeys(weight_binarizers))
-        self.activation_binarizers = list(dict.fromkeys(activation_binarizers))
         self.export_form = export_form
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self._replaced: set[str] = set()
-        names = set(self.weight_binarizers) | set(self.activation_binarizers)
-        nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in names]
-        weight_names = set(self.weight_binarizers)
+        nodes = inserted_modules(gm, (WeightBinarizer, ActivationBinarizer))  # found by the graph's marks
+        weight_names = {n.target for n in nodes if isinstance(gm.get_submodule(n.target), WeightBinarizer)}
         for node in nodes:
             module = gm.get_submodule(node.target)
             if not module.enabled:
@@ -197,14 +195,6 @@ class LowerBinarizers(Pass):
         return new
 
     # -- weights -------------------------------------------------------------------------------
-    @staticmethod
-    def _read_only_through(gm, target: str, names: set[str]) -> bool:
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and node.target == target:
-                if any(not (u.op == "call_module" and u.target in names) for u in node.users):
-                    return False
-        return True
-
     def _fold_weight(self, gm, node: torch.fx.Node, module: WeightBinarizer, names: set[str]) -> torch.fx.Node:
         source = node.args[0]
         if source.op != "get_attr":
@@ -218,7 +208,7 @@ class LowerBinarizers(Pass):
             binarized = module.binarize(weight.detach()).detach().clone()
         owner_path, _, attr = source.target.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm
-        if self._read_only_through(gm, source.target, names):
+        if read_only_through(gm, source.target, names):
             value = nn.Parameter(binarized, requires_grad=False) if isinstance(weight, nn.Parameter) else binarized
             setattr(owner, attr, value)  # a new tensor under the old name: the original is never written
             return source

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from fxcompress import ops
-from fxcompress.quantizers import scaled_gradient
+from fxcompress.gradients import scaled_gradient
 
 __all__ = ["WeightBinarizer", "ActivationBinarizer", "BINARIZATION_MODES", "is_binarizer"]
 

@@ -39,6 +39,7 @@ from fxcompress.algorithm import CompressionPass
 from fxcompress.config import register_algorithm
 from fxcompress.controller import ControllerPart, StatisticsSection
 from fxcompress.errors import CheckpointError, ConfigError, UnsupportedModelError
+from fxcompress.lowering import LoweringPhase
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
 from .losses import KD_TYPES, describe_leaves, distillable_leaves, distillation_loss, output_leaves
@@ -232,7 +233,7 @@ class RemoveDistillationHooks(Pass):
     """Lowering: drop the (inert) distillation hooks from the lowered copy; the graph is unchanged."""
     name = "remove_distillation_hooks"
     preserves_outputs = True
-    lowering_order = 5
+    lowering_order = LoweringPhase.REMOVE_HOOKS
 
     _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
                    "_forward_hooks_with_kwargs", "_forward_hooks_always_called")

@@ -17,21 +17,20 @@ CPUs without VNNI; mixed precision keeps that fix when it assigns 8 bits.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 
-from fxcompress.graph import get_attr_value
-from fxcompress.optable import kind_of, op_kind
-from fxcompress.quantizers import FakeQuantizer
-from fxcompress.weights import WEIGHTED_KINDS
+from fxcompress.flops import positions, weighted_macs
+from fxcompress.optable import Kind, OpKind, as_kinds, kinds_tagged, op_kind
+from fxcompress.quantizers import FakeQuantizer, quantizer_at
+from fxcompress.weights import WEIGHTED_KINDS, edge_value, walk_to_parameter
 
 __all__ = ["QuantizedLayer", "find_quantized_layers", "quantizer_of", "weight_value", "layer_flops",
            "nominal_bits", "effective_bits_for"]
 
-AGNOSTIC_KINDS = frozenset({"max_pool", "flatten", "reshape", "transpose", "dropout", "identity"})
+AGNOSTIC_KINDS = kinds_tagged("quantization_agnostic")
 
 
 @dataclass
@@ -51,24 +50,13 @@ class QuantizedLayer:
         return self.activation_quantizers[0] if self.activation_quantizers else None
 
 
-def quantizer_of(gm: torch.fx.GraphModule, node) -> FakeQuantizer | None:
-    if isinstance(node, torch.fx.Node) and node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, FakeQuantizer):
-            return module
-    return None
+quantizer_of = quantizer_at  # the shared lookup (fxcompress.quantizers), under this module's name
 
 
 def _weight_quantizer_node(gm: torch.fx.GraphModule, edge) -> torch.fx.Node | None:
-    """The FakeQuantizer call on a weight edge (walking back through inserted transforms)."""
-    current = edge
-    while isinstance(current, torch.fx.Node) and current.op == "call_module" and current.args:
-        if quantizer_of(gm, current) is not None:
-            return current
-        if not current.meta.get("inserted_by"):
-            return None
-        current = current.args[0]
-    return None
+    """The FakeQuantizer call on a weight edge nearest to the op (among the inserted transforms)."""
+    _, transforms = walk_to_parameter(edge)
+    return next((t for t in reversed(transforms) if quantizer_of(gm, t) is not None), None)
 
 
 def _activation_quantizer_node(gm: torch.fx.GraphModule, data_input) -> torch.fx.Node | None:
@@ -76,7 +64,7 @@ def _activation_quantizer_node(gm: torch.fx.GraphModule, data_input) -> torch.fx
     while isinstance(current, torch.fx.Node):
         if quantizer_of(gm, current) is not None:
             return current
-        if kind_of(current, gm) not in AGNOSTIC_KINDS or not current.args:
+        if op_kind(current, gm) not in AGNOSTIC_KINDS or not current.args:
             return None
         current = current.args[0]
     return None
@@ -85,31 +73,19 @@ def _activation_quantizer_node(gm: torch.fx.GraphModule, data_input) -> torch.fx
 @torch.no_grad()
 def weight_value(gm: torch.fx.GraphModule, quantizer_node: torch.fx.Node) -> torch.Tensor | None:
     """The tensor the weight quantizer sees: its parameter through the modules before it (masks)."""
-    chain, current = [], quantizer_node.args[0]
-    while isinstance(current, torch.fx.Node) and current.op == "call_module" and current.args:
-        chain.append(current)
-        current = current.args[0]
-    if not isinstance(current, torch.fx.Node) or current.op != "get_attr":
-        return None
-    value = get_attr_value(gm, current.target)
-    if not isinstance(value, torch.Tensor):
-        return None
-    value = value.detach()
-    for transform in reversed(chain):
-        value = gm.get_submodule(transform.target)(value)
-    return value
+    return edge_value(gm, quantizer_node.args[0])
 
 
-def layer_flops(kind: str, weight: torch.Tensor, node: torch.fx.Node) -> int:
-    """FLOPs per sample as NNCF counts them (``compute_FLOPs_hook``): 2 × multiply-accumulates."""
-    out_shape = node.meta.get("shape")
-    if kind in ("conv", "conv_transpose"):
-        spatial = math.prod(out_shape[2:]) if isinstance(out_shape, tuple) and len(out_shape) > 2 else 1
-        return 2 * weight.numel() * spatial
-    data = node.args[0] if node.args else None
+def layer_flops(kind: OpKind | str, weight: torch.Tensor, node: torch.fx.Node) -> int:
+    """FLOPs per sample (2 x multiply-accumulates, as NNCF's ``compute_FLOPs_hook``) of a conv/linear
+    node with this weight, counted by ``fxcompress.flops`` (a transposed conv at its input positions,
+    where NNCF takes the output positions); 1 position where the traced shapes are unknown."""
+    kind = next(iter(as_kinds((kind,))))
+    data = node.args[1 if kind is Kind.addmm else 0] if node.args else None
     in_shape = data.meta.get("shape") if isinstance(data, torch.fx.Node) else None
-    tokens = math.prod(in_shape[1:-1]) if isinstance(in_shape, tuple) and len(in_shape) > 2 else 1
-    return 2 * weight.numel() * tokens
+    out_shape = node.meta.get("shape")
+    known = isinstance(in_shape if kind is Kind.conv_transpose else out_shape, tuple)
+    return 2 * weighted_macs(weight.shape, positions(kind, in_shape, out_shape) if known else 1)
 
 
 def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer], list[dict]]:
@@ -118,7 +94,7 @@ def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer
     skipped = []
     for node in gm.graph.nodes:
         kind = op_kind(node, gm)
-        if kind is None or kind.name not in WEIGHTED_KINDS:
+        if kind not in WEIGHTED_KINDS:
             continue
         path = node.target if node.op == "call_module" else node.meta.get("module_path", node.name)
         # Read only: Quantize put every layer it quantized into functional form (fxcompress.weights);
@@ -134,7 +110,7 @@ def find_quantized_layers(gm: torch.fx.GraphModule) -> tuple[list[QuantizedLayer
             skipped.append({"scope": path, "reason": "its weight is computed in the graph, not a parameter"})
             continue
         act = _activation_quantizer_node(gm, node.args[0] if node.args else None)
-        flops = layer_flops(kind.name, weight, node)
+        flops = layer_flops(kind, weight, node)
         if qnode.target in layers:  # a shared weight: one quantizer, several ops
             layer = layers[qnode.target]
             layer.flops += flops

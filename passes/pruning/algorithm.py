@@ -27,7 +27,7 @@ from fxcompress.errors import CheckpointError, ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, get_attr_value, insert_before_input, insert_on_output
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.scopes import ScopeIndex
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, weighted_ops
 
 from .cost import CostModel
 from .dependency import ChannelAnalysis, Group, analyze_channels
@@ -138,6 +138,7 @@ class FilterPruning(CompressionPass):
             raise ConfigError("FilterPruning: this model already went through a FilterPruning pass; "
                               "use one per model", path="compression")
         snapshot = GraphSnapshot(gm)
+        functionalize_weighted(gm)
         ops = weighted_ops(gm)
         analysis = analyze_channels(gm, ops, prune_batch_norms=self.params["prune_batch_norms"])
         self._apply_policy(analysis)

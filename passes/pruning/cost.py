@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxcompress.optable import op_kind
+from fxcompress.flops import model_macs, weighted_macs
+from fxcompress.optable import Kind
 
 from .dependency import ChannelAnalysis, Layer
 
@@ -39,20 +40,9 @@ def layer_macs(kind: str, weight_shape, spatial: int) -> int:
     conv ``[out, in/groups, *k]`` and transposed conv ``[in, out/groups, *k]``: the
     product of the weight shape per position (``spatial`` = output positions for
     a conv, input positions for a transposed conv); linear ``[out, in]``: per
-    leading position.
+    leading position (``fxcompress.flops``, the one counter).
     """
-    return int(math.prod(int(s) for s in weight_shape)) * int(spatial)
-
-
-def _spatial(kind: str, node: torch.fx.Node) -> int:
-    out_shape = node.meta.get("shape")
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    in_shape = x.meta.get("shape") if isinstance(x, torch.fx.Node) else None
-    if kind == "conv":
-        return math.prod(out_shape[2:])
-    if kind == "conv_transpose":
-        return math.prod(in_shape[2:])
-    return math.prod(out_shape[1:-1])
+    return weighted_macs(weight_shape, spatial)
 
 
 def _inserted_prefixes(gm: torch.fx.GraphModule) -> tuple[str, ...]:
@@ -68,17 +58,7 @@ def compression_params(gm: torch.fx.GraphModule) -> int:
 
 def model_cost(gm: torch.fx.GraphModule) -> Cost:
     """FLOPs and parameters of a graph as it is (module or functional convs and linears)."""
-    macs = 0
-    for node in gm.graph.nodes:
-        kind = op_kind(node, gm)
-        if kind is None or kind.name not in ("conv", "conv_transpose", "linear", "addmm"):
-            continue
-        if node.op == "call_module":
-            shape = tuple(gm.get_submodule(node.target).weight.shape)
-        else:
-            w = node.args[kind.weight_arg] if len(node.args) > kind.weight_arg else node.kwargs.get("weight")
-            shape = w.meta.get("shape")
-        macs += layer_macs(kind.name, shape, _spatial(kind.name, node))
+    macs = model_macs(gm, kinds=(Kind.conv, Kind.conv_transpose, Kind.linear, Kind.addmm))
     return Cost(2 * macs, compression_params(gm))
 
 
@@ -105,14 +85,14 @@ class CostModel:
         out_k = int(kept[layer.out_space.index]) if layer.out_space is not None else None
         in_k = int(kept[layer.in_space.index]) if layer.in_space is not None else None
         groups = layer.groups
-        if layer.kind == "conv":
+        if layer.kind is Kind.conv:
             if out_k is not None:
                 ws[0] = out_k
             if layer.grouped:  # whole groups go: each keeps its width, the count falls
                 groups = in_k // ws[1] if in_k is not None else groups
             elif in_k is not None:
                 ws[1] = in_k
-        elif layer.kind == "conv_transpose":
+        elif layer.kind is Kind.conv_transpose:
             if in_k is not None:
                 ws[0] = in_k
             if out_k is not None:

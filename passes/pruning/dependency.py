@@ -55,8 +55,10 @@ import numpy as np
 import torch
 import torch.fx
 
-from fxcompress.optable import op_kind
-from fxcompress.weights import WeightedOp
+from fxcompress.flops import positions
+from fxcompress.optable import Kind, OpKind, op_arg, op_kind
+from fxcompress.quantizers import is_quantizer
+from fxcompress.weights import WeightedOp, parameter_of
 
 from .index_maps import reshape_channel_map
 
@@ -92,19 +94,16 @@ class Edge:
     why: str
 
 
-# (data input, weight, bias) argument positions; addmm(bias, x, weight) is transformers' Conv1D
-_ARGS = {"addmm": (1, 2, 0)}
-_DEFAULT_ARGS = (0, 1, 2)
-# weight axes of (output, input) channels
-_WEIGHT_AXES = {"conv_transpose": (1, 0), "addmm": (1, 0)}
-_DEFAULT_WEIGHT_AXES = (0, 1)
+def _data_arg(kind: OpKind) -> int:
+    """Position of the data input: addmm(bias, x, weight) is transformers' Conv1D; the others take it first."""
+    return 1 if kind is Kind.addmm else 0
 
 
 @dataclass(eq=False)
 class Layer:
     """A conv / transposed conv / linear / addmm (Conv1D) in functional form (see ``fxcompress.weights``)."""
     node: torch.fx.Node
-    kind: str
+    kind: OpKind
     module_path: str
     weight_target: str | None
     bias_target: str | None
@@ -119,23 +118,23 @@ class Layer:
 
     @property
     def out_axis(self) -> int:
-        return _WEIGHT_AXES.get(self.kind, _DEFAULT_WEIGHT_AXES)[0]
+        return self.kind.weight_out_axis
 
     @property
     def in_axis(self) -> int:
-        return _WEIGHT_AXES.get(self.kind, _DEFAULT_WEIGHT_AXES)[1]
+        return 1 - self.kind.weight_out_axis  # conv_transpose, addmm: [in, out]
 
     @property
     def input_arg(self) -> int:
-        return _ARGS.get(self.kind, _DEFAULT_ARGS)[0]
+        return _data_arg(self.kind)
 
     @property
     def weight_arg(self) -> int:
-        return _ARGS.get(self.kind, _DEFAULT_ARGS)[1]
+        return self.kind.weight_arg
 
     @property
     def bias_arg(self) -> int:
-        return _ARGS.get(self.kind, _DEFAULT_ARGS)[2]
+        return self.kind.bias_arg
 
     @property
     def data_input(self):
@@ -145,14 +144,14 @@ class Layer:
     def in_channels(self) -> int:
         if len(self.weight_shape) < 2:
             return -1
-        if self.kind == "conv":
+        if self.kind is Kind.conv:
             return self.weight_shape[1] * self.groups
         return self.weight_shape[self.in_axis]
 
     @property
     def grouped(self) -> bool:
         """A grouped conv (depthwise included): group ``k``'s filters read only group ``k``'s inputs."""
-        return self.kind == "conv" and self.groups > 1
+        return self.kind is Kind.conv and self.groups > 1
 
     @property
     def depthwise(self) -> bool:
@@ -160,7 +159,7 @@ class Layer:
 
     @property
     def downsampling(self) -> bool:
-        return self.kind == "conv" and any(int(s) > 1 for s in self.stride)
+        return self.kind is Kind.conv and any(int(s) > 1 for s in self.stride)
 
     @property
     def name(self) -> str:
@@ -306,36 +305,23 @@ class ChannelAnalysis:
 
     # -- layers -------------------------------------------------------------------------
     def _layer(self, op: WeightedOp) -> Layer:
-        node, kind = op.node, op.kind.name
+        node, kind = op.node, op.kind
         weight = op.weight(self.gm)
         weight_target = op.weight_source.target if op.weight_source is not None else None
         weight_arg = node.args[op.kind.weight_arg] if len(node.args) > op.kind.weight_arg else None
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else (_tensor_shape(weight_arg) or ())
-        bias_index = _ARGS.get(kind, _DEFAULT_ARGS)[2]
-        bias_arg = node.args[bias_index] if len(node.args) > bias_index else node.kwargs.get("bias")
-        bias_source = bias_arg
-        while isinstance(bias_source, torch.fx.Node) and bias_source.meta.get("inserted_by") and bias_source.args:
-            bias_source = bias_source.args[0]
-        bias_target = bias_source.target if isinstance(bias_source, torch.fx.Node) and \
-            bias_source.op == "get_attr" else None
+        bias_arg = node.args[kind.bias_arg] if len(node.args) > kind.bias_arg else node.kwargs.get("bias")
+        bias_source = parameter_of(bias_arg)
+        bias_target = bias_source.target if bias_source is not None else None
         groups, stride = 1, (1,)
-        if kind == "conv":
-            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-            stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
-        elif kind == "conv_transpose":
-            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-            stride = node.args[3] if len(node.args) > 3 else node.kwargs.get("stride", 1)
+        if kind in (Kind.conv, Kind.conv_transpose):
+            groups = op_arg(node, kind, "groups", 1)
+            stride = op_arg(node, kind, "stride", 1)
         stride = tuple(stride) if isinstance(stride, (tuple, list)) else (stride,)
-        input_index = _ARGS.get(kind, _DEFAULT_ARGS)[0]
+        input_index = _data_arg(kind)
         out_shape = _tensor_shape(node)
         in_shape = _tensor_shape(node.args[input_index]) if len(node.args) > input_index else None
-        spatial = 1
-        if kind == "conv" and out_shape:
-            spatial = math.prod(out_shape[2:])
-        elif kind == "conv_transpose" and in_shape:
-            spatial = math.prod(in_shape[2:])
-        elif kind in ("linear", "addmm") and out_shape:
-            spatial = math.prod(out_shape[1:-1])
+        spatial = positions(kind, in_shape, out_shape) if out_shape and in_shape else 1
         layer = Layer(node, kind, op.module_path, weight_target, bias_target, shape,
                       int(groups) if isinstance(groups, int) else -1, spatial, stride)
         if weight_target is None or not isinstance(weight, torch.Tensor):
@@ -344,7 +330,7 @@ class ChannelAnalysis:
             layer.problem = f"{layer.name}: groups/stride are computed at run time"
         elif bias_arg is not None and bias_target is None:
             layer.problem = f"{layer.name}: its bias is computed in the graph, not a parameter"
-        elif kind == "conv_transpose" and groups > 1:
+        elif kind is Kind.conv_transpose and groups > 1:
             layer.problem = f"{layer.name}: grouped transposed convolution (groups={groups})"
         elif out_shape is None or in_shape is None:
             layer.problem = f"{layer.name}: no shape metadata"
@@ -427,26 +413,25 @@ class ChannelAnalysis:
                 and node.args[1] in ("shape", "ndim", "dtype", "device"):
             return set(tracked)
         kind = op_kind(node, self.gm)
-        name = kind.name if kind else None
-        if name == "batch_norm":
+        if kind is Kind.batch_norm:
             return self._visit_norm(node)
-        if name == "layer_norm":
+        if kind is Kind.layer_norm:
             return self._visit_layer_norm(node)
         if self._is_passthrough_module(node):
             return self._visit_passthrough(node, zero_preserving=True, pooling=False)
         if kind is not None and kind.channel_passthrough:
             pooling = "pooling" in kind.tags
-            zero = pooling or name in ("dropout", "identity") or self._maps_zero_to_zero(node)
+            zero = pooling or kind in (Kind.dropout, Kind.identity) or self._maps_zero_to_zero(node)
             return self._visit_passthrough(node, zero_preserving=zero, pooling=pooling)
-        if name in ("add", "sub", "mul", "div"):
-            return self._visit_binary(node, name)
-        if name == "cat":
+        if kind in (Kind.add, Kind.sub, Kind.mul, Kind.div):
+            return self._visit_binary(node, kind)
+        if kind is Kind.cat:
             return self._visit_cat(node)
-        if name in ("flatten", "reshape"):
+        if kind in (Kind.flatten, Kind.reshape):
             return self._visit_reshape(node)
-        if name == "mean":
+        if kind is Kind.mean:
             return self._visit_mean(node)
-        if name == "transpose":
+        if kind is Kind.transpose:
             return self._visit_transpose(node)
         if node.op == "call_function" and getattr(node.target, "__name__", "") == "stochastic_depth" \
                 and getattr(node.target, "__module__", "").startswith("torchvision"):
@@ -461,7 +446,7 @@ class ChannelAnalysis:
         if node.op != "call_module" or not node.meta.get("inserted_by"):
             return False
         module = self.gm.get_submodule(node.target)
-        return type(module).__name__ == "FakeQuantizer" and getattr(module, "axis", 0) is None
+        return is_quantizer(module) and getattr(module, "axis", 0) is None
 
     def _visit_layer(self, node, layer: Layer) -> set:
         x = layer.data_input
@@ -469,7 +454,7 @@ class ChannelAnalysis:
         if isinstance(x, torch.fx.Node) and x in self.space_of:
             claimed.add(x)
             space = self.space_of[x]
-            channel_axis = 1 if layer.kind in ("conv", "conv_transpose") else space.ndim - 1
+            channel_axis = 1 if layer.kind in (Kind.conv, Kind.conv_transpose) else space.ndim - 1
             if space.axis != channel_axis:
                 self._block(space, f"reaches {layer.name} on axis {space.axis}, not on its channel axis")
             elif layer.problem:
@@ -480,7 +465,7 @@ class ChannelAnalysis:
         if shape is None:
             return claimed
         # output channels: axis 1 of a conv's output, the last axis of a linear layer's
-        axis = 1 if layer.kind in ("conv", "conv_transpose") else len(shape) - 1
+        axis = 1 if layer.kind in (Kind.conv, Kind.conv_transpose) else len(shape) - 1
         out = self._new_space(node, axis, shape[axis], zero=True)
         layer.out_space = out
         if layer.problem:
@@ -595,7 +580,7 @@ class ChannelAnalysis:
             return False
         return isinstance(out, torch.Tensor) and bool((out == 0).all())
 
-    def _visit_binary(self, node, name: str) -> set:
+    def _visit_binary(self, node, kind: OpKind) -> set:
         shape = _tensor_shape(node)
         operands = list(node.args[:2])
         if shape is None or len(operands) != 2 or any(isinstance(v, torch.fx.Node) for v in node.kwargs.values()):
@@ -624,7 +609,7 @@ class ChannelAnalysis:
                     k = axis - (ndim - len(oshape))
                     if k >= 0 and oshape[k] > 1:
                         if self._own_parameter(o) and oshape[k] == shape[axis] and \
-                                math.prod(oshape) == oshape[k] and name in ("add", "sub", "mul"):
+                                math.prod(oshape) == oshape[k] and kind in (Kind.add, Kind.sub, Kind.mul):
                             # a per-channel parameter (ConvNeXt's layer scale): its channels are sliced too
                             param = self._new_space(o, k, oshape[k], zero=False)
                             self.channel_params.append((param, 1))
@@ -639,21 +624,21 @@ class ChannelAnalysis:
                 self._block(self.space_of[o], f"'{node.name}' combines it with '{untracked_channelwise.name}', "
                                               f"whose channels are not tracked")
             return claimed
-        if name == "div" and len(ties) and operands[1] in ties:
+        if kind is Kind.div and len(ties) and operands[1] in ties:
             self._block(self.space_of[operands[1]], f"'{node.name}' divides by channels that pruning zeroes")
             ties = [o for o in ties if o is not operands[1]]
         if not ties:
             return claimed
         zeros = [self.space_of[o].zero for o in ties]
-        if name in ("add", "sub"):
+        if kind in (Kind.add, Kind.sub):
             zero = all(zeros) and all(others_zero) and len(ties) + len(others_zero) == 2
-        elif name == "mul":
+        elif kind is Kind.mul:
             zero = any(zeros) or any(others_zero)
         else:  # div: numerator
             zero = operands[0] in ties and self.space_of[operands[0]].zero
         out = self._new_space(node, axis, shape[axis], zero=zero)
         for o in ties:
-            self._identity(self.space_of[o], out, f"'{node.name}' ({name}) ties its operands' channels")
+            self._identity(self.space_of[o], out, f"'{node.name}' ({kind.name}) ties its operands' channels")
         return claimed
 
     def _visit_cat(self, node) -> set:
@@ -720,7 +705,7 @@ class ChannelAnalysis:
             return {x}
         literal = False
         parsed = shape_args(node)
-        if op_kind(node, self.gm).name == "reshape":
+        if op_kind(node, self.gm) is Kind.reshape:
             if parsed is None or len(parsed[0]) != len(out_shape):
                 self._block(space, f"'{node.name}': cannot read its target shape")
                 return {x}

@@ -1,4 +1,4 @@
-"""Lowering pass (``lowering_order`` 20): remove pruned channels physically.
+"""Lowering pass (``LoweringPhase.PRUNE_CHANNELS``): remove pruned channels physically.
 
 ``FilterPruning`` annotates every node whose channels may shrink with
 ``node.meta["pruning_space"] = {"axis", "classes"}`` (the channel class of each
@@ -30,7 +30,9 @@ import torch.nn.functional as F
 
 from fxcompress.errors import PassError
 from fxcompress.graph import get_attr_value
-from fxcompress.optable import op_kind
+from fxcompress.lowering import LoweringPhase
+from fxcompress.optable import Kind, op_kind
+from fxcompress.quantizers import is_quantizer
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
 from .dependency import shape_args
@@ -78,7 +80,7 @@ def _refresh_module_attributes(owner: nn.Module, weight: torch.Tensor, groups: i
 
 class FoldPrunedChannels(Pass):
     name = "filter_pruning_fold"
-    lowering_order = 20
+    lowering_order = LoweringPhase.PRUNE_CHANNELS
     preserves_outputs = True
 
     def __init__(self, pruned_classes):
@@ -102,10 +104,9 @@ class FoldPrunedChannels(Pass):
         modified = False
         for node in list(gm.graph.nodes):
             kind = op_kind(node, gm)
-            name = kind.name if kind else None
-            if name in ("conv", "conv_transpose", "linear", "addmm") and node.op == "call_function":
+            if kind in (Kind.conv, Kind.conv_transpose, Kind.linear, Kind.addmm) and node.op == "call_function":
                 modified |= self._fold_layer(gm, node, kind)
-            elif name == "batch_norm" and node.op == "call_module":
+            elif kind is Kind.batch_norm and node.op == "call_module":
                 modified |= self._fold_norm(gm, node)
             elif node.meta.get("pruning_reshape"):
                 modified |= self._fold_reshape(node)
@@ -146,11 +147,11 @@ class FoldPrunedChannels(Pass):
         if source is None:
             raise PassError(f"cannot fold '{node.name}': its weight is not a parameter")
         weight = get_attr_value(gm, source.target)
-        groups_index = 6 if kind.name in ("conv", "conv_transpose") else None
+        groups_index = kind.arg_names.index("groups") if "groups" in kind.arg_names else None
         groups = node.args[groups_index] if groups_index is not None and len(node.args) > groups_index else 1
         # a grouped conv (depthwise included) loses whole groups (the analysis ties each group's inputs
         # and filters into one class): slice its filters, keep each group's width, count the groups left
-        grouped = kind.name == "conv" and groups > 1
+        grouped = kind is Kind.conv and groups > 1
         new = weight
         if keep_out is not None:
             new = new.index_select(out_axis, keep_out.to(weight.device))
@@ -180,9 +181,9 @@ class FoldPrunedChannels(Pass):
         if isinstance(module, ChannelMask):
             return  # removed with the other masks
         axis = getattr(module, "axis", None)
-        if type(module).__name__ == "FakeQuantizer" and (axis is None or keep_out is None):
+        if is_quantizer(module) and (axis is None or keep_out is None):
             return  # per-tensor: shape-agnostic
-        if type(module).__name__ == "FakeQuantizer" and axis == out_axis:
+        if is_quantizer(module) and axis == out_axis:
             sliced = copy.deepcopy(module)
             index = keep_out.to(module.scale.device)
             for attr in ("scale", "zero_point"):

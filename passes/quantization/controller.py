@@ -18,6 +18,7 @@ from fxcompress.errors import CheckpointError, NotInitializedError, RangeInitErr
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 from fxcompress.schedulers import StagedScheduler
+from fxcompress.weights import edge_value
 
 from .bias_correction import bias_correction_targets, correct_biases, set_parameter, statistics_module
 from .range_init import RangeCollector, RangeInitConfig, weight_range
@@ -203,16 +204,7 @@ class QuantizationController(ControllerPart):
     @torch.no_grad()
     def _weight_value(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
         """The tensor a weight quantizer sees: the parameter through the transforms before it (masks)."""
-        chain, current = [], node.args[0]
-        while isinstance(current, torch.fx.Node) and current.op == "call_module":
-            chain.append(current)
-            current = current.args[0] if current.args else None
-        if not isinstance(current, torch.fx.Node) or current.op != "get_attr":
-            return None
-        value = get_attr_value(gm, current.target)
-        for transform in reversed(chain):
-            value = gm.get_submodule(transform.target)(value)
-        return value
+        return edge_value(gm, node.args[0]) if node.args else None
 
     @torch.no_grad()
     def init_weight_ranges(self, gm: torch.fx.GraphModule):

@@ -1,9 +1,9 @@
 """Lowering of a quantized graph into the form that exports as an ONNX QDQ model.
 
 Run by ``ctrl.lower()`` / ``ctrl.strip()`` / ``ctrl.export_onnx()`` on a deep
-copy of the trained graph, in ``lowering_order`` (after masks and pruning):
+copy of the trained graph, in ``fxcompress.lowering.LoweringPhase`` order (after masks and pruning):
 
-1. ``FoldBatchNorm`` (order 30): ``conv -> BatchNorm`` (eval, running stats)
+1. ``FoldBatchNorm`` (``LoweringPhase.FOLD_BATCH_NORM``): ``conv -> BatchNorm`` (eval, running stats)
    becomes one conv with new weight and bias tensors (never written in place).
    When the conv's weight goes through a weight quantizer, the quantizer is
    frozen to integers ``q`` with per-output-channel ``scale`` and the BN factor
@@ -15,7 +15,7 @@ copy of the trained graph, in ``lowering_order`` (after masks and pruning):
    case that cannot stay exact, a symmetric full range with ``q == qmin`` in a
    channel with ``f < 0`` (``-qmin`` does not fit), keeps that BatchNorm.
    A BatchNorm after a conv without a quantizer is folded in float.
-2. ``LowerQuantizers`` (order 40): every ``FakeQuantizer`` becomes an export op
+2. ``LowerQuantizers`` (``LoweringPhase.LOWER_QUANTIZERS``): every ``FakeQuantizer`` becomes an export op
    of ``fxcompress.export``: a quantizer on a weight (its input is a
    parameter) becomes integer buffers ``<name>_q`` (int8, or uint8 for
    unsigned ranges, whatever the bit width) + ``scale`` + ``zero_point`` read by
@@ -42,17 +42,18 @@ import torch.nn as nn
 from fxcompress.errors import PassError
 from fxcompress.export import SIGNED_TO_UNSIGNED, storage_dtype
 from fxcompress.graph import copy_meta, get_attr_value, unique_name
-from fxcompress.optable import kind_of
+from fxcompress.lowering import LoweringPhase
+from fxcompress.optable import Kind, op_arg, op_kind
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 from fxcompress.patterns import Chain, Step
-from fxcompress.quantizers import FakeQuantizer
-from fxcompress.weights import weighted_ops
+from fxcompress.quantizers import FakeQuantizer, quantizer_at
+from fxcompress.weights import functionalize_weighted, weighted_ops
 
 __all__ = ["IntegerWeight", "freeze_weight", "fold_channel_factor", "FoldBatchNorm", "LowerQuantizers",
            "quantization_lowering_passes", "drop_unused_tensors"]
 
-BN_FOLD_ORDER = 30
-QUANTIZER_LOWERING_ORDER = 40
+BN_FOLD_ORDER = LoweringPhase.FOLD_BATCH_NORM
+QUANTIZER_LOWERING_ORDER = LoweringPhase.LOWER_QUANTIZERS
 
 _DEQUANTIZE_WEIGHT = torch.ops.fxcompress.dequantize_weight.default
 _QUANTIZE_DEQUANTIZE = torch.ops.fxcompress.quantize_dequantize.default
@@ -220,12 +221,7 @@ def drop_unused_tensors(gm: torch.fx.GraphModule) -> list[str]:
     return dropped
 
 
-def _quantizer_of(gm: torch.fx.GraphModule, node) -> FakeQuantizer | None:
-    if isinstance(node, torch.fx.Node) and node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, FakeQuantizer):
-            return module
-    return None
+_quantizer_of = quantizer_at
 
 
 def _tensor_attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
@@ -289,7 +285,7 @@ class FoldBatchNorm(Pass):
     name = "fold_batch_norm"
     lowering_order = BN_FOLD_ORDER
     preserves_outputs = True
-    _CHAIN = Chain(Step("conv", "conv_transpose"), "batch_norm")
+    _CHAIN = Chain(Step(Kind.conv, Kind.conv_transpose), Kind.batch_norm)
 
     def __init__(self):
         self.folded: list[dict] = []
@@ -297,13 +293,11 @@ class FoldBatchNorm(Pass):
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self.folded, self.skipped = [], []
-        kinds = ("conv", "conv_transpose")
-        module_convs = sum(1 for n in gm.graph.nodes if n.op == "call_module" and kind_of(n, gm) in kinds)
+        kinds = (Kind.conv, Kind.conv_transpose)
+        functionalized = functionalize_weighted(gm, kinds=kinds) > 0
         convs = {op.node: op for op in weighted_ops(gm, kinds=kinds)}
-        functionalized = module_convs != sum(1 for n in gm.graph.nodes
-                                             if n.op == "call_module" and kind_of(n, gm) in kinds)
         for match in list(self._CHAIN.find(gm)):
-            conv, bn_node = match.first, match["batch_norm"]
+            conv, bn_node = match.first, match[Kind.batch_norm]
             scope = bn_node.meta.get("module_path", bn_node.name)
             reason = self._fold(gm, convs.get(conv), bn_node)
             if reason:
@@ -329,9 +323,9 @@ class FoldBatchNorm(Pass):
         if isinstance(stats, str):
             return stats
         mean, var, gamma, beta, eps = stats
-        groups = conv.args[6] if len(conv.args) > 6 else conv.kwargs.get("groups", 1)
-        grouped_transposed = op.kind.name == "conv_transpose" and groups != 1
-        bias_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
+        groups = op_arg(conv, op.kind, "groups", 1)
+        grouped_transposed = op.kind is Kind.conv_transpose and groups != 1
+        bias_node = op_arg(conv, op.kind, "bias")
         bias = _tensor_attr(gm, bias_node)
         if bias_node is not None and bias is None:
             return "the conv bias is computed, not a parameter"
@@ -395,11 +389,11 @@ class FoldBatchNorm(Pass):
 
 
 # Ops that only move or select values: a quantized tensor's values stay on its grid through them.
-_SHAPE_KINDS = frozenset({"flatten", "reshape", "transpose", "dropout", "identity"})
+_SHAPE_KINDS = frozenset({Kind.flatten, Kind.reshape, Kind.transpose, Kind.dropout, Kind.identity})
 # Consumers OpenVINO runs in int8 only with signed activations: matmuls of two activations
 # (q @ k^T). scaled_dot_product_attention is not here: the exporter decomposes it with reshapes
 # and a Mul between its inputs and the MatMul, so its inputs are never int8 MatMul operands.
-_SIGNED_CONSUMERS = frozenset({"matmul"})
+_SIGNED_CONSUMERS = frozenset({Kind.matmul})
 
 
 def _is_shape_op_on(node: torch.fx.Node, tensor: torch.fx.Node, gm) -> bool:
@@ -408,7 +402,7 @@ def _is_shape_op_on(node: torch.fx.Node, tensor: torch.fx.Node, gm) -> bool:
         return False
     if node.op == "call_function" and node.target is operator.getitem:
         return True  # slicing a tensor (tuples of chunk/split outputs are not quantizer outputs)
-    return kind_of(node, gm) in _SHAPE_KINDS
+    return op_kind(node, gm) in _SHAPE_KINDS
 
 
 def _consumers(gm, node: torch.fx.Node) -> list[torch.fx.Node]:
@@ -421,7 +415,7 @@ def _consumers(gm, node: torch.fx.Node) -> list[torch.fx.Node]:
 
 def _feeds_only_activation_matmuls(gm, node: torch.fx.Node) -> bool:
     consumers = _consumers(gm, node)
-    return bool(consumers) and all(kind_of(c, gm) in _SIGNED_CONSUMERS for c in consumers)
+    return bool(consumers) and all(op_kind(c, gm) in _SIGNED_CONSUMERS for c in consumers)
 
 
 def _requantize_after_shape_ops(gm: torch.fx.GraphModule, qdq: torch.fx.Node):

@@ -47,10 +47,10 @@ import torch.fx
 
 from fxcompress.graph import get_attr_value
 from fxcompress.integer_inputs import is_integer_derived, mark_integer_derived
-from fxcompress.optable import kind_of, op_kind
-from fxcompress.quantizers import QuantSpec, is_quantizer
+from fxcompress.optable import Kind, OpKind, kind_of, kinds_tagged, op_kind
+from fxcompress.quantizers import QuantSpec, is_quantizer, quantizer_at
 from fxcompress.scopes import ScopeSet
-from fxcompress.weights import WeightedOp
+from fxcompress.weights import WeightedOp, parameter_of
 
 __all__ = ["ANNOTATION_KEY", "InputRule", "DeviceRules", "DEVICE_RULES", "GroupSettings", "Override",
            "QuantizationSettings", "QuantizationPoint", "QuantizationPlan", "plan_quantization",
@@ -87,7 +87,7 @@ class InputRule:
 
 @dataclass(frozen=True)
 class DeviceRules:
-    inputs: Mapping[str, InputRule]
+    inputs: Mapping[OpKind, InputRule]
     # Kinds whose output of a quantized tensor stays on the same grid (NNCF: quantization-agnostic).
     agnostic: frozenset
     # Kinds whose output is never negative: unsigned quantizers after them.
@@ -96,21 +96,21 @@ class DeviceRules:
     overflow_fix: bool
 
 
-_NORMS = frozenset({"layer_norm", "group_norm"})
+_NORMS = frozenset({Kind.layer_norm, Kind.group_norm})
 _CPU_INPUTS = {
-    "conv": InputRule((0,), "conv input", ("input",)),
-    "conv_transpose": InputRule((0,), "transposed conv input", ("input",)),
-    "linear": InputRule((0,), "linear input", ("input",)),
-    "addmm": InputRule((1,), "linear input", ("input", "mat1")),  # addmm(bias, x, weight): Conv1D
-    "matmul": InputRule((0, 1), "matmul operand", ("input", "other"), all_dynamic=True, symmetric=True),
-    "attention": InputRule((0, 1, 2), "attention q/k/v", ("query", "key", "value"), symmetric=True,
+    Kind.conv: InputRule((0,), "conv input", ("input",)),
+    Kind.conv_transpose: InputRule((0,), "transposed conv input", ("input",)),
+    Kind.linear: InputRule((0,), "linear input", ("input",)),
+    Kind.addmm: InputRule((1,), "linear input", ("input", "mat1")),  # addmm(bias, x, weight): Conv1D
+    Kind.matmul: InputRule((0, 1), "matmul operand", ("input", "other"), all_dynamic=True, symmetric=True),
+    Kind.attention: InputRule((0, 1, 2), "attention q/k/v", ("query", "key", "value"), symmetric=True,
                            signed=True),
-    "add": InputRule((0, 1), "residual add input", ("input", "other"), all_dynamic=True,
+    Kind.add: InputRule((0, 1), "residual add input", ("input", "other"), all_dynamic=True,
                      skip_if_feeding=_NORMS),
-    "avg_pool": InputRule((0,), "pooling input", ("input",)),
+    Kind.avg_pool: InputRule((0,), "pooling input", ("input",)),
 }
-_AGNOSTIC = frozenset({"max_pool", "flatten", "reshape", "transpose", "dropout", "identity"})
-_NONNEGATIVE = frozenset({"relu", "sigmoid", "softmax"})
+_AGNOSTIC = kinds_tagged("quantization_agnostic")
+_NONNEGATIVE = frozenset({Kind.relu, Kind.sigmoid, Kind.softmax})
 
 DEVICE_RULES: dict[str, DeviceRules] = {
     "CPU": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=True),
@@ -279,26 +279,26 @@ def _is_agnostic(node: torch.fx.Node, gm, rules: DeviceRules) -> bool:
     if node.op == "call_function" and node.target is operator.getitem:
         # Slicing a tensor keeps its grid; indexing a tuple (chunk/split outputs) is not a tensor op.
         return bool(node.args) and _is_tensor(node.args[0])
-    return kind_of(node, gm) in rules.agnostic and bool(node.args) and _is_tensor(node.args[0])
+    return op_kind(node, gm) in rules.agnostic and bool(node.args) and _is_tensor(node.args[0])
 
 
-def _only_feeds(node: torch.fx.Node, gm, kinds: frozenset, through: str) -> bool:
+def _only_feeds(node: torch.fx.Node, gm, kinds: frozenset, through: OpKind) -> bool:
     """Whether every path from ``node``'s output reaches an op of ``kinds``, passing only ops of kind ``through``."""
     users = list(node.users)
     if not users:
         return False
     for user in users:
-        kind = kind_of(user, gm)
+        kind = op_kind(user, gm)
         if kind in kinds:
             continue
-        if kind == through and _only_feeds(user, gm, kinds, through):
+        if kind is through and _only_feeds(user, gm, kinds, through):
             continue
         return False
     return True
 
 
 def _is_quantizer_node(node: torch.fx.Node, gm) -> bool:
-    return node.op == "call_module" and is_quantizer(gm.get_submodule(node.target))
+    return quantizer_at(gm, node) is not None
 
 
 def _resolve(node: torch.fx.Node, consumer: torch.fx.Node, gm, rules: DeviceRules):
@@ -450,11 +450,9 @@ class _Planner:
 
     def matmul_weight(self, node: torch.fx.Node, operand: torch.fx.Node, index: int) -> bool:
         """Quantize a 2-D parameter operand of a matmul as a weight; True when it was handled."""
-        source = operand
-        while source.meta.get("inserted_by") and source.args and isinstance(source.args[0], torch.fx.Node):
-            source = source.args[0]
+        source = parameter_of(operand)
         shape = operand.meta.get("shape")
-        if source.op != "get_attr" or not _is_float_tensor(operand) or not isinstance(shape, tuple) \
+        if source is None or not _is_float_tensor(operand) or not isinstance(shape, tuple) \
                 or len(shape) != 2:
             return False
         if _is_quantizer_node(operand, self.gm):
@@ -499,12 +497,12 @@ class _Planner:
                 continue
             if node.meta.get("inserted_by") or _is_quantizer_node(node, self.gm):
                 continue
-            kind = kind_of(node, self.gm)
+            kind = op_kind(node, self.gm)
             rule = self.rules.inputs.get(kind)
             if rule is not None:
                 self.op_request(node, kind, rule, node in weighted_nodes)
 
-    def op_request(self, node: torch.fx.Node, kind: str, rule: InputRule, weighted: bool):
+    def op_request(self, node: torch.fx.Node, kind: OpKind, rule: InputRule, weighted: bool):
         path = node.meta.get("module_path", "")
         scope = path or node_label(node)
         if not self.selects(node):  # the node: NNCF operation scopes (Inception3/__add___0) name it
@@ -516,7 +514,7 @@ class _Planner:
             return
         inputs = [_input(node, i, rule.names) for i in rule.inputs]
         if rule.all_dynamic:
-            if kind == "matmul" and len(inputs) == 2:
+            if kind is Kind.matmul and len(inputs) == 2:
                 consts = [i for i, x in enumerate(inputs) if isinstance(x, torch.fx.Node) and x not in self.dynamic]
                 if len(consts) == 1 and self.matmul_weight(node, inputs[consts[0]], consts[0]):
                     inputs = [inputs[1 - consts[0]]]
@@ -531,8 +529,8 @@ class _Planner:
                                            for x in resolved):
                 return  # a bias add / scaling by a constant: not an integer op
         if rule.skip_if_feeding and _only_feeds(node, self.gm, rule.skip_if_feeding, kind):
-            self.skip(scope, f"{rule.reason}: its result only feeds {'/'.join(sorted(rule.skip_if_feeding))} "
-                             f"(directly or through {kind}s), which run in float")
+            self.skip(scope, f"{rule.reason}: its result only feeds {'/'.join(sorted(k.name for k in rule.skip_if_feeding))} "
+                             f"(directly or through {kind.name}s), which run in float")
             return
         for x in inputs:
             if not isinstance(x, torch.fx.Node):
@@ -577,9 +575,9 @@ class _Planner:
 
 
 # Kinds whose output is non-negative when their (first / every) tensor input is.
-_KEEPS_SIGN = frozenset({"max_pool", "avg_pool", "mean", "flatten", "reshape", "transpose", "dropout",
-                         "identity"})
-_ALL_INPUTS_NONNEG = frozenset({"cat", "add", "mul"})
+_KEEPS_SIGN = frozenset({Kind.max_pool, Kind.avg_pool, Kind.mean, Kind.flatten, Kind.reshape, Kind.transpose,
+                         Kind.dropout, Kind.identity})
+_ALL_INPUTS_NONNEG = frozenset({Kind.cat, Kind.add, Kind.mul})
 
 
 def _nonnegative(node, gm, rules: DeviceRules, memo: dict) -> bool:
@@ -589,14 +587,14 @@ def _nonnegative(node, gm, rules: DeviceRules, memo: dict) -> bool:
     memo[node] = False
     kind = op_kind(node, gm)
     result = False
-    if kind is not None and (kind.name in rules.nonnegative or "relu_like" in kind.tags):
+    if kind is not None and (kind in rules.nonnegative or "relu_like" in kind.tags):
         result = True
     elif node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
         result = _is_tensor(node.args[0]) and _nonnegative(node.args[0], gm, rules, memo)
-    elif kind is not None and kind.name in _KEEPS_SIGN:
+    elif kind in _KEEPS_SIGN:
         result = bool(node.args) and isinstance(node.args[0], torch.fx.Node) and \
             _nonnegative(node.args[0], gm, rules, memo)
-    elif kind is not None and kind.name in _ALL_INPUTS_NONNEG:
+    elif kind in _ALL_INPUTS_NONNEG:
         inputs = node.all_input_nodes
         result = bool(inputs) and all(_nonnegative(x, gm, rules, memo) for x in inputs if _is_tensor(x))
     memo[node] = result
@@ -621,7 +619,7 @@ def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: 
     if producer.op == "placeholder":
         base = f"{producer.name}_input"
     elif len(req.serves) == 1 and not (kind is not None and (kind.tags & {"activation", "relu_like"}
-                                                             or kind.name in rules.nonnegative)) \
+                                                             or kind in rules.nonnegative)) \
             and req.serves[0].op != "output":
         base = f"{readable_name(req.serves[0], gm)}_input"
     else:

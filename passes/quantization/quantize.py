@@ -33,13 +33,13 @@ from fxcompress.batchnorm import BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADA
 from fxcompress.config import algorithm_registry, register_algorithm
 from fxcompress.errors import ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, copy_meta, get_attr_value, insert_on_output
-from fxcompress.optable import op_kind
+from fxcompress.optable import Kind, op_arg, op_kind
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.patterns import Chain, Step
 from fxcompress.quantizers import FakeQuantizer
 from fxcompress.schedulers import STAGED_DEFAULTS, STAGED_PARAMS
 from fxcompress.scopes import ScopeSet
-from fxcompress.weights import WEIGHTED_KINDS, weighted_ops
+from fxcompress.weights import WEIGHTED_KINDS, functionalize_weighted, weighted_ops
 
 from .controller import QuantizationController, QuantizerInfo
 from .policy import (ANNOTATION_KEY, DEVICE_RULES, GroupSettings, Override, QuantizationPlan,
@@ -287,6 +287,7 @@ class Quantize(CompressionPass):
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self._validate_all_scopes(gm)
         snapshot = GraphSnapshot(gm)
+        functionalize_weighted(gm)
         folded = fold_batch_norms(gm, self.selects) if self.params["fold_bn"] else []
         ops = weighted_ops(gm)
         model_type, chosen = self.model_type(gm)
@@ -331,7 +332,7 @@ def _unsupported_weighted(gm: torch.fx.GraphModule) -> list[dict]:
     out = []
     for node in gm.graph.nodes:
         kind = op_kind(node, gm)
-        if node.op == "call_module" and kind is not None and kind.name in WEIGHTED_KINDS:
+        if node.op == "call_module" and kind is not None and kind in WEIGHTED_KINDS:
             out.append({"scope": node.target, "reason": f"{kind.name} called in a form without an exact "
                                                         "functional equivalent (e.g. output_size=, a subclass)"})
     return out
@@ -398,7 +399,7 @@ def _device_of(node: torch.fx.Node, gm: torch.fx.GraphModule):
 # BatchNorm folding at compile time (fold_bn=True)
 # ---------------------------------------------------------------------------
 
-_CONV_BN = Chain(Step("conv", "conv_transpose", "linear"), "batch_norm")
+_CONV_BN = Chain(Step(Kind.conv, Kind.conv_transpose, Kind.linear), Kind.batch_norm)
 
 
 @torch.no_grad()
@@ -411,6 +412,7 @@ def fold_batch_norms(gm: torch.fx.GraphModule, selects=lambda path: True) -> lis
     folded weights, and the weight quantizer sees what inference will use.
     Returns the folded BatchNorm module paths.
     """
+    functionalize_weighted(gm)
     ops = {op.node: op for op in weighted_ops(gm)}
     bn_uses: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -425,7 +427,7 @@ def fold_batch_norms(gm: torch.fx.GraphModule, selects=lambda path: True) -> lis
         bn = gm.get_submodule(bn_node.target)
         if not bn.track_running_stats or bn.running_mean is None or not selects(op.module_path):
             continue
-        if op.kind.name == "conv_transpose" and len(conv.args) > 6 and conv.args[6] != 1:
+        if op.kind is Kind.conv_transpose and op_arg(conv, op.kind, "groups", 1) != 1:
             continue  # grouped transposed conv: output channels are not one weight axis
         weight_target = op.weight_source.target
         weight = get_attr_value(gm, weight_target)

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
+from fxcompress.ops import reference
 from fxcompress.quantizers import QuantSpec, range_to_qparams
 from fxcompress.scopes import ScopeSet
 
@@ -238,14 +239,10 @@ class RangeCollector:
         return torch.zeros_like(m), m
 
 
-def _fake_quantize_ref(v: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int):
-    return (torch.clamp(torch.round(v / scale) + zp, qmin, qmax) - zp) * scale
-
-
 def _mse(v: torch.Tensor, spec: QuantSpec, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     scale, zp = range_to_qparams(spec, low, high)
     qmin, qmax = spec.quant_range
-    deq = _fake_quantize_ref(v, scale[:, None], zp[:, None], qmin, qmax)
+    deq = reference.fake_quantize(v, scale, zp, qmin, qmax, axis=0)  # the op's own definition, per row
     return (deq - v).pow(2).mean(dim=1)
 
 

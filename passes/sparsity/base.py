@@ -22,7 +22,7 @@ from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.quantizers import is_quantizer
 from fxcompress.schedulers import (AdaptiveScheduler, ExponentialScheduler, LevelScheduler,
                                    MultiStepScheduler, PolynomialScheduler)
-from fxcompress.weights import weighted_ops
+from fxcompress.weights import functionalize_weighted, weighted_ops
 
 from .lowering import FoldMasks
 from .masks import SparsityMask
@@ -140,6 +140,7 @@ class SparsityPass(CompressionPass):
         code_before = gm.code
         layers, skipped = [], []
         by_weight: dict[str, torch.fx.Node] = {}  # one mask per parameter, however many ops read it
+        functionalize_weighted(gm)
         for op in weighted_ops(gm):
             if not self.selects(op.module_path):
                 skipped.append({"scope": op.module_path, "reason": "excluded by ignored_scopes/target_scopes"})
@@ -273,7 +274,7 @@ class SparsityController(ControllerPart):
         self.scheduler.load_state_dict(state["scheduler"])
 
     def lowering_passes(self):
-        return [FoldMasks([layer.mask_name for layer in self.layers])]
+        return [FoldMasks()]
 
     def distributed(self):
         """Masks computed on rank 0 win, so all ranks prune the same weights."""

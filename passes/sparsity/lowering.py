@@ -1,6 +1,6 @@
 """Mask folding: ``w -> mask -> op`` becomes ``(w * mask) -> op`` with a new weight tensor.
 
-Runs first among the lowering passes (``lowering_order = 10``): masks act on
+Runs first among the algorithms' lowering passes (``LoweringPhase.FOLD_MASKS``): masks act on
 float weights, so pruning folds, BN folding and quantizer lowering all see
 weights that already hold the zeros, and the exported ONNX initializers hold
 them too. The rewrite is exact in eval mode (``w * 1 == w``, ``w * 0 == 0``).
@@ -17,8 +17,11 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxcompress.graph import get_attr_value, unique_name
+from fxcompress.graph import get_attr_value, inserted_modules, read_only_through, unique_name
+from fxcompress.lowering import LoweringPhase
 from fxcompress.pass_manager import Pass, PassContext, PassResult
+
+from .masks import SparsityMask
 
 __all__ = ["FoldMasks"]
 
@@ -26,19 +29,16 @@ __all__ = ["FoldMasks"]
 class FoldMasks(Pass):
     name = "fold_sparsity_masks"
     preserves_outputs = True
-    lowering_order = 10
-
-    def __init__(self, mask_names: list[str]):
-        self.mask_names = list(mask_names)
+    lowering_order = LoweringPhase.FOLD_MASKS
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        names = set(self.mask_names)
-        mask_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in names]
+        mask_nodes = inserted_modules(gm, SparsityMask)  # every sparsity pass's masks, by the graph's marks
+        names = {n.target for n in mask_nodes}
         for node in mask_nodes:
             module = gm.get_submodule(node.target)
             mask = module.binary_mask().detach()
             source = node.args[0]
-            if source.op == "get_attr" and self._only_read_through_masks(gm, source.target, names):
+            if source.op == "get_attr" and read_only_through(gm, source.target, names):
                 self._replace_parameter(gm, source.target, mask)
                 replacement = source
             else:
@@ -49,14 +49,6 @@ class FoldMasks(Pass):
         # Unused get_attr nodes of dropped masks are removed; nothing else is dead here.
         gm.graph.eliminate_dead_code()
         return PassResult(gm, modified=bool(mask_nodes))
-
-    @staticmethod
-    def _only_read_through_masks(gm, target: str, names: set[str]) -> bool:
-        for node in gm.graph.nodes:
-            if node.op == "get_attr" and node.target == target:
-                if any(not (u.op == "call_module" and u.target in names) for u in node.users):
-                    return False
-        return True
 
     @staticmethod
     def _replace_parameter(gm, target: str, mask: torch.Tensor):

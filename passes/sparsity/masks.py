@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from fxcompress import ops
-from fxcompress.quantizers import scaled_gradient
+from fxcompress.gradients import scaled_gradient
 
 __all__ = ["SparsityMask", "BinaryMask", "RBMask", "straight_through_threshold", "RB_INIT_PROBABILITY"]
 
