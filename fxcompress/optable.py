@@ -23,7 +23,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["OpKind", "OPS", "Kind", "KINDS", "op_kind", "kind_of", "kinds_tagged", "as_kinds", "op_arg", "called_module"]
+__all__ = ["OpKind", "OPS", "Kind", "KINDS", "op_kind", "kind_of", "kinds_tagged", "as_kinds", "KindSet", "op_arg", "called_module"]
 
 
 @dataclass(frozen=True, eq=False)  # one object per kind: compared by identity
@@ -173,14 +173,25 @@ class _KindNamespace:
 Kind = _KindNamespace(KINDS)
 
 
-def as_kinds(kinds) -> frozenset[OpKind]:
+class KindSet(frozenset):
+    """A set of op kinds that refuses to be asked about a kind's name: ``"conv" in kinds`` raises
+    instead of answering False, so code still comparing names fails loudly."""
+
+    def __contains__(self, item) -> bool:
+        if isinstance(item, str):
+            raise TypeError(f"op kinds are compared as objects (Kind.{item}), not by name ({item!r}); "
+                            "use op_kind(node, gm), not kind_of(node, gm)")
+        return super().__contains__(item)
+
+
+def as_kinds(kinds) -> KindSet:
     """Kind objects from kind objects or kind names (an unknown name raises)."""
-    return frozenset(k if isinstance(k, OpKind) else _kind_named(k) for k in kinds)
+    return KindSet(k if isinstance(k, OpKind) else _kind_named(k) for k in kinds)
 
 
-def kinds_tagged(tag: str) -> frozenset[OpKind]:
+def kinds_tagged(tag: str) -> KindSet:
     """The kinds carrying ``tag`` (an unknown tag raises: it would match nothing)."""
-    found = frozenset(k for k in OPS if tag in k.tags)
+    found = KindSet(k for k in OPS if tag in k.tags)
     if not found:
         raise KeyError(f"no op kind has the tag {tag!r}")
     return found

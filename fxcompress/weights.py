@@ -25,12 +25,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .graph import get_attr_value
-from .optable import Kind, OpKind, as_kinds, op_kind
+from .optable import Kind, KindSet, OpKind, as_kinds, op_kind
 
 __all__ = ["WeightedOp", "weighted_ops", "functionalize", "functionalize_weighted", "WEIGHTED_KINDS",
            "walk_to_parameter", "parameter_of", "edge_value"]
 
-WEIGHTED_KINDS = (Kind.conv, Kind.conv_transpose, Kind.linear, Kind.addmm)  # addmm: transformers' Conv1D (GPT-2)
+WEIGHTED_KINDS = KindSet({Kind.conv, Kind.conv_transpose, Kind.linear, Kind.addmm})  # addmm: transformers' Conv1D
 
 _CONV_FN = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_T_FN = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,

@@ -10,7 +10,7 @@ import pickle
 
 from fxcompress.optable import Kind, kind_of, kinds_tagged, op_arg, op_kind
 from fxcompress.patterns import Chain, Optional, find_nodes
-from fxcompress.weights import functionalize_weighted, weighted_ops
+from fxcompress.weights import WEIGHTED_KINDS, functionalize_weighted, weighted_ops
 from test_flops import Functional
 
 
@@ -81,6 +81,8 @@ def test_kinds_are_objects_and_a_misspelt_kind_raises():
     with pytest.raises(KeyError, match="no op kind has the tag"):
         kinds_tagged("quantisation_agnostic")
     assert pickle.loads(pickle.dumps(Kind.conv)) is Kind.conv
+    with pytest.raises(TypeError, match="compared as objects"):
+        "conv" in WEIGHTED_KINDS  # noqa: B015 - code still comparing names fails loudly
     assert kinds_tagged("quantization_agnostic") == {Kind.max_pool, Kind.flatten, Kind.reshape, Kind.transpose,
                                                       Kind.dropout, Kind.identity}
     gm = trace(Forms().eval(), (torch.randn(1, 4, 6, 6),))
