@@ -274,25 +274,27 @@ class Quantize(CompressionPass):
         return {key: self.params.get(key, default) for key, default in STAGED_DEFAULTS.items()}
 
     # -- the pass ----------------------------------------------------------------
-    def _validate_all_scopes(self, gm: torch.fx.GraphModule):
+    def _validate_all_scopes(self, gm: torch.fx.GraphModule, settings: QuantizationSettings):
         self.validate_scopes(gm)
-        scope_sets = [self.settings.weights.ignored_scopes, self.settings.weights.target_scopes,
-                      self.settings.activations.ignored_scopes, self.settings.activations.target_scopes]
-        scope_sets += [o.scopes for group in self.settings.overrides.values() for o in group]
+        scope_sets = [settings.weights.ignored_scopes, settings.weights.target_scopes,
+                      settings.activations.ignored_scopes, settings.activations.target_scopes]
+        scope_sets += [o.scopes for group in settings.overrides.values() for o in group]
         scope_sets += self.range_rules.scope_sets()
         scope_sets += [scopes for group in self.unified_scale_scopes for scopes in group]
         for scopes in scope_sets:
             scopes.validate(gm)
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        self._validate_all_scopes(gm)
+        model_type, chosen = self.model_type(gm)
+        params = self._params_for(model_type)
+        # scope sets resolve NNCF names against the graph when validated: validate the ones planning uses
+        settings = self.settings if params is self.params else self._settings(params)
+        self._validate_all_scopes(gm, settings)
         snapshot = GraphSnapshot(gm)
         functionalize_weighted(gm)
         folded = fold_batch_norms(gm, self.selects) if self.params["fold_bn"] else []
         ops = weighted_ops(gm)
-        model_type, chosen = self.model_type(gm)
-        params = self._params_for(model_type)
-        plan = plan_quantization(gm, ops, self._settings(params), self.selects)
+        plan = plan_quantization(gm, ops, settings, self.selects)
         skipped = plan.skipped + _unsupported_weighted(gm)
         if not plan.points:
             for node in gm.graph.nodes:
