@@ -230,3 +230,25 @@ def test_each_reference_config_validates_and_compiles(path):
                 "digits_sparsity_int8": ["magnitude_sparsity", "quantization"], "digits_filter_pruning": ["filter_pruning"],
                 "digits_binarization": ["binarization"]}[path.stem]
     assert list(ctrl) == expected
+
+
+def test_levels_and_full_compression_follow_the_schedules_and_stages():
+    from fxcompress.samples.config import read_config
+    from fxcompress.samples.runner import compile_model, compression_levels, fully_compressed
+    seen = {}
+    for name in ("digits_binarization", "digits_sparsity_int8", "digits_int8"):
+        config = validate(read_config(REFERENCE_CONFIGS[0].parent / f"{name}.json"))
+        task = ClassificationTask()
+        ctrl, _ = compile_model(task, task.build_model("digits_cnn", 10, config), config)
+        seen[name] = []
+        for _ in range(4):
+            seen[name].append((compression_levels(ctrl), fully_compressed(ctrl)))
+            ctrl.scheduler.epoch_step()
+    # binarization: float, activations binarized, then weights too (start epochs 1 and 2)
+    assert seen["digits_binarization"][:3] == [({"binarization_level": 0.0}, False),
+                                               ({"binarization_level": 0.5}, False),
+                                               ({"binarization_level": 1.0}, True)]
+    # sparsity 0.1 -> 0.5 at epoch 3 (polynomial); plain quantization is no schedule and always "full"
+    assert [fully for _, fully in seen["digits_sparsity_int8"]] == [False, False, False, True]
+    assert seen["digits_sparsity_int8"][3][0] == {"magnitude_sparsity_level": 0.5}
+    assert seen["digits_int8"] == [({}, True)] * 4

@@ -363,8 +363,11 @@ class Runner:
 
 
 def _staged(part) -> bool:
+    """A part whose schedule switches activations and weights on at start epochs (plain
+    quantization has the same schedule object with no start epochs: always on, not staged)."""
     scheduler = getattr(part, "scheduler", None)
-    return hasattr(scheduler, "activations_enabled") and hasattr(scheduler, "weights_enabled")
+    return (getattr(scheduler, "activations_quant_start_epoch", None) is not None
+            or getattr(scheduler, "weights_quant_start_epoch", None) is not None)
 
 
 def compression_levels(ctrl) -> dict:
