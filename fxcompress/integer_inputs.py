@@ -20,14 +20,14 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from .optable import kind_of
+from .optable import Kind, op_kind
 
 __all__ = ["INTEGER_DERIVED", "mark_integer_derived", "is_integer_derived"]
 
 INTEGER_DERIVED = "integer_derived"
 
 # Lookups of learned values: their outputs are activations even though their inputs are ids.
-_LOOKUP_KINDS = frozenset({"embedding"})
+_LOOKUP_KINDS = frozenset({Kind.embedding})
 
 
 def _carries_values(node: torch.fx.Node) -> bool:
@@ -53,7 +53,7 @@ def mark_integer_derived(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
             value_inputs = [a for a in node.all_input_nodes if a in dynamic and _carries_values(a)]
             if value_inputs:
                 dynamic.add(node)
-                if all(a in derived for a in value_inputs) and kind_of(node, gm) not in _LOOKUP_KINDS:
+                if all(a in derived for a in value_inputs) and op_kind(node, gm) not in _LOOKUP_KINDS:
                     derived.add(node)
         node.meta[INTEGER_DERIVED] = node in derived
     return derived

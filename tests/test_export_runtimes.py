@@ -251,7 +251,9 @@ def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path)
         quantizer = next(m for m in chain if isinstance(m, FakeQuantizer))
         assert quantizer.axis == 1 and quantizer.scale.numel() == node.meta["shape"][-1]
         assert any("mask" in type(m).__name__.lower() for m in chain), chain
-    assert len(report.integer) == len(report.layers) >= 4
+    # every Conv1D runs in int8 (FullyConnected); the attention matmuls are issue 15's (see the xfail below)
+    fully_connected = [layer for layer in report.layers if layer.layer_type == "FullyConnected"]
+    assert len(fully_connected) == 4 and all(layer.integer for layer in fully_connected), report.layers
     lowered = ctrl.strip()
     weights = {name: q for name, q in lowered.named_buffers() if name.endswith("_weight_q")}
     assert len(weights) == 4
@@ -260,6 +262,29 @@ def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path)
 
 
 # -- property: random deployment-style models --------------------------------------------------------
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="issue 15: with symbolic sequence sizes the attention matmuls of "
+                          "GPT-2 run in f32 in OpenVINO (quantizers sit before the size-computed reshapes)")
+def test_gpt2_attention_matmuls_run_in_int8_in_openvino(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    gpt2 = transformers.GPT2Model(config).eval()
+
+    class Decoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt2 = gpt2
+
+        def forward(self, ids):
+            return self.gpt2(input_ids=ids, use_cache=False).last_hidden_state
+
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    _, _, report = check_export_everywhere(Decoder(), (ids,), tmp_path)
+    matmuls = [layer for layer in report.layers if layer.layer_type == "MatMul"]
+    assert len(matmuls) == 2 and all(layer.integer for layer in matmuls), report.layers
+
 
 def assert_masks_are_exported_zeros(gm, path) -> int:
     """Every sparsity mask's zeros are integer zeros of its layer's weight in the file, and the file's

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxcompress.optable import Kind
 from fxcompress import Config, ConfigError, ScopeError, compile_for_compression, trace
 from fxcompress.passes import FilterPruning
 from fxcompress.passes.pruning import ChannelMask, model_cost
@@ -264,8 +265,8 @@ def test_resnet_residual_adds_tie_the_convs_of_a_stage():
     assert g.size == 16 and {c.name for c in g.consumers} == {"layer2.1.conv1", "layer3.0.conv1",
                                                               "layer3.0.downsample.0"}
     # every conv group is prunable; the classifier's outputs are the model's
-    assert all(g.prunable for g in analysis.groups if g.producers[0].kind == "conv")
-    (fc,) = [g for g in analysis.groups if g.producers[0].kind == "linear"]
+    assert all(g.prunable for g in analysis.groups if g.producers[0].kind is Kind.conv)
+    (fc,) = [g for g in analysis.groups if g.producers[0].kind is Kind.linear]
     assert fc.reasons == ["'fc' is (part of) the model output"]
 
 

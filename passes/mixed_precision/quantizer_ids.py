@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from fxcompress.optable import kind_of
+from fxcompress.optable import Kind, op_kind
 from fxcompress.scopes import ScopeIndex
 
 __all__ = ["nncf_quantizer_ids"]
@@ -57,7 +57,7 @@ def _concatenated(gm: torch.fx.GraphModule, producer: torch.fx.Node) -> list[tor
     that one quantizer on the ``cat``'s output, so it answers to the inputs' ids too.
     """
     out = [producer]
-    if kind_of(producer, gm) == "cat" and producer.args and isinstance(producer.args[0], (list, tuple)):
+    if op_kind(producer, gm) is Kind.cat and producer.args and isinstance(producer.args[0], (list, tuple)):
         for part in producer.args[0]:
             if isinstance(part, torch.fx.Node):
                 out += _concatenated(gm, _model_producer(part))

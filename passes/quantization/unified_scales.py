@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from fxcompress.errors import ConfigError
-from fxcompress.optable import kind_of
+from fxcompress.optable import op_kind
 from fxcompress.scopes import ScopeSet
 
 from .controller import QuantizerInfo
@@ -42,7 +42,7 @@ def _input_quantizers(gm, node: torch.fx.Node, by_name: dict[str, QuantizerInfo]
     """The activation quantizers whose grid ``node``'s inputs are on (up through agnostic ops, as placed)."""
     out = []
     for a in node.all_input_nodes:
-        while str(a.target) not in by_name and kind_of(a, gm) in agnostic and a.all_input_nodes:
+        while str(a.target) not in by_name and op_kind(a, gm) in agnostic and a.all_input_nodes:
             a = a.all_input_nodes[0]
         if a.op == "call_module" and str(a.target) in by_name and by_name[str(a.target)].group == "activations":
             out.append(a)
