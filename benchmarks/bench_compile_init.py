@@ -26,7 +26,6 @@ import copy
 import importlib.util
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -34,16 +33,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from checkout import use_this_checkout  # noqa: E402  (benchmarks/checkout.py)
+
+ROOT = use_this_checkout()
 os.environ.setdefault("TQDM_DISABLE", "1")
-if importlib.util.find_spec("fxcompress.passes") is None:
-    # a venv without this checkout installed (NNCF's): map passes/ as fxcompress.passes
-    spec = importlib.util.spec_from_file_location("fxcompress.passes", ROOT / "passes" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "passes")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fxcompress.passes"] = module
-    spec.loader.exec_module(module)
 
 from fxcompress import compile_for_compression, trace  # noqa: E402
 from fxcompress.batchnorm import adapt_batchnorm  # noqa: E402

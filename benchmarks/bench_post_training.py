@@ -22,22 +22,14 @@ import argparse
 import copy
 import importlib.util
 import os
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from checkout import use_this_checkout  # noqa: E402  (benchmarks/checkout.py)
+
+ROOT = use_this_checkout()
 os.environ.setdefault("TQDM_DISABLE", "1")
-if importlib.util.find_spec("fxcompress.passes") is None:
-    # a venv without this checkout installed (NNCF's): map passes/ as fxcompress.passes
-    spec = importlib.util.spec_from_file_location("fxcompress.passes", ROOT / "passes" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "passes")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fxcompress.passes"] = module
-    spec.loader.exec_module(module)
 
 from fxcompress.passes import quantize_post_training  # noqa: E402
 from fxcompress.testing import digits_loaders, evaluate_accuracy, train_digits_cnn  # noqa: E402

@@ -39,16 +39,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-_passes = importlib.util.find_spec("fxcompress.passes")
-if _passes is None or not str(_passes.origin).startswith(str(ROOT)):
-    # A venv without this checkout installed (or with another one): map this checkout's passes/.
-    spec = importlib.util.spec_from_file_location("fxcompress.passes", ROOT / "passes" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "passes")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fxcompress.passes"] = module
-    spec.loader.exec_module(module)
+from checkout import use_this_checkout  # noqa: E402  (benchmarks/checkout.py)
+
+ROOT = use_this_checkout()
 
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402

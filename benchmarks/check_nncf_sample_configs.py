@@ -7,19 +7,11 @@ CONFIG_DIR holds NNCF 2.5's ``examples/torch/classification/configs/**/*.json`` 
 needs torchvision. Prints OK / REFUSED / CRASH per config and "N of M run unchanged"
 (docs/nncf_configs.md).
 """
-import importlib.util, json, sys, warnings, glob, os, traceback
-from pathlib import Path
+import json, sys, warnings, glob, os, traceback
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-_passes = importlib.util.find_spec("fxcompress.passes")
-if _passes is None or not str(_passes.origin).startswith(str(ROOT)):
-    # A venv with another checkout installed: map this checkout's passes/ (as check_export_runtimes.py).
-    _spec = importlib.util.spec_from_file_location("fxcompress.passes", ROOT / "passes" / "__init__.py",
-                                                   submodule_search_locations=[str(ROOT / "passes")])
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["fxcompress.passes"] = _module
-    _spec.loader.exec_module(_module)
+from checkout import use_this_checkout  # noqa: E402  (benchmarks/checkout.py)
+
+ROOT = use_this_checkout()
 import json5, torch, torchvision
 warnings.filterwarnings("ignore")
 os.environ["TQDM_DISABLE"] = "1"
