@@ -218,6 +218,25 @@ def test_hugging_face_bert_loads_everywhere(tmp_path):
     assert len(report.integer) == count_weighted(gm) == len(report.layers)
 
 
+class _GPT2Decoder(torch.nn.Module):
+    """GPT-2's last hidden state from token ids (no cache: one output tensor)."""
+
+    def __init__(self, gpt2):
+        super().__init__()
+        self.gpt2 = gpt2
+
+    def forward(self, ids):
+        return self.gpt2(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def _tiny_gpt2_decoder(transformers):
+    """A one-layer GPT-2 with random weights and a [2, 6] batch of token ids."""
+    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    return _GPT2Decoder(transformers.GPT2Model(config).eval()), ids
+
+
 def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path):
     """transformers' Conv1D (``torch.addmm(bias, x, weight)``, weight ``[in, out]``) gets a sparsity
     mask and a per-output-channel weight quantizer (axis 1) like a Linear; the export stores the masked
@@ -225,21 +244,9 @@ def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path)
     transformers = pytest.importorskip("transformers")
     from fxcompress.passes import MagnitudeSparsity
     from fxcompress.quantizers import FakeQuantizer
-    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
-    gpt2 = transformers.GPT2Model(config).eval()
-
-    class Decoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gpt2 = gpt2
-
-        def forward(self, ids):
-            return self.gpt2(input_ids=ids, use_cache=False).last_hidden_state
-
-    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    decoder, ids = _tiny_gpt2_decoder(transformers)
     ctrl, gm, report = check_export_everywhere(
-        Decoder(), (ids,), tmp_path, passes=[MagnitudeSparsity(sparsity_init=0.5, sparsity_target=0.5,
+        decoder, (ids,), tmp_path, passes=[MagnitudeSparsity(sparsity_init=0.5, sparsity_target=0.5,
                                                                sparsity_level_setting_mode="local")])
     conv1d = [n for n in gm.graph.nodes if n.target is torch.addmm]
     assert len(conv1d) == 4                                    # c_attn, c_proj, c_fc, mlp.c_proj
@@ -268,20 +275,8 @@ def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path)
                           "GPT-2 run in f32 in OpenVINO (quantizers sit before the size-computed reshapes)")
 def test_gpt2_attention_matmuls_run_in_int8_in_openvino(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
-    gpt2 = transformers.GPT2Model(config).eval()
-
-    class Decoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gpt2 = gpt2
-
-        def forward(self, ids):
-            return self.gpt2(input_ids=ids, use_cache=False).last_hidden_state
-
-    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
-    _, _, report = check_export_everywhere(Decoder(), (ids,), tmp_path)
+    decoder, ids = _tiny_gpt2_decoder(transformers)
+    _, _, report = check_export_everywhere(decoder, (ids,), tmp_path)
     matmuls = [layer for layer in report.layers if layer.layer_type == "MatMul"]
     assert len(matmuls) == 2 and all(layer.integer for layer in matmuls), report.layers
 
