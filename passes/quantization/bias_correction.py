@@ -44,20 +44,21 @@ import torch.fx
 import torch.nn as nn
 
 from fxcompress.graph import get_attr_value
+from fxcompress.optable import Kind, OpKind
 from fxcompress.quantizers import FakeQuantizer
 from fxcompress.weights import weighted_ops
 
 __all__ = ["BiasTarget", "bias_correction_targets", "InputMean", "statistics_module", "correct_biases",
            "set_parameter"]
 
-_CORRECTED_KINDS = ("conv", "linear")
+_CORRECTED_KINDS = (Kind.conv, Kind.linear)
 
 
 @dataclass
 class BiasTarget:
     """One quantized layer whose bias (own, or the next BatchNorm's) gets corrected."""
     node: torch.fx.Node                  # the functional conv/linear
-    kind: str                            # "conv" | "linear"
+    kind: OpKind                         # Kind.conv | Kind.linear
     weight_chain: list[torch.fx.Node]    # get_attr, then the transforms (masks, quantizer) in order
     bias_target: str                     # parameter path that receives the shift
     batch_norm: str | None = None        # BatchNorm module path when the bias is the BatchNorm's
@@ -65,7 +66,7 @@ class BiasTarget:
     @property
     def channel_axis(self) -> int:
         """Where the channels are in the layer's input and output (conv: 1, linear: last)."""
-        return -1 if self.kind == "linear" else 1
+        return -1 if self.kind is Kind.linear else 1
 
 
 def _weight_chain(op) -> list[torch.fx.Node] | None:
@@ -114,9 +115,9 @@ def bias_correction_targets(gm: torch.fx.GraphModule, adapted_batch_norms: bool
             skip(f"BatchNorm adaptation re-centres {bn[0]} after it, which removes the shift")
             continue
         if isinstance(bias, torch.fx.Node) and bias.op == "get_attr":
-            targets.append(BiasTarget(op.node, op.kind.name, chain, bias.target))
+            targets.append(BiasTarget(op.node, op.kind, chain, bias.target))
         elif bias is None and bn is not None and bn[1].affine and bn[1].track_running_stats:
-            targets.append(BiasTarget(op.node, op.kind.name, chain, f"{bn[0]}.bias", batch_norm=bn[0]))
+            targets.append(BiasTarget(op.node, op.kind, chain, f"{bn[0]}.bias", batch_norm=bn[0]))
         else:
             skip("no bias (and no BatchNorm right after it) to correct")
     return targets, skipped
