@@ -8,7 +8,7 @@ gets one quantizer per role, usually one in all). It changes nothing else;
 ``quantize.insert_quantizers`` turns the annotations into ``FakeQuantizer``
 nodes. So the policy is testable on its own: trace, annotate, count.
 
-The rules (``DEVICE_RULES``, one declarative table per target device) say which
+The rules (``DEVICE_RULES`` in ``device_rules.py``, one declarative table per target device) say which
 inputs of which op kinds OpenVINO's plugin needs quantized to run the op in
 integers (docs/export.md, "What OpenVINO runs in int8"):
 
@@ -39,7 +39,7 @@ only from integer inputs and constants (the additive attention mask built from a
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
@@ -47,80 +47,19 @@ import torch.fx
 
 from fxcompress.graph import get_attr_value
 from fxcompress.integer_inputs import is_integer_derived, mark_integer_derived
-from fxcompress.optable import Kind, OpKind, kind_of, kinds_tagged, op_kind
+from fxcompress.optable import Kind, OpKind, op_kind
 from fxcompress.quantizers import QuantSpec, is_quantizer, quantizer_at
 from fxcompress.scopes import ScopeSet
 from fxcompress.weights import WeightedOp, parameter_of
 
+# the per-device table and the decision's data model live in their own modules; imported here
+# (and re-exported) so that ``from .policy import DEVICE_RULES, QuantizationPoint, ...`` keeps working
+from .device_rules import DEVICE_RULES, DeviceRules, InputRule
+from .plan import ANNOTATION_KEY, QuantizationPlan, QuantizationPoint, annotations, node_label, readable_name
+
 __all__ = ["ANNOTATION_KEY", "InputRule", "DeviceRules", "DEVICE_RULES", "GroupSettings", "Override",
            "QuantizationSettings", "QuantizationPoint", "QuantizationPlan", "plan_quantization",
            "annotations", "readable_name", "node_label"]
-
-ANNOTATION_KEY = "quantization_annotation"
-
-
-# ---------------------------------------------------------------------------
-# The per-device table
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class InputRule:
-    """Inputs of an op kind that must arrive quantized for the device to run it in integers.
-
-    ``inputs``: positional indices (a keyword argument of the same position is
-    found by ``names``). ``all_dynamic``: only when every listed input is a
-    float tensor computed from the model inputs (a residual add, not a bias
-    add; a product of two activations). ``symmetric``: force symmetric
-    quantizers; ``signed``: force signed ones (attention q/k/v: OpenVINO's
-    fused attention runs int8 only with signed symmetric q/k/v). ``skip_if_feeding``: op kinds whose
-    consumption of this op's output means the op runs in float anyway (an add
-    whose result only feeds LayerNorm: NNCF's transformer pattern).
-    """
-    inputs: tuple[int, ...]
-    reason: str
-    names: tuple[str, ...] = ()
-    all_dynamic: bool = False
-    symmetric: bool = False
-    signed: bool = False
-    skip_if_feeding: frozenset = frozenset()
-
-
-@dataclass(frozen=True)
-class DeviceRules:
-    inputs: Mapping[OpKind, InputRule]
-    # Kinds whose output of a quantized tensor stays on the same grid (NNCF: quantization-agnostic).
-    agnostic: frozenset
-    # Kinds whose output is never negative: unsigned quantizers after them.
-    nonnegative: frozenset
-    # The device may lack VNNI: 8-bit weights use 7 bits under overflow_fix.
-    overflow_fix: bool
-
-
-_NORMS = frozenset({Kind.layer_norm, Kind.group_norm})
-_CPU_INPUTS = {
-    Kind.conv: InputRule((0,), "conv input", ("input",)),
-    Kind.conv_transpose: InputRule((0,), "transposed conv input", ("input",)),
-    Kind.linear: InputRule((0,), "linear input", ("input",)),
-    Kind.addmm: InputRule((1,), "linear input", ("input", "mat1")),  # addmm(bias, x, weight): Conv1D
-    Kind.matmul: InputRule((0, 1), "matmul operand", ("input", "other"), all_dynamic=True, symmetric=True),
-    Kind.attention: InputRule((0, 1, 2), "attention q/k/v", ("query", "key", "value"), symmetric=True,
-                           signed=True),
-    Kind.add: InputRule((0, 1), "residual add input", ("input", "other"), all_dynamic=True,
-                     skip_if_feeding=_NORMS),
-    Kind.avg_pool: InputRule((0,), "pooling input", ("input",)),
-}
-_AGNOSTIC = kinds_tagged("quantization_agnostic")
-_NONNEGATIVE = frozenset({Kind.relu, Kind.sigmoid, Kind.softmax})
-
-DEVICE_RULES: dict[str, DeviceRules] = {
-    "CPU": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=True),
-    "ANY": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=True),
-    "TRIAL": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=True),
-    # Sapphire Rapids has VNNI/AMX: no overflow issue.
-    "CPU_SPR": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=False),
-    "GPU": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=False),
-    "NPU": DeviceRules(_CPU_INPUTS, _AGNOSTIC, _NONNEGATIVE, overflow_fix=False),
-}
 
 
 # ---------------------------------------------------------------------------
@@ -172,68 +111,6 @@ class QuantizationSettings:
             if any(o.scopes.matches(s) for s in scopes if s):
                 merged.update(o.values)
         return merged
-
-
-# ---------------------------------------------------------------------------
-# The decision
-# ---------------------------------------------------------------------------
-
-@dataclass
-class QuantizationPoint:
-    """One quantizer to insert on ``producer``'s output, feeding ``consumers``."""
-    group: str                       # "weights" | "activations"
-    producer: torch.fx.Node
-    consumers: list[torch.fx.Node]   # direct users of producer that get the quantized value
-    spec: QuantSpec
-    num_channels: int
-    name: str                        # base module name, e.g. "conv1_weight_quantizer"
-    scopes: tuple[str, ...]          # module paths it serves (consumers first, then the producer)
-    serves: list[torch.fx.Node]      # the ops that asked for it (ends of look-through paths)
-    reasons: list[str]
-    overflow_fix: bool = False
-    signed_fixed: bool = False       # signedness forced by config or attention
-    override: dict = field(default_factory=dict)
-
-    def describe(self) -> str:
-        return (f"{self.name}: {self.group} {self.spec.bits}-bit {self.spec.mode} "
-                f"{'per-channel' if self.spec.per_channel else 'per-tensor'} for "
-                f"{', '.join(node_label(n) for n in self.serves)}")
-
-
-@dataclass
-class QuantizationPlan:
-    points: list[QuantizationPoint]
-    skipped: list[dict]
-
-    def count(self, group: str) -> int:
-        return sum(p.group == group for p in self.points)
-
-
-def annotations(gm: torch.fx.GraphModule) -> list[QuantizationPoint]:
-    """All points annotated on the graph, in graph order."""
-    return [p for n in gm.graph.nodes for p in n.meta.get(ANNOTATION_KEY, ())]
-
-
-def readable_name(node: torch.fx.Node, gm: torch.nn.Module | None = None) -> str:
-    """The base of quantizer module names: ``conv1``, ``layer1_0_relu_1`` (module calls by
-    their node name), ``layer1_0_add`` (functions by enclosing module path + op kind)."""
-    if node.op in ("call_module", "placeholder", "get_attr", "output"):
-        return node.name
-    path = node.meta.get("module_path", "")
-    if path and node.name.startswith(path.replace(".", "_")):
-        return node.name  # a functionalized module call keeps the module's name (conv1)
-    kind = (kind_of(node, gm) if gm is not None else None) or node.name
-    return "_".join(p for p in (path.replace(".", "_"), kind) if p)
-
-
-def node_label(node: torch.fx.Node) -> str:
-    """An unambiguous readable label of an op: ``conv1``, ``layer1_0_add_1`` (path + node name)."""
-    if node.op in ("call_module", "placeholder", "get_attr", "output"):
-        return node.name
-    path = node.meta.get("module_path", "").replace(".", "_")
-    if not path or node.name.startswith(path):
-        return node.name
-    return f"{path}_{node.name}"
 
 
 def _is_float_tensor(node: torch.fx.Node) -> bool:
