@@ -486,6 +486,10 @@ class FilterPruningController(ControllerPart):
             scores = self.scores()
             if self.taylor is not None:
                 self.taylor.reset()  # the next masks use the gradients gathered from now on
+            if self.params["update_per_optimizer_step"] and level >= self.current_level:
+                # within-epoch steps only add channels, as progressive pruning that removes them does: a channel
+                # brought back after a few steps would return with stale weights and BatchNorm statistics
+                scores = np.where(self.pruned, -np.inf, scores)
             if self.target_kind == "flops":
                 pruned = self.selector.for_flops(level, scores, self.global_ranking)
             elif self.global_ranking:
