@@ -11,19 +11,22 @@ fxcompress, every combination of
 - ``filter_importance``: L2, L1, geometric_median, taylor, bn_scale;
 - schedule: one-shot (``baseline``: the target before the first step; taylor after the first
   backward pass) or progressive (``exponential`` with ``update_per_optimizer_step``,
-  ``pruning_steps: 0.5``: the level rises every step over the first half of the epoch, masks
-  re-ranked at each step);
-- with or without ``KnowledgeDistillation(type="softmax", temperature=...)`` from the dense model.
+  ``pruning_steps: --span`` (0.25): the level rises every step over the first quarter of the
+  epoch, the pruned set only grows);
+- with or without ``KnowledgeDistillation(type="softmax", temperature=--temperature (16))`` from
+  the dense model.
 
 Torch-Pruning (``MetaPruner``, uniform ratio found by bisection for the same MACs bound, the
 classifier ignored), with its ``GroupMagnitudeImportance(p=2)``, ``GroupTaylorImportance`` and
 ``BNScaleImportance``, one-shot (pruned before the first step; Taylor from the first batch's
-gradients) or progressive (``iterative_steps=5`` spread over the first half of the epoch; the
-optimizer is rebuilt after each step, since Torch-Pruning replaces the parameters). Torch-Pruning
-has no distillation of its own, so it runs without.
+gradients) or progressive (``iterative_steps=5`` spread over the same span; the optimizer is
+rebuilt after each step, since Torch-Pruning replaces the parameters). Torch-Pruning has no
+distillation of its own: its "with distillation" rows add the same loss by hand
+(``passes/distillation/losses.softmax_loss``, a frozen copy of the dense model as teacher), so
+the comparison separates what distillation brings from what the library brings.
 
-    PYTHONPATH=<site-packages with torch-pruning> .venv/bin/python benchmarks/bench_pruning_recovery.py \\
-        [--seeds 0 1 2] [--temperature 4]
+    PYTHONPATH=<site-packages with torch-pruning> .venv/bin/python benchmarks/bench_pruning_recovery.py \
+        [--seeds 0 1 2] [--temperature 16] [--span 0.25]
 
 Prints a Markdown table (the RESULTS.md section is pasted from it).
 """
@@ -45,6 +48,7 @@ use_this_checkout()
 
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import FilterPruning, KnowledgeDistillation  # noqa: E402
+from fxcompress.passes.distillation.losses import softmax_loss  # noqa: E402
 from fxcompress.testing import evaluate_accuracy, load_digits_tensors, seeded  # noqa: E402
 
 MACS_KEPT = 0.25
@@ -117,12 +121,12 @@ def pretrained(x, y):
 # -- fxcompress -----------------------------------------------------------------------------------
 
 def run_fxcompress(model, train, test, criterion: str, progressive: bool, kd: bool, temperature: float, seed: int,
-                   span: float = 0.5):
+                   span: float = 0.25, **extra):
     steps = len(train)
     schedule = (dict(schedule="exponential", update_per_optimizer_step=True, pruning_steps=span,
                      steps_per_epoch=steps) if progressive else dict(schedule="baseline"))
     passes = [FilterPruning(pruning_flops_target=1 - MACS_KEPT, filter_importance=criterion, prune_first_conv=True,
-                            prune_downsample_convs=True, **schedule)]
+                            prune_downsample_convs=True, **schedule, **extra)]
     if kd:
         passes.insert(0, KnowledgeDistillation(type="softmax", temperature=temperature))
     with seeded(seed):
@@ -169,11 +173,22 @@ def tp_ratio_for_macs(tp, model, example) -> float:
 
 
 def run_torch_pruning(tp, model, train, test, name: str, progressive: bool, ratio: float, seed: int,
-                      span: float = 0.5):
+                      span: float = 0.25, kd: bool = False, temperature: float = 16.0):
     example = train[0][0][:2]
     steps = len(train)
     iterative = 5 if progressive else 1
     prune_at = {round(k * steps * span / iterative) for k in range(iterative)}  # batches before which it prunes
+    teacher = copy.deepcopy(model).eval()
+
+    def loss_of(xb, yb):
+        logits = net(xb)
+        loss = F.cross_entropy(logits, yb)
+        if kd:  # the loss fxcompress's KnowledgeDistillation adds, written out for Torch-Pruning
+            with torch.no_grad():
+                soft = teacher(xb)
+            loss = loss + softmax_loss(logits, soft, temperature)
+        return loss
+
     with seeded(seed):
         net = copy.deepcopy(model)
         dense = conv_linear_macs(net, example)
@@ -189,7 +204,7 @@ def run_torch_pruning(tp, model, train, test, name: str, progressive: bool, rati
                 net.zero_grad()
                 optimizer = torch.optim.Adam(net.parameters(), lr=LR)  # the pruned layers are new parameters
             optimizer.zero_grad()
-            F.cross_entropy(net(xb), yb).backward()
+            loss_of(xb, yb).backward()
             optimizer.step()
     return evaluate_accuracy(net, test), conv_linear_macs(net, example) / dense
 
@@ -199,9 +214,9 @@ def run_torch_pruning(tp, model, train, test, name: str, progressive: bool, rati
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--temperature", type=float, default=16.0)
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA))
-    parser.add_argument("--span", type=float, default=0.5, help="fraction of the epoch progressive pruning takes")
+    parser.add_argument("--span", type=float, default=0.25, help="fraction of the epoch progressive pruning takes")
     parser.add_argument("--no-torch-pruning", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -227,9 +242,11 @@ def main():
         print(f"Torch-Pruning {tp.__version__}: uniform pruning_ratio {ratio:.4f}")
         for name in ("L2", "taylor", "bn_scale"):
             for progressive in (False, True):
-                record("Torch-Pruning", name, "progressive" if progressive else "one-shot", "no",
-                       lambda seed: run_torch_pruning(tp, model, batches(x, y, seed), test, name, progressive,
-                                                      ratio, seed, args.span))
+                for kd in (False, True):
+                    record("Torch-Pruning", name, "progressive" if progressive else "one-shot",
+                           "yes (same loss, by hand)" if kd else "no",
+                           lambda seed: run_torch_pruning(tp, model, batches(x, y, seed), test, name, progressive,
+                                                          ratio, seed, args.span, kd, args.temperature))
     for criterion in args.criteria:
         for progressive in (False, True):
             for kd in (False, True):
