@@ -17,7 +17,7 @@ fxcompress, every combination of
   the dense model.
 
 Torch-Pruning (``MetaPruner``, uniform ratio found by bisection for the same MACs bound, the
-classifier ignored), with its ``GroupMagnitudeImportance(p=2)``, ``GroupTaylorImportance`` and
+classifier ignored), with its ``GroupMagnitudeImportance(p=2)``, ``FPGMImportance``, ``GroupTaylorImportance`` and
 ``BNScaleImportance``, one-shot (pruned before the first step; Taylor from the first batch's
 gradients) or progressive (``iterative_steps=5`` spread over the same span; the optimizer is
 rebuilt after each step, since Torch-Pruning replaces the parameters). Torch-Pruning has no
@@ -148,6 +148,7 @@ def run_fxcompress(model, train, test, criterion: str, progressive: bool, kd: bo
 
 def tp_importance(tp, name: str):
     return {"L2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+            "geometric_median": lambda: tp.importance.FPGMImportance(),
             "taylor": lambda: tp.importance.GroupTaylorImportance(),
             "bn_scale": lambda: tp.importance.BNScaleImportance()}[name]()
 
@@ -215,8 +216,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--temperature", type=float, default=16.0)
-    parser.add_argument("--criteria", nargs="+", default=list(CRITERIA))
+    parser.add_argument("--criteria", nargs="*", default=list(CRITERIA))
     parser.add_argument("--span", type=float, default=0.25, help="fraction of the epoch progressive pruning takes")
+    parser.add_argument("--tp-criteria", nargs="+", default=["L2", "geometric_median", "taylor", "bn_scale"])
     parser.add_argument("--no-torch-pruning", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -240,7 +242,7 @@ def main():
         import torch_pruning as tp
         ratio = tp_ratio_for_macs(tp, model, xs[:2])
         print(f"Torch-Pruning {tp.__version__}: uniform pruning_ratio {ratio:.4f}")
-        for name in ("L2", "taylor", "bn_scale"):
+        for name in args.tp_criteria:
             for progressive in (False, True):
                 for kd in (False, True):
                     record("Torch-Pruning", name, "progressive" if progressive else "one-shot",
