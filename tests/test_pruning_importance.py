@@ -152,6 +152,10 @@ def test_taylor_without_gradients_is_a_clear_error_and_the_model_still_pickles()
     _train_step(ctrl, gm)  # baseline: the target right after the first backward pass, then frozen
     assert ctrl.statistics().to_dict()["filter_pruning"]["frozen"]
     assert not ctrl.filter_pruning.taylor.attached  # no gradient hooks once masks are frozen
+    resumed, resumed_gm = _compile(_model(), filter_importance="taylor")
+    resumed.load_state_dict(ctrl.state_dict())  # a checkpoint with frozen masks: no hooks, same masks
+    assert not resumed.filter_pruning.taylor.attached
+    assert _pruned_channels(resumed_gm) == _pruned_channels(gm) and len(_pruned_channels(gm)) == CHANNELS // 2
 
 
 @pytest.mark.parametrize("params, message", [

@@ -618,6 +618,8 @@ class FilterPruningController(ControllerPart):
         self.current_level = float(state["level"])
         self._applied = tuple(state["applied"]) if state.get("applied") else None
         self._frozen = bool(state["frozen"])
+        if self._frozen and self.taylor is not None:
+            self.taylor.detach()  # frozen masks need no more gradients
         if self.learned_ranking and state.get("ranking_coeffs"):
             coeffs = {k: (float(a), float(b)) for k, (a, b) in state["ranking_coeffs"].items()}
             if set(coeffs) != set(self.ranking_coeffs):
