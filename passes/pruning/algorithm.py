@@ -32,7 +32,7 @@ from fxcompress.weights import functionalize_weighted, weighted_ops
 from .cost import CostModel
 from .dependency import ChannelAnalysis, Group, analyze_channels
 from .fold import INSERTED_BY, FoldPrunedChannels
-from .importance import CRITERIA, class_importance, filter_importance, flops_weighted
+from .importance import CRITERIA, WEIGHT_CRITERIA, TaylorScores, class_importance, filter_importance, flops_weighted
 from .legr import (LEGR_DEFAULTS, LEGR_SCHEMA, Coefficients, LegrCallbacks, identity, load_coefficients, run_legr,
                    save_coefficients)
 from .masks import ChannelMask, ChannelMaskedLayerNorm
@@ -51,7 +51,9 @@ SCHEMA = {
         "pruning_target": _FRACTION,
         "pruning_flops_target": _FRACTION,
         "num_init_steps": {"type": "integer", "minimum": 0},
-        "pruning_steps": {"type": "integer", "minimum": 1},
+        "pruning_steps": {"type": "number", "exclusiveMinimum": 0},  # whole epochs unless per optimizer step
+        "update_per_optimizer_step": {"type": "boolean"},
+        "steps_per_epoch": {"type": "integer", "minimum": 1},
         "filter_importance": {"enum": list(CRITERIA)},
         "weight_importance": {"enum": list(CRITERIA)},  # NNCF 1.x name of filter_importance
         "interlayer_ranking_type": {"enum": ["unweighted_ranking", "flops_weighted_ranking", "learned_ranking"]},
@@ -76,7 +78,7 @@ DEFAULTS = {
     "pruning_init": 0.0, "schedule": "exponential", "num_init_steps": 0, "pruning_steps": 100,
     "filter_importance": "L2", "interlayer_ranking_type": "unweighted_ranking", "all_weights": False,
     "prune_first_conv": False, "prune_downsample_convs": False, "prune_batch_norms": True, "zero_grad": True,
-    "round_to": 1,
+    "round_to": 1, "update_per_optimizer_step": False,
 }
 DEFAULT_PRUNING_TARGET = 0.5
 
@@ -113,6 +115,24 @@ class FilterPruning(CompressionPass):
             raise ConfigError(f"{prefix}: weight_importance ({params['weight_importance']}) and filter_importance "
                               f"({params['filter_importance']}) disagree; give filter_importance only",
                               path=f"{prefix}.weight_importance")
+        if params["interlayer_ranking_type"] == "learned_ranking" and \
+                params["filter_importance"] not in WEIGHT_CRITERIA:
+            raise ConfigError(f"{prefix}.filter_importance: learned_ranking (LeGR) learns coefficients of weight "
+                              f"norms; use one of {', '.join(WEIGHT_CRITERIA)} with it, not "
+                              f"{params['filter_importance']!r}", path=f"{prefix}.filter_importance")
+        steps = params["pruning_steps"]
+        if not params.get("update_per_optimizer_step"):
+            if steps != int(steps) or steps < 1:
+                raise ConfigError(f"{prefix}.pruning_steps: {steps} is not a whole number of epochs; a fraction of "
+                                  f"an epoch needs update_per_optimizer_step: true (and steps_per_epoch)",
+                                  path=f"{prefix}.pruning_steps")
+            if "steps_per_epoch" in params:
+                raise ConfigError(f"{prefix}.steps_per_epoch: applies with update_per_optimizer_step: true only",
+                                  path=f"{prefix}.steps_per_epoch")
+        elif "steps_per_epoch" not in params and params["schedule"] != "baseline":
+            raise ConfigError(f"{prefix}.steps_per_epoch: update_per_optimizer_step needs the number of optimizer "
+                              f"steps per epoch to place each step in the schedule from the first epoch on",
+                              path=f"{prefix}.steps_per_epoch")
         legr_keys = [k for k in ("legr_params", "save_ranking_coeffs_path", "load_ranking_coeffs_path") if k in params]
         if legr_keys and params["interlayer_ranking_type"] != "learned_ranking":
             raise ConfigError(f"{prefix}.{legr_keys[0]}: applies to interlayer_ranking_type 'learned_ranking' (LeGR) "
@@ -149,12 +169,20 @@ class FilterPruning(CompressionPass):
                 f"all {len(analysis.groups)} channel groups are unprunable (see ctrl.statistics() 'skipped')"
             warnings.warn(f"FilterPruning: nothing to prune: {why}", stacklevel=2)
             return PassResult(gm, False, FilterPruningController(self, analysis, []))
+        if self.criterion == "bn_scale":
+            without = [g.describe() or f"group {g.id}" for g in prunable if not g.norms]
+            if without:
+                snapshot.restore()
+                raise ConfigError(f"FilterPruning.filter_importance: 'bn_scale' ranks channels by their BatchNorm "
+                                  f"scale, but no BatchNorm follows {', '.join(without)}; use 'L2' or 'taylor' "
+                                  f"(or ignored_scopes)", path="FilterPruning.filter_importance")
         cost = CostModel(analysis, gm)
         selector = Selector(analysis, prunable, cost, round_to=self.params["round_to"])
         part = FilterPruningController(self, analysis, prunable, gm, cost, selector)
         kind, target = self.target
         if kind == "flops":
-            reachable = selector.max_flops_fraction(part.scores(), self.params["all_weights"])
+            scores = part.scores() if part.ranking_ready else np.zeros(analysis.num_classes)  # any order: a limit
+            reachable = selector.max_flops_fraction(scores, self.params["all_weights"])
             if target > reachable + 1e-9:
                 raise ConfigError(
                     f"FilterPruning.pruning_flops_target: {target:g} cannot be reached: pruning every prunable "
@@ -317,7 +345,11 @@ class FilterPruningController(ControllerPart):
         self.pinned_level: float | None = None  # set by set_compression_rate (accuracy-aware training)
         p = self.params
         self.scheduler = build_pruning_scheduler(p["schedule"], p["pruning_init"], self.target,
-                                                 p["num_init_steps"], p["pruning_steps"])
+                                                 p["num_init_steps"], p["pruning_steps"],
+                                                 p["update_per_optimizer_step"], p.get("steps_per_epoch"))
+        # taylor: gradients of the user's backward passes; masks wait for the first one (ranking_ready)
+        self.taylor = (TaylorScores(gm, [layer for g in groups for layer in g.producers])
+                       if self.criterion == "taylor" and groups else None)
         self.scheduler.on_update(self._on_schedule)
         self.skipped = [{"scope": g.describe() or f"group {g.id}", "reason": "; ".join(g.reasons)}
                         for g in analysis.groups if not g.prunable]
@@ -345,7 +377,14 @@ class FilterPruningController(ControllerPart):
     def start(self):
         """Apply the schedule's first level (called by the pass once the masks are in the graph)."""
         self._suspended = False
+        if self.taylor is not None:
+            self.taylor.attach()
         self._on_schedule(self.scheduler)
+
+    @property
+    def ranking_ready(self) -> bool:
+        """Whether channels can be ranked now: always, except ``taylor`` before its first backward pass."""
+        return self.taylor is None or self.taylor.ready
 
     def _on_schedule(self, scheduler):
         if self._suspended or self._frozen or self.pinned_level is not None or not self.groups:
@@ -353,10 +392,14 @@ class FilterPruningController(ControllerPart):
         key = (scheduler.current_epoch, float(scheduler.current_level))
         if key == self._applied:
             return
+        if scheduler.current_level > 0 and not self.ranking_ready:
+            return  # taylor: applied at the first scheduler step after a backward pass
         self.set_pruning_level(scheduler.current_level)
         self._applied = key
         if scheduler.frozen:
             self._frozen = True
+            if self.taylor is not None:
+                self.taylor.detach()
 
     @property
     def global_ranking(self) -> bool:
@@ -368,7 +411,8 @@ class FilterPruningController(ControllerPart):
         if self.learned_ranking:  # as NNCF: LeGR's affine transforms replace the normalization
             return class_importance(self.analysis, self.gm, self.criterion, normalize=False,
                                     coefficients=self.ranking_coeffs)
-        scores = class_importance(self.analysis, self.gm, self.criterion, normalize=self.global_ranking)
+        scores = class_importance(self.analysis, self.gm, self.criterion, normalize=self.global_ranking,
+                                  taylor=self.taylor)
         if self.global_ranking and self.params["interlayer_ranking_type"] == "flops_weighted_ranking":
             if self._class_flops is None:
                 flops = np.zeros(self.analysis.num_classes)
@@ -436,7 +480,16 @@ class FilterPruningController(ControllerPart):
         if level <= 0:
             pruned = np.zeros(self.analysis.num_classes, dtype=bool)
         else:
+            if not self.ranking_ready:
+                raise RuntimeError("filter_pruning: filter_importance 'taylor' ranks channels by the gradients of "
+                                   "the task loss; run a backward pass (loss.backward()) before setting a level")
             scores = self.scores()
+            if self.taylor is not None:
+                self.taylor.reset()  # the next masks use the gradients gathered from now on
+            if self.params["update_per_optimizer_step"] and level >= self.current_level:
+                # within-epoch steps only add channels, as progressive pruning that removes them does: a channel
+                # brought back after a few steps would return with stale weights and BatchNorm statistics
+                scores = np.where(self.pruned, -np.inf, scores)
             if self.target_kind == "flops":
                 pruned = self.selector.for_flops(level, scores, self.global_ranking)
             elif self.global_ranking:
@@ -456,7 +509,8 @@ class FilterPruningController(ControllerPart):
     def maximal_compression_rate(self) -> float:
         """The highest level the masks can reach: the pruning quota, or the FLOPs it removes."""
         if self.target_kind == "flops" and self.groups:
-            return float(self.selector.max_flops_fraction(self.scores(), self.global_ranking))
+            scores = self.scores() if self.ranking_ready else np.zeros(self.analysis.num_classes)
+            return float(self.selector.max_flops_fraction(scores, self.global_ranking))
         return PRUNING_QUOTA
 
     def set_compression_rate(self, level: float):
@@ -564,6 +618,8 @@ class FilterPruningController(ControllerPart):
         self.current_level = float(state["level"])
         self._applied = tuple(state["applied"]) if state.get("applied") else None
         self._frozen = bool(state["frozen"])
+        if self._frozen and self.taylor is not None:
+            self.taylor.detach()  # frozen masks need no more gradients
         if self.learned_ranking and state.get("ranking_coeffs"):
             coeffs = {k: (float(a), float(b)) for k, (a, b) in state["ranking_coeffs"].items()}
             if set(coeffs) != set(self.ranking_coeffs):

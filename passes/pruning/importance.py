@@ -4,9 +4,18 @@
   ``L1`` / ``L2``: the filter's norm; ``geometric_median`` (He et al., FPGM):
   the sum of Euclidean distances to all other filters of the layer, so filters
   close to the layer's geometric median (replaceable by the others) rank low.
-- A channel class's importance is the sum over its producers' filters (a
-  residual group's channel ``c`` is produced by several convs; a depthwise
-  conv with multiplier ``m`` contributes ``m`` filters).
+- ``taylor`` (first order, Molchanov et al. 2017/2019, Torch-Pruning's
+  ``TaylorImportance``): ``sum |w * dL/dw|`` over the filter's weights, summed
+  over the backward passes since the masks were last set (``TaylorScores``:
+  gradient hooks on the producers' weights). It estimates how much the loss
+  changes when the filter is removed, so it needs gradients of the task loss.
+- ``bn_scale`` (network slimming, Liu et al. 2017): ``|gamma|`` of the
+  BatchNorm channel after the filter; a channel with no BatchNorm scores 0
+  (a group without any BatchNorm cannot be ranked this way: ConfigError).
+- A channel class's importance is the sum over all coupled layers (a
+  residual group's channel ``c`` is produced by several convs and normalized by
+  several BatchNorms; a depthwise conv with multiplier ``m`` contributes ``m``
+  filters).
 - **Normalization across layers** (global ranking only, as NNCF): each layer's
   weight is divided by its L2 norm before the importance is taken, so layers
   with large weights do not dominate the ranking.
@@ -16,6 +25,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -23,9 +34,11 @@ from fxcompress.graph import get_attr_value
 
 from .dependency import ChannelAnalysis
 
-__all__ = ["CRITERIA", "filter_importance", "l2_normalized", "class_importance", "flops_weighted"]
+__all__ = ["CRITERIA", "WEIGHT_CRITERIA", "filter_importance", "l2_normalized", "class_importance",
+           "flops_weighted", "TaylorScores"]
 
-CRITERIA = ("L2", "L1", "geometric_median")
+WEIGHT_CRITERIA = ("L2", "L1", "geometric_median")  # computed from the weights alone
+CRITERIA = WEIGHT_CRITERIA + ("taylor", "bn_scale")
 
 
 def filter_importance(weight: torch.Tensor, out_axis: int, criterion: str) -> torch.Tensor:
@@ -37,7 +50,64 @@ def filter_importance(weight: torch.Tensor, out_axis: int, criterion: str) -> to
         return w.norm(dim=1)
     if criterion == "geometric_median":
         return torch.cdist(w, w).sum(dim=1)
-    raise ValueError(f"unknown filter importance {criterion!r}; known: {', '.join(CRITERIA)}")
+    raise ValueError(f"unknown weight importance {criterion!r}; known: {', '.join(WEIGHT_CRITERIA)}")
+
+
+def taylor_filter_scores(weight: torch.Tensor, grad: torch.Tensor, out_axis: int) -> torch.Tensor:
+    """``sum |w * g|`` per filter (slice along ``out_axis``)."""
+    return (weight.detach() * grad.detach()).abs().movedim(out_axis, 0).flatten(1).sum(dim=1).double()
+
+
+class TaylorScores:
+    """First-order Taylor importance of the producers' filters, accumulated from the backward passes.
+
+    ``attach()`` puts a gradient hook on each producer's weight parameter: every
+    backward pass adds ``|w * dL/dw|`` per filter. A pruned filter gets no gradient
+    through its mask, so it scores 0 and stays pruned. ``reset()`` starts a new sum
+    (after the masks were set from it); ``detach()`` removes the hooks (once the
+    masks are frozen: no cost from then on). The hooks live on the parameters, not in
+    the graph, so the GraphModule still pickles and deep-copies.
+    """
+
+    def __init__(self, gm, layers):
+        self.layers = [layer for layer in layers if layer.weight_target is not None]
+        self.gm = gm
+        self.sums: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self):
+        if self._handles:
+            return
+        for layer in self.layers:
+            param = get_attr_value(self.gm, layer.weight_target)
+            if isinstance(param, torch.Tensor) and param.requires_grad:
+                self._handles.append(param.register_hook(functools.partial(self._accumulate, layer, param)))
+
+    def _accumulate(self, layer, param, grad):
+        scores = taylor_filter_scores(param, grad, layer.out_axis)
+        previous = self.sums.get(layer.name)
+        self.sums[layer.name] = scores if previous is None else previous + scores.to(previous.device)
+        return None  # the gradient itself is left alone
+
+    def detach(self):
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reset(self):
+        self.sums = {}
+
+    @property
+    def ready(self) -> bool:
+        """True once a backward pass reached the producers' weights since the last reset."""
+        return bool(self.sums)
+
+    def filter_scores(self, layer) -> torch.Tensor | None:
+        return self.sums.get(layer.name)
 
 
 def l2_normalized(weight: torch.Tensor) -> torch.Tensor:
@@ -45,21 +115,53 @@ def l2_normalized(weight: torch.Tensor) -> torch.Tensor:
     return weight / weight.norm().clamp_min(1e-12)
 
 
+def _normalized_scores(scores: torch.Tensor) -> torch.Tensor:
+    """A layer's scores divided by their L2 norm: the normalization of gradient/BN criteria in global ranking."""
+    return scores / scores.norm().clamp_min(1e-30)
+
+
+def bn_scale_importance(analysis: ChannelAnalysis, gm, normalize: bool) -> np.ndarray:
+    """``|gamma|`` per channel class, summed over the BatchNorms on its channels."""
+    out = np.zeros(analysis.num_classes, dtype=np.float64)
+    for norm in analysis.norms:
+        gamma = getattr(gm.get_submodule(norm.module_path), "weight", None)
+        if gamma is None:  # affine=False: no scale to rank by
+            continue
+        scores = gamma.detach().abs().double()
+        if normalize:
+            scores = _normalized_scores(scores)
+        np.add.at(out, analysis.classes_of(norm.space), scores.cpu().numpy())
+    return out
+
+
 def class_importance(analysis: ChannelAnalysis, gm, criterion: str, normalize: bool,
-                     coefficients: dict[str, tuple[float, float]] | None = None) -> np.ndarray:
-    """Importance per channel class: the sum of its producers' filter importances.
+                     coefficients: dict[str, tuple[float, float]] | None = None,
+                     taylor: TaylorScores | None = None) -> np.ndarray:
+    """Importance per channel class: the sum over its coupled layers (``bn_scale``: its BatchNorms;
+    otherwise its producers' filters; ``taylor`` reads the gradients ``taylor`` accumulated).
 
     ``coefficients`` (LeGR, ``legr.py``): a layer's filter importances become ``a * s + b``
     with its ``(a, b)``; layers without an entry keep theirs.
     """
+    if criterion == "bn_scale":
+        return bn_scale_importance(analysis, gm, normalize)
+    if criterion == "taylor" and (taylor is None or not taylor.ready):
+        raise RuntimeError("filter_importance 'taylor' needs the gradients of a backward pass before "
+                           "channels can be ranked")
     out = np.zeros(analysis.num_classes, dtype=np.float64)
     for layer in analysis.layers.values():
         if layer.out_space is None or layer.weight_target is None:
             continue
-        weight = get_attr_value(gm, layer.weight_target)
-        if normalize:
-            weight = l2_normalized(weight.detach())
-        scores = filter_importance(weight, layer.out_axis, criterion).cpu().numpy()
+        if criterion == "taylor":
+            scores = taylor.filter_scores(layer)
+            if scores is None:  # no gradient reached it (frozen, or outside the prunable groups)
+                continue
+            scores = (_normalized_scores(scores) if normalize else scores).cpu().numpy()
+        else:
+            weight = get_attr_value(gm, layer.weight_target)
+            if normalize:
+                weight = l2_normalized(weight.detach())
+            scores = filter_importance(weight, layer.out_axis, criterion).cpu().numpy()
         if scores.shape[0] != layer.out_space.size:
             continue  # grouped transposed conv: blocked anyway
         if coefficients is not None and layer.name in coefficients:

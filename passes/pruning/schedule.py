@@ -16,6 +16,14 @@ at the end of each epoch; epoch ``e`` trains at ``level_at(e)``):
 
 Masks are recomputed from the current weights at every epoch boundary until
 ``freeze_epoch = w + pruning_steps`` (``w`` for baseline), and kept from then on.
+
+**Within an epoch** (``update_per_optimizer_step``, as NNCF's sparsity key): the
+level is evaluated after every optimizer step at the fractional epoch
+``e + s / steps_per_epoch`` and masks follow it, so pruning proceeds in many small
+steps while fine-tuning. ``pruning_steps`` is then the (possibly fractional)
+number of epochs until the target is reached: ``0.5`` prunes progressively over
+the first half of the first epoch and fine-tunes the final masks over the second
+half. Masks freeze at ``w + ceil(pruning_steps)``.
 """
 from __future__ import annotations
 
@@ -84,14 +92,18 @@ class ExponentialWithBiasScheduler(LevelScheduler):
 
 
 def build_pruning_scheduler(schedule: str, pruning_init: float, target: float, num_init_steps: int,
-                            pruning_steps: int) -> LevelScheduler:
+                            pruning_steps: float, update_per_optimizer_step: bool = False,
+                            steps_per_epoch: int | None = None) -> LevelScheduler:
     """The scheduler of a FilterPruning config (levels are filter or FLOPs fractions)."""
     warmup = int(num_init_steps)
-    common = dict(initial_level=float(pruning_init), target_level=float(target), warmup_epochs=warmup)
+    common = dict(initial_level=float(pruning_init), target_level=float(target), warmup_epochs=warmup,
+                  update_per_optimizer_step=update_per_optimizer_step, steps_per_epoch=steps_per_epoch)
     if schedule == "baseline":
         return ConstantScheduler(target_epoch=0, freeze_epoch=warmup, **common)
-    target_epoch = max(int(pruning_steps) - 1, 0)
-    freeze = warmup + int(pruning_steps)
+    if update_per_optimizer_step:  # a continuous level: the target at the end of pruning_steps epochs
+        target_epoch, freeze = float(pruning_steps), warmup + math.ceil(pruning_steps)
+    else:  # epoch e trains at level_at(e): the target from the start of the last of pruning_steps epochs
+        target_epoch, freeze = max(int(pruning_steps) - 1, 0), warmup + int(pruning_steps)
     if schedule == "exponential":
         return ExponentialScheduler(target_epoch=target_epoch, freeze_epoch=freeze, **common)
     if schedule == "exponential_with_bias":
