@@ -63,18 +63,12 @@ class QuantizationScheduler(StagedScheduler):
         self.quantizers = quantizers
         self.on_update(QuantizationScheduler._switch_quantizers)
 
-    def _switch_quantizers(self):
-        starts = {"weights": self.weights_quant_start_epoch, "activations": self.activations_quant_start_epoch}
-        for q in self.quantizers:
-            start = starts.get(q.group)
-            if start is not None:
-                q.module.enabled = self.current_epoch >= start
+    STAGES = ("float", "activations_quantized", "weights_quantized", "fully_quantized")
 
-    @property
-    def stage(self) -> str:
-        """``float``, ``activations_quantized``, ``weights_quantized`` or ``fully_quantized``."""
-        return ("float", "activations_quantized", "weights_quantized", "fully_quantized")[
-            int(self.activations_enabled) + 2 * int(self.weights_enabled)]
+    def _switch_quantizers(self):
+        for q in self.quantizers:
+            if self.start_epoch(q.group) is not None:  # an unstaged group's quantizers stay as they are
+                q.module.enabled = self.enabled(q.group)
 
 
 class QuantizationController(ControllerPart):
