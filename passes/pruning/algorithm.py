@@ -20,7 +20,7 @@ import torch.fx
 from fxcompress.algorithm import CompressionPass
 from fxcompress.batchnorm import (BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADAPTATION_SAMPLES,
                                   adapt_batchnorm, average_batchnorm_statistics)
-from fxcompress.config import register_algorithm
+from fxcompress.registry import register_algorithm
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.distributed import broadcast_from_rank0, is_distributed
 from fxcompress.errors import CheckpointError, ConfigError

@@ -31,7 +31,7 @@ import torch.nn as nn
 from fxcompress.algorithm import CompressionPass
 from fxcompress.batchnorm import BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADAPTATION_SAMPLES
 from fxcompress.bn_folding import find_batch_norm_folds, remove_folded_batch_norm, set_bias_arg, warn_not_folded
-from fxcompress.config import algorithm_registry, register_algorithm
+from fxcompress.registry import algorithm_class, register_algorithm
 from fxcompress.errors import ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, copy_meta, get_attr_value, insert_on_output
 from fxcompress.optable import Kind, op_arg, op_kind
@@ -262,7 +262,7 @@ class Quantize(CompressionPass):
                               path=f"{path}.initializer.precision")
         rest = {k: v for k, v in initializer.items() if k != "precision"}
         passes = super().from_config_entry({**entry, "initializer": rest}, path, global_params)
-        mixed_precision = algorithm_registry()["mixed_precision"]  # passes do not import each other
+        mixed_precision = algorithm_class("mixed_precision")  # passes do not import each other
         mixed_precision.validate(precision, prefix=f"{path}.initializer.precision")
         return passes + [mixed_precision(**precision)]
 
