@@ -40,6 +40,7 @@ import warnings
 from bisect import bisect_right
 from typing import Callable, Sequence
 
+from .checkpoint import require_state_keys
 from .controller import Scheduler
 from .errors import CheckpointError, ConfigError
 
@@ -310,9 +311,7 @@ class AdaptiveScheduler(LevelScheduler):
         return {**super().state_dict(), "num_bad_epochs": self.num_bad_epochs, "adaptive_level": self._level}
 
     def load_state_dict(self, state: dict):
-        for key in ("num_bad_epochs", "adaptive_level"):
-            if key not in state:
-                raise CheckpointError(f"adaptive scheduler state lacks '{key}'")
+        require_state_keys(state, ("num_bad_epochs", "adaptive_level"), "adaptive scheduler")
         self.num_bad_epochs = int(state["num_bad_epochs"])
         self._level = float(state["adaptive_level"])
         super().load_state_dict(state)

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from fxcompress.checkpoint import require_same_names, require_state_keys
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.data import CalibrationData
 from fxcompress.distributed import broadcast_from_rank0, is_distributed
@@ -221,16 +222,10 @@ class MixedPrecisionController(ControllerPart):
                 "manual_assignments": dict(self.manual_assignments)}
 
     def load_state_dict(self, state: dict):
-        for key in ("scheduler", "bits"):
-            if key not in state:
-                raise CheckpointError(f"mixed precision controller state lacks '{key}'")
+        require_state_keys(state, ("scheduler", "bits"), "mixed precision controller")
         modules = {l.weight_quantizer: l.module for l in self.all_layers}
         modules.update(self._activation_quantizers())
-        missing = [n for n in modules if n not in state["bits"]]
-        unexpected = [n for n in state["bits"] if n not in modules]
-        if missing or unexpected:
-            raise CheckpointError(f"mixed precision controller state does not match this model's quantizers: "
-                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        require_same_names(modules, state["bits"], "mixed precision controller", "quantizers")
         for name, module in modules.items():
             # The quantizer's scale/zero point come from the GraphModule's own state dict
             # (fxcompress.load_state), saved for these bits: change the spec only, not the range.

@@ -12,10 +12,11 @@ import torch
 import torch.fx
 
 from fxcompress.batchnorm import adapt_batchnorm, average_batchnorm_statistics
+from fxcompress.checkpoint import require_same_names, require_state_keys
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.data import CalibrationData
 from fxcompress.distributed import average_across_ranks
-from fxcompress.errors import CheckpointError, NotInitializedError
+from fxcompress.errors import NotInitializedError
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 from fxcompress.schedulers import StagedScheduler
@@ -271,15 +272,9 @@ class QuantizationController(ControllerPart):
         }
 
     def load_state_dict(self, state: dict):
-        for key in ("scheduler", "quantizers"):
-            if key not in state:
-                raise CheckpointError(f"quantization controller state lacks '{key}'")
-        names = [q.name for q in self.quantizers]
-        missing = [n for n in names if n not in state["quantizers"]]
-        unexpected = [n for n in state["quantizers"] if n not in names]
-        if missing or unexpected:
-            raise CheckpointError(f"quantization controller state does not match this model's quantizers: "
-                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        require_state_keys(state, ("scheduler", "quantizers"), "quantization controller")
+        require_same_names([q.name for q in self.quantizers], state["quantizers"], "quantization controller",
+                           "quantizers")
         # the scheduler first: its update() applies the staged start epochs, then the saved
         # switches win (a quantizer the user turned off stays off, as in the saved run)
         self.scheduler.load_state_dict(state["scheduler"])
