@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
