@@ -7,7 +7,24 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["load_state", "rng_state", "set_rng_state"]
+__all__ = ["load_state", "rng_state", "set_rng_state", "require_state_keys", "require_same_names"]
+
+
+def require_state_keys(state: Mapping, keys, owner: str):
+    """A CheckpointError naming the first of ``keys`` that ``state`` (``owner``'s saved state) lacks."""
+    for key in keys:
+        if key not in state:
+            raise CheckpointError(f"{owner} state lacks '{key}'")
+
+
+def require_same_names(expected, saved, owner: str, what: str):
+    """A CheckpointError when the names saved in ``owner``'s state are not this model's ``what``."""
+    expected, saved = list(expected), list(saved)
+    missing = [n for n in expected if n not in saved]
+    unexpected = [n for n in saved if n not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{owner} state does not match this model's {what}: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _strip_ddp_prefix(state: Mapping) -> dict:

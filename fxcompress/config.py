@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,24 +32,19 @@ import torch
 from .accuracy_aware import validate_accuracy_aware_config
 from .algorithm import COMMON_PROPERTIES, SCOPES_SCHEMA, validate_schema
 from .errors import ConfigError
+from .registry import algorithm_class, register_algorithm, registered_algorithms
 
 __all__ = ["Config", "register_algorithm", "algorithm_registry"]
 
-_REGISTRY: dict[str, type] = {}
-
-
-def register_algorithm(cls):
-    """Class decorator: makes a CompressionPass buildable from configs by its ``algorithm`` name."""
-    if not cls.algorithm:
-        raise TypeError(f"{cls.__name__} has no 'algorithm' name to register")
-    _REGISTRY[cls.algorithm] = cls
-    return cls
-
-
 def algorithm_registry() -> dict[str, type]:
+    """Every algorithm by name (``fxcompress.registry``), after importing them all."""
+    _import_algorithms()
+    return registered_algorithms()
+
+
+def _import_algorithms():
     # The config front door is the one place the infrastructure imports the algorithms.
     import fxcompress.passes  # noqa: F401  (registers them)
-    return dict(_REGISTRY)
 
 
 _INPUT_INFO_ITEM = {
@@ -169,19 +163,14 @@ class Config:
         return [comp] if isinstance(comp, dict) else list(comp)
 
     def _build_passes(self) -> list:
-        registry = algorithm_registry()
+        _import_algorithms()
         global_params = {k: self.data[k] for k in ("ignored_scopes", "target_scopes", "target_device",
                                                    "compression_lr_multiplier") if k in self.data}
         passes = []
         for i, entry in enumerate(self.entries):
             path = "compression" if isinstance(self.data.get("compression"), dict) else f"compression[{i}]"
-            name = entry["algorithm"]
-            if name not in registry:
-                close = difflib.get_close_matches(str(name), list(registry), n=1)
-                hint = f"did you mean '{close[0]}'? " if close else ""
-                raise ConfigError(f"{path}.algorithm: unknown algorithm {name!r}; {hint}"
-                                  f"known algorithms: {', '.join(sorted(registry))}", path=f"{path}.algorithm")
-            passes.extend(registry[name].from_config_entry(entry, path, global_params))
+            algorithm = algorithm_class(entry["algorithm"], f"{path}.algorithm")
+            passes.extend(algorithm.from_config_entry(entry, path, global_params))
         # NNCF lists entries in any order; a pass that must see the uncompressed graph
         # (knowledge_distillation keeps it as the teacher) runs first.
         return sorted(passes, key=lambda p: not getattr(p, "runs_first", False))

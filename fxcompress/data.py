@@ -16,7 +16,17 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["batch_to_inputs", "CalibrationData", "to_device", "count_samples", "progress_bar", "preserved_modes"]
+__all__ = ["batch_to_inputs", "batch_target", "CalibrationData", "to_device", "count_samples", "progress_bar",
+           "preserved_modes"]
+
+
+def batch_target(batch: Any):
+    """The target of a batch: its second element ``(input, target)``, or ``batch["labels"]``; None otherwise."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if hasattr(batch, "keys") and "labels" in batch:
+        return batch["labels"]
+    return None
 
 
 def batch_to_inputs(batch: Any, input_fn: Callable | None = None,

@@ -12,11 +12,16 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "broadcast_from_rank0", "average_across_ranks"]
+__all__ = ["is_distributed", "is_rank0", "broadcast_from_rank0", "average_across_ranks"]
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_rank0() -> bool:
+    """True in a single process and on rank 0: the process that writes files every rank would write alike."""
+    return not is_distributed() or dist.get_rank() == 0
 
 
 def _communication_device(tensor: torch.Tensor) -> torch.device:

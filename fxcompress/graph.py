@@ -250,3 +250,12 @@ def get_attr_value(gm: torch.nn.Module, target: str) -> Any:
     for atom in target.split("."):
         value = getattr(value, atom)
     return value
+
+
+def tensor_attr(gm: torch.nn.Module, node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads; None for anything else (a computed value, a constant, None)."""
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        value = get_attr_value(gm, node.target)
+        if isinstance(value, torch.Tensor):
+            return value
+    return None

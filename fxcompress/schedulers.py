@@ -34,18 +34,20 @@ numbers, loadable with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from bisect import bisect_right
 from typing import Callable, Sequence
 
+from .checkpoint import require_state_keys
 from .controller import Scheduler
 from .errors import CheckpointError, ConfigError
 
 __all__ = [
     "polynomial_schedule", "exponential_schedule", "multistep_schedule",
     "LevelScheduler", "ConstantScheduler", "PolynomialScheduler", "ExponentialScheduler",
-    "MultiStepScheduler", "AdaptiveScheduler", "SCHEDULES", "build_scheduler",
+    "MultiStepScheduler", "AdaptiveScheduler", "SCHEDULES", "build_scheduler", "check_multistep",
     "StagedScheduler", "STAGED_PARAMS", "STAGED_DEFAULTS", "LR_POLY_POWER",
 ]
 
@@ -223,6 +225,20 @@ class ExponentialScheduler(LevelScheduler):
         return exponential_schedule(t, self.initial_level, self.target_level, self.target_epoch)
 
 
+def check_multistep(steps: Sequence[float], levels: Sequence[float], prefix: str = ""):
+    """A multistep schedule's lists: one more level than boundaries, increasing epochs >= 0, levels in
+    ``[0, 1)``. The error names the config field (``prefix.multistep_steps``)."""
+    where = f"{prefix}." if prefix else ""
+    if len(levels) != len(steps) + 1:
+        raise ConfigError(f"{where}multistep_sparsity_levels: needs one more entry than multistep_steps "
+                          f"({len(steps)} steps, {len(levels)} levels)", path=f"{where}multistep_sparsity_levels")
+    if any(b <= a for a, b in zip(steps, steps[1:])) or any(s < 0 for s in steps):
+        raise ConfigError(f"{where}multistep_steps: must be increasing epochs >= 0, got {list(steps)}",
+                          path=f"{where}multistep_steps")
+    for i, level in enumerate(levels):
+        _check_level(f"{where}multistep_sparsity_levels[{i}]", level)
+
+
 class MultiStepScheduler(LevelScheduler):
     """``multistep_schedule``: ``levels[k]`` after ``k`` boundaries; the last level is the target.
 
@@ -233,14 +249,7 @@ class MultiStepScheduler(LevelScheduler):
 
     def __init__(self, *, steps: Sequence[float] = (90,), levels: Sequence[float] = (0.1, 0.5), **kwargs):
         steps, levels = list(steps), list(levels)
-        if len(levels) != len(steps) + 1:
-            raise ConfigError(f"multistep_sparsity_levels: needs one more entry than multistep_steps "
-                              f"({len(steps)} steps, {len(levels)} levels)", path="multistep_sparsity_levels")
-        if any(b <= a for a, b in zip(steps, steps[1:])) or any(s < 0 for s in steps):
-            raise ConfigError(f"multistep_steps: must be increasing epochs >= 0, got {steps}",
-                              path="multistep_steps")
-        for i, level in enumerate(levels):
-            _check_level(f"multistep_sparsity_levels[{i}]", level)
+        check_multistep(steps, levels)
         self.steps = [s for s in steps]
         self.levels = [float(v) for v in levels]
         kwargs.pop("initial_level", None)
@@ -302,9 +311,7 @@ class AdaptiveScheduler(LevelScheduler):
         return {**super().state_dict(), "num_bad_epochs": self.num_bad_epochs, "adaptive_level": self._level}
 
     def load_state_dict(self, state: dict):
-        for key in ("num_bad_epochs", "adaptive_level"):
-            if key not in state:
-                raise CheckpointError(f"adaptive scheduler state lacks '{key}'")
+        require_state_keys(state, ("num_bad_epochs", "adaptive_level"), "adaptive scheduler")
         self.num_bad_epochs = int(state["num_bad_epochs"])
         self._level = float(state["adaptive_level"])
         super().load_state_dict(state)
@@ -322,18 +329,20 @@ SCHEDULES: dict[str, type[LevelScheduler]] = {
 }
 
 
-def build_scheduler(schedule: str, **kwargs) -> LevelScheduler:
-    """A scheduler by name (``polynomial``, ``exponential``, ``multistep``, ``adaptive``, ``constant``).
+def build_scheduler(schedule: str, schedules: dict[str, type[LevelScheduler]] | None = None,
+                    **kwargs) -> LevelScheduler:
+    """A scheduler by name, from ``schedules`` (default ``SCHEDULES``: ``polynomial``, ``exponential``,
+    ``multistep``, ``adaptive``, ``constant``; an algorithm passes its own table, e.g. pruning's).
 
     Keyword arguments are those of the scheduler's constructor; arguments a
     schedule does not use (``power`` for exponential) are ignored, so one
     config dict can build any schedule.
     """
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule: unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}",
+    schedules = SCHEDULES if schedules is None else schedules
+    if schedule not in schedules:
+        raise ConfigError(f"schedule: unknown schedule {schedule!r}; known: {', '.join(schedules)}",
                           path="schedule")
-    cls = SCHEDULES[schedule]
-    import inspect
+    cls = schedules[schedule]
     accepted = set()
     for klass in cls.__mro__:
         if "__init__" in klass.__dict__:
@@ -411,15 +420,31 @@ class StagedScheduler(Scheduler):
         self._stage_start: list[Callable[["StagedScheduler"], None]] = []
 
     # -- stage ---------------------------------------------------------------------------------
-    @property
-    def activations_enabled(self) -> bool:
-        start = self.activations_quant_start_epoch
+    #: names of the four stages (neither group on, activations only, weights only, both); subclasses
+    #: name them after what they switch (``fully_quantized``, ``fully_binarized``)
+    STAGES = ("float", "activations_on", "weights_on", "fully_on")
+
+    def start_epoch(self, group: str) -> float | None:
+        """The start epoch of ``"activations"`` or ``"weights"`` (None: that group is not staged)."""
+        return {"activations": self.activations_quant_start_epoch, "weights": self.weights_quant_start_epoch}.get(group)
+
+    def enabled(self, group: str) -> bool:
+        """Whether ``group`` is on in the current epoch (always, when it is not staged)."""
+        start = self.start_epoch(group)
         return start is None or self.current_epoch >= start
 
     @property
+    def activations_enabled(self) -> bool:
+        return self.enabled("activations")
+
+    @property
     def weights_enabled(self) -> bool:
-        start = self.weights_quant_start_epoch
-        return start is None or self.current_epoch >= start
+        return self.enabled("weights")
+
+    @property
+    def stage(self) -> str:
+        """One of ``STAGES``: which of the groups are on now."""
+        return self.STAGES[int(self.activations_enabled) + 2 * int(self.weights_enabled)]
 
     def on_update(self, listener: Callable[["StagedScheduler"], None]):
         self._listeners.append(listener)

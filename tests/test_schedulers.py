@@ -207,3 +207,46 @@ def test_bad_scheduler_arguments_name_the_field(make, field):
         make()
     assert info.value.path == field
     assert field in str(info.value)
+
+
+# -- one factory, one multistep check, one staged rule (issue 13) ---------------------------------
+
+def test_multistep_lists_are_checked_once_with_the_config_path():
+    from fxcompress.passes import MagnitudeSparsity
+    with pytest.raises(ConfigError) as info:
+        MagnitudeSparsity(schedule="multistep", multistep_steps=[1, 2], multistep_sparsity_levels=[0.1, 0.2])
+    assert info.value.path.endswith("multistep_sparsity_levels")
+    assert "one more entry than multistep_steps (2 steps, 2 levels)" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        MagnitudeSparsity(schedule="multistep", multistep_steps=[2, 1], multistep_sparsity_levels=[0.1, 0.2, 0.3])
+    assert info.value.path.endswith("multistep_steps") and "increasing" in str(info.value)
+
+
+def test_an_algorithms_own_schedule_table_goes_through_the_one_factory():
+    from fxcompress.passes.pruning.schedule import (PRUNING_SCHEDULES, ExponentialWithBiasScheduler,
+                                                    build_pruning_scheduler)
+    s = build_pruning_scheduler("exponential_with_bias", 0.0, 0.5, num_init_steps=1, pruning_steps=5)
+    assert isinstance(s, ExponentialWithBiasScheduler)
+    assert (s.warmup_epochs, s.target_epoch, s.freeze_epoch) == (1, 4, 6)
+    baseline = build_pruning_scheduler("baseline", 0.0, 0.4, num_init_steps=2, pruning_steps=5)
+    assert isinstance(baseline, ConstantScheduler) and (baseline.target_epoch, baseline.freeze_epoch) == (0, 2)
+    with pytest.raises(ConfigError, match="unknown schedule 'polynomial'; known: exponential, "
+                                          "exponential_with_bias, baseline"):
+        build_scheduler("polynomial", PRUNING_SCHEDULES)
+
+
+def test_staged_start_epochs_and_stage_names_are_one_rule():
+    from fxcompress.passes.binarization.schedule import StagedBinarizationScheduler
+    from fxcompress.passes.quantization.controller import QuantizationScheduler
+    q = QuantizationScheduler([], {"activations_quant_start_epoch": 1, "weights_quant_start_epoch": 2})
+    b = StagedBinarizationScheduler(1, 2)
+    seen = []
+    for _ in range(3):
+        seen.append((q.stage, b.stage, q.enabled("activations"), q.enabled("weights")))
+        q.epoch_step()
+        b.epoch_step()
+    assert seen == [("float", "float", False, False),
+                    ("activations_quantized", "activations_binarized", True, False),
+                    ("fully_quantized", "fully_binarized", True, True)]
+    unstaged = QuantizationScheduler([], None)
+    assert unstaged.start_epoch("weights") is None and unstaged.stage == "fully_quantized"

@@ -27,7 +27,7 @@ import torch.fx
 
 from fxcompress.algorithm import CompressionPass
 from fxcompress.batchnorm import BATCHNORM_ADAPTATION_SCHEMA, adapt_batchnorm, average_batchnorm_statistics
-from fxcompress.config import register_algorithm
+from fxcompress.registry import register_algorithm
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
 from fxcompress.distributed import broadcast_from_rank0
 from fxcompress.errors import CheckpointError, ConfigError, NotInitializedError

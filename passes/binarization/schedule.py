@@ -21,10 +21,7 @@ STAGES = ("float", "activations_binarized", "weights_binarized", "fully_binarize
 
 
 class StagedBinarizationScheduler(StagedScheduler):
+    STAGES = STAGES
+
     def __init__(self, activations_quant_start_epoch: float = 1, weights_quant_start_epoch: float = 2, **policy):
         super().__init__(activations_quant_start_epoch, weights_quant_start_epoch, **policy)
-
-    @property
-    def stage(self) -> str:
-        """``float``, ``activations_binarized``, ``weights_binarized`` or ``fully_binarized``."""
-        return STAGES[int(self.activations_enabled) + 2 * int(self.weights_enabled)]

@@ -36,7 +36,7 @@ import torch
 import torch.fx
 
 from fxcompress.algorithm import CompressionPass
-from fxcompress.config import register_algorithm
+from fxcompress.registry import register_algorithm
 from fxcompress.controller import ControllerPart, StatisticsSection
 from fxcompress.errors import CheckpointError, ConfigError, UnsupportedModelError
 from fxcompress.lowering import LoweringPhase

@@ -23,7 +23,7 @@ from typing import Callable
 import torch.fx
 
 from fxcompress.algorithm import CompressionPass
-from fxcompress.config import register_algorithm
+from fxcompress.registry import register_algorithm
 from fxcompress.errors import ConfigError
 from fxcompress.pass_manager import PassContext, PassResult
 

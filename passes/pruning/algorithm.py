@@ -20,9 +20,9 @@ import torch.fx
 from fxcompress.algorithm import CompressionPass
 from fxcompress.batchnorm import (BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADAPTATION_SAMPLES,
                                   adapt_batchnorm, average_batchnorm_statistics)
-from fxcompress.config import register_algorithm
+from fxcompress.registry import register_algorithm
 from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
-from fxcompress.distributed import broadcast_from_rank0, is_distributed
+from fxcompress.distributed import broadcast_from_rank0, is_distributed, is_rank0
 from fxcompress.errors import CheckpointError, ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, get_attr_value, insert_before_input, insert_on_output
 from fxcompress.pass_manager import PassContext, PassResult
@@ -469,7 +469,7 @@ class FilterPruningController(ControllerPart):
 
     def _save_coefficients(self):
         # under torch.distributed rank 0 writes: its coefficients are the ones every rank uses (distributed())
-        if self.params.get("save_ranking_coeffs_path") and (not is_distributed() or torch.distributed.get_rank() == 0):
+        if self.params.get("save_ranking_coeffs_path") and is_rank0():
             save_coefficients(self.params["save_ranking_coeffs_path"], self.ranking_coeffs)
 
     def set_pruning_level(self, level: float):

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fxcompress.data import CalibrationData, batch_to_inputs, count_samples, progress_bar, to_device
+from fxcompress.data import CalibrationData, batch_target, batch_to_inputs, count_samples, progress_bar, to_device
 from fxcompress.errors import ConfigError
 
 __all__ = ["LEGR_SCHEMA", "LEGR_DEFAULTS", "Coefficients", "EvolutionSearch", "LegrCallbacks", "run_legr",
@@ -135,11 +135,10 @@ class EvolutionSearch:
 # ---------------------------------------------------------------------------
 
 def default_target_fn(batch: Any):
-    """The target of a batch: its second element ``(input, target)``, or ``batch["labels"]``."""
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        return batch[1]
-    if hasattr(batch, "keys") and "labels" in batch:
-        return batch["labels"]
+    """The target of a batch (``fxcompress.data.batch_target``); a batch without one is an error."""
+    target = batch_target(batch)
+    if target is not None:
+        return target
     raise ValueError("LeGR: a batch has no target (expected (input, target) tuples or a 'labels' key); pass "
                      "set_legr_callbacks(target_fn=...) or your own train_steps_fn / val_fn")
 

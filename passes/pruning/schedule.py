@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import math
 
-from fxcompress.errors import ConfigError
-from fxcompress.schedulers import ConstantScheduler, ExponentialScheduler, LevelScheduler
+from fxcompress.schedulers import ConstantScheduler, ExponentialScheduler, LevelScheduler, build_scheduler
 
 __all__ = ["ExponentialWithBiasScheduler", "exponential_with_bias_coefficients", "build_pruning_scheduler",
-           "SCHEDULE_NAMES"]
+           "PRUNING_SCHEDULES", "SCHEDULE_NAMES"]
 
-SCHEDULE_NAMES = ("exponential", "exponential_with_bias", "baseline")
 
 
 def exponential_with_bias_coefficients(initial: float, target: float, target_epoch: float,
@@ -91,22 +89,22 @@ class ExponentialWithBiasScheduler(LevelScheduler):
         return {**super().describe(), "coefficients": self.coefficients}
 
 
+PRUNING_SCHEDULES = {"exponential": ExponentialScheduler, "exponential_with_bias": ExponentialWithBiasScheduler,
+                     "baseline": ConstantScheduler}
+SCHEDULE_NAMES = tuple(PRUNING_SCHEDULES)
+
+
 def build_pruning_scheduler(schedule: str, pruning_init: float, target: float, num_init_steps: int,
                             pruning_steps: float, update_per_optimizer_step: bool = False,
                             steps_per_epoch: int | None = None) -> LevelScheduler:
     """The scheduler of a FilterPruning config (levels are filter or FLOPs fractions)."""
     warmup = int(num_init_steps)
-    common = dict(initial_level=float(pruning_init), target_level=float(target), warmup_epochs=warmup,
-                  update_per_optimizer_step=update_per_optimizer_step, steps_per_epoch=steps_per_epoch)
     if schedule == "baseline":
-        return ConstantScheduler(target_epoch=0, freeze_epoch=warmup, **common)
-    if update_per_optimizer_step:  # a continuous level: the target at the end of pruning_steps epochs
+        target_epoch, freeze = 0, warmup
+    elif update_per_optimizer_step:  # a continuous level: the target at the end of pruning_steps epochs
         target_epoch, freeze = float(pruning_steps), warmup + math.ceil(pruning_steps)
     else:  # epoch e trains at level_at(e): the target from the start of the last of pruning_steps epochs
         target_epoch, freeze = max(int(pruning_steps) - 1, 0), warmup + int(pruning_steps)
-    if schedule == "exponential":
-        return ExponentialScheduler(target_epoch=target_epoch, freeze_epoch=freeze, **common)
-    if schedule == "exponential_with_bias":
-        return ExponentialWithBiasScheduler(target_epoch=target_epoch, freeze_epoch=freeze, **common)
-    raise ConfigError(f"schedule: unknown pruning schedule {schedule!r}; known: {', '.join(SCHEDULE_NAMES)}",
-                      path="schedule")
+    return build_scheduler(schedule, PRUNING_SCHEDULES, initial_level=float(pruning_init), target_level=float(target),
+                           warmup_epochs=warmup, target_epoch=target_epoch, freeze_epoch=freeze,
+                           update_per_optimizer_step=update_per_optimizer_step, steps_per_epoch=steps_per_epoch)

@@ -1,7 +1,8 @@
-"""What the ``Quantize`` pass leaves for the training loop: range init, BN adaptation, statistics, state."""
+"""What the ``Quantize`` pass leaves for the training loop: the order of initialization (ranges, smoothing,
+bias correction, BatchNorm adaptation), the staged schedule, statistics, state. Measuring the ranges is
+``RangeInitializer``'s (range_initializer.py)."""
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -11,17 +12,18 @@ import torch
 import torch.fx
 
 from fxcompress.batchnorm import adapt_batchnorm, average_batchnorm_statistics
-from fxcompress.controller import ControllerPart, InitContext, Scheduler, StatisticsSection
-from fxcompress.data import CalibrationData, count_samples, preserved_modes, progress_bar
+from fxcompress.checkpoint import require_same_names, require_state_keys
+from fxcompress.controller import ControllerPart, InitContext, StatisticsSection
+from fxcompress.data import CalibrationData
 from fxcompress.distributed import average_across_ranks
-from fxcompress.errors import CheckpointError, NotInitializedError, RangeInitError
+from fxcompress.errors import NotInitializedError
 from fxcompress.graph import get_attr_value
 from fxcompress.quantizers import FakeQuantizer, average_ranges_across_ranks
 from fxcompress.schedulers import StagedScheduler
-from fxcompress.weights import edge_value
 
 from .bias_correction import bias_correction_targets, correct_biases, set_parameter, statistics_module
-from .range_init import RangeCollector, RangeInitConfig, weight_range
+from .range_init import RangeInitConfig
+from .range_initializer import RangeInitializer
 from .smoothing import SmoothingGroup, smooth
 
 __all__ = ["QuantizerInfo", "QuantizationScheduler", "QuantizationController"]
@@ -63,18 +65,12 @@ class QuantizationScheduler(StagedScheduler):
         self.quantizers = quantizers
         self.on_update(QuantizationScheduler._switch_quantizers)
 
-    def _switch_quantizers(self):
-        starts = {"weights": self.weights_quant_start_epoch, "activations": self.activations_quant_start_epoch}
-        for q in self.quantizers:
-            start = starts.get(q.group)
-            if start is not None:
-                q.module.enabled = self.current_epoch >= start
+    STAGES = ("float", "activations_quantized", "weights_quantized", "fully_quantized")
 
-    @property
-    def stage(self) -> str:
-        """``float``, ``activations_quantized``, ``weights_quantized`` or ``fully_quantized``."""
-        return ("float", "activations_quantized", "weights_quantized", "fully_quantized")[
-            int(self.activations_enabled) + 2 * int(self.weights_enabled)]
+    def _switch_quantizers(self):
+        for q in self.quantizers:
+            if self.start_epoch(q.group) is not None:  # an unstaged group's quantizers stay as they are
+                q.module.enabled = self.enabled(q.group)
 
 
 class QuantizationController(ControllerPart):
@@ -86,6 +82,7 @@ class QuantizationController(ControllerPart):
                  smooth_quant_alpha: float | None = None):
         super().__init__()
         self.quantizers = list(quantizers)
+        self.ranges = RangeInitializer(self.quantizers)
         self.skipped = list(skipped)
         self.settings = dict(settings or {})
         self.num_bn_adaptation_samples = int(num_bn_adaptation_samples)
@@ -120,7 +117,7 @@ class QuantizationController(ControllerPart):
 
     # -- initialization --------------------------------------------------------
     def needs_data(self) -> bool:
-        return any(q.range_init.num_init_samples > 0 for q in self.activation_quantizers)
+        return self.ranges.needs_data()
 
     def initialize(self, ctx: InitContext):
         self.init_weight_ranges(ctx.gm)
@@ -130,7 +127,7 @@ class QuantizationController(ControllerPart):
         if self.smoothing_groups and ctx.data is not None and self.needs_data():
             # its own pass: the ranges below must see the smoothed activations
             self.smoothed = smooth(ctx.gm, self.smoothing_groups, self.smooth_quant_alpha,
-                                   lambda: self._float_pass(ctx.gm, ctx.data))
+                                   lambda: self.ranges.float_pass(ctx.gm, ctx.data))
             self.init_weight_ranges(ctx.gm)
         if correct:
             targets, self._bias_skipped = bias_correction_targets(
@@ -198,104 +195,15 @@ class QuantizationController(ControllerPart):
         if self._distributed:
             average_ranges_across_ranks(q.module for q in self.quantizers)
 
-    def _quantizer_nodes(self, gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
-        return {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-
-    @torch.no_grad()
-    def _weight_value(self, gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.Tensor | None:
-        """The tensor a weight quantizer sees: the parameter through the transforms before it (masks)."""
-        return edge_value(gm, node.args[0]) if node.args else None
-
-    @torch.no_grad()
+    # range setting lives in RangeInitializer (range_initializer.py); these are its entry points
     def init_weight_ranges(self, gm: torch.fx.GraphModule):
         """Weight ranges from the weights themselves (no data needed)."""
-        nodes = self._quantizer_nodes(gm)
-        for q in self.weight_quantizers:
-            node = nodes.get(q.name)
-            value = self._weight_value(gm, node) if node is not None else None
-            if value is None:
-                continue
-            low, high = weight_range(value, q.module.spec, q.range_init)
-            q.module.set_range(low, high)
+        self.ranges.init_weight_ranges(gm)
 
-    @torch.no_grad()
     def init_activation_ranges(self, gm: torch.nn.Module, data: CalibrationData,
                                forward: torch.nn.Module | None = None):
-        """One pass over the data with all quantizers disabled, observing each activation quantizer's input.
-
-        ``forward``: what runs instead of ``gm``, a module computing the same over the same quantizer
-        modules (fast bias correction's ``statistics_module``, which observes more on the way).
-        """
-        targets = [q for q in self.activation_quantizers if q.range_init.num_init_samples > 0]
-        collectors = {q.name: RangeCollector(q.range_init, q.module.spec, seed=i) for i, q in enumerate(targets)}
-        active = {q.name: True for q in targets}
-        hooks = []
-        for q in targets:
-            def hook(module, args, name=q.name):
-                if active[name]:
-                    collectors[name].update(args[0])
-            hooks.append(q.module.register_forward_pre_hook(hook))
-        total = max(q.range_init.num_init_samples for q in targets)
-        seen = batches = 0
-        with self._quantizers_off(gm):
-            try:
-                for args, kwargs in progress_bar(data.batches(total), "quantization: range init"):
-                    for q in targets:
-                        active[q.name] = seen < q.range_init.num_init_samples
-                    (forward or gm)(*args, **kwargs)
-                    seen += count_samples(args, kwargs)
-                    batches += 1
-            finally:
-                for h in hooks:
-                    h.remove()
-        if batches == 0:
-            raise ValueError("initialize: the data loader yielded no batches")
-        unseen, ranges = [], {}
-        for q in targets:
-            result = collectors[q.name].range()
-            if result is None:
-                unseen.append(q.name)
-            elif not all(bool(torch.isfinite(bound).all()) for bound in result):
-                raise self._non_finite_range(gm, q.name, result)
-            else:
-                ranges[q.name] = result
-        for q in targets:  # only once every range is finite: no half-initialized model
-            if q.name in ranges:
-                q.module.set_range(*ranges[q.name])
-        if unseen:
-            warnings.warn(f"quantization: {len(unseen)} activation quantizers saw no data during range init "
-                          f"({', '.join(unseen[:5])}); their ranges stay unset", stacklevel=3)
-
-    def _non_finite_range(self, gm, name: str, bounds) -> RangeInitError:
-        node = self._quantizer_nodes(gm).get(name) if isinstance(gm, torch.fx.GraphModule) else None
-        producer = node.args[0] if node is not None and node.args else None
-        where = f" on the output of node '{producer.name}' ({producer.format_node()})" \
-            if isinstance(producer, torch.fx.Node) else ""
-        low, high = float(bounds[0].min()), float(bounds[1].max())
-        return RangeInitError(
-            f"quantization: activation quantizer '{name}'{where} observed non-finite values during range "
-            f"initialization (range [{low}, {high}]): a range must be finite. Exclude the node with "
-            f"ignored_scopes, or check the calibration data for inf/NaN")
-
-    @contextlib.contextmanager
-    def _quantizers_off(self, gm: torch.nn.Module):
-        """Every quantizer of this part disabled (the float model), ``gm`` in eval mode; all restored after."""
-        enabled = {q.name: q.module.enabled for q in self.quantizers}
-        with preserved_modes(gm):
-            try:
-                for q in self.quantizers:
-                    q.module.enabled = False
-                gm.eval()
-                yield
-            finally:
-                for q in self.quantizers:
-                    q.module.enabled = enabled[q.name]
-
-    def _float_pass(self, gm: torch.nn.Module, data: CalibrationData):
-        """The float model over the range-init samples (activation smoothing's statistics)."""
-        total = max(q.range_init.num_init_samples for q in self.activation_quantizers)
-        with self._quantizers_off(gm):
-            data.run(gm, total, progress="quantization: activation smoothing", purpose="activation smoothing")
+        """Activation ranges from one float pass over ``data`` (``RangeInitializer.init_activation_ranges``)."""
+        self.ranges.init_activation_ranges(gm, data, forward)
 
     def distributed(self):
         """Every rank gets the mean of the ranges (and adapted BatchNorm statistics) the ranks found."""
@@ -364,15 +272,9 @@ class QuantizationController(ControllerPart):
         }
 
     def load_state_dict(self, state: dict):
-        for key in ("scheduler", "quantizers"):
-            if key not in state:
-                raise CheckpointError(f"quantization controller state lacks '{key}'")
-        names = [q.name for q in self.quantizers]
-        missing = [n for n in names if n not in state["quantizers"]]
-        unexpected = [n for n in state["quantizers"] if n not in names]
-        if missing or unexpected:
-            raise CheckpointError(f"quantization controller state does not match this model's quantizers: "
-                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        require_state_keys(state, ("scheduler", "quantizers"), "quantization controller")
+        require_same_names([q.name for q in self.quantizers], state["quantizers"], "quantization controller",
+                           "quantizers")
         # the scheduler first: its update() applies the staged start epochs, then the saved
         # switches win (a quantizer the user turned off stays off, as in the saved run)
         self.scheduler.load_state_dict(state["scheduler"])

@@ -32,22 +32,22 @@ quantizer node it replaces and its name; ``inserted_by`` names the lowering pass
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 import torch.nn as nn
 
+from fxcompress.bn_folding import (BatchNormFold, find_batch_norm_folds, remove_folded_batch_norm, set_bias_arg,
+                                   warn_not_folded)
 from fxcompress.errors import PassError
 from fxcompress.export import SIGNED_TO_UNSIGNED, storage_dtype
-from fxcompress.graph import copy_meta, get_attr_value, unique_name
+from fxcompress.graph import copy_meta, get_attr_value, tensor_attr, unique_name
 from fxcompress.lowering import LoweringPhase
-from fxcompress.optable import Kind, op_arg, op_kind
+from fxcompress.optable import Kind, op_kind
 from fxcompress.pass_manager import Pass, PassContext, PassResult
-from fxcompress.patterns import Chain, Step
 from fxcompress.quantizers import FakeQuantizer, quantizer_at
-from fxcompress.weights import functionalize_weighted, weighted_ops
+from fxcompress.weights import functionalize_weighted
 
 __all__ = ["IntegerWeight", "freeze_weight", "fold_channel_factor", "FoldBatchNorm", "LowerQuantizers",
            "quantization_lowering_passes", "drop_unused_tensors"]
@@ -224,68 +224,16 @@ def drop_unused_tensors(gm: torch.fx.GraphModule) -> list[str]:
 _quantizer_of = quantizer_at
 
 
-def _tensor_attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
-    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
-        value = get_attr_value(gm, node.target)
-        if isinstance(value, torch.Tensor):
-            return value
-    return None
-
-
 # ---------------------------------------------------------------------------
 # passes
 # ---------------------------------------------------------------------------
-
-def _batch_norm_statistics(gm, bn_node: torch.fx.Node):
-    """``(mean, var, gamma, beta, eps)`` (float64) of an eval BatchNorm, module or ``F.batch_norm``;
-    or why it cannot be folded."""
-    if bn_node.op == "call_module":
-        bn = gm.get_submodule(bn_node.target)
-        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            return f"{type(bn).__name__} is not a BatchNorm"
-        if bn.training or bn.running_mean is None or len(bn_node.args) != 1 or bn_node.kwargs:
-            return "BatchNorm uses batch statistics (training mode or no running stats)"
-        tensors, eps = (bn.running_mean, bn.running_var, bn.weight, bn.bias), bn.eps
-    else:  # F.batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum, eps)
-        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-        args = dict(zip(names, bn_node.args)) | dict(bn_node.kwargs)
-        if args.get("training", False) is not False:
-            return "functional batch_norm with training=True (batch statistics) is not folded"
-        tensors = []
-        for name in ("running_mean", "running_var", "weight", "bias"):
-            value = args.get(name)
-            tensor = _tensor_attr(gm, value)
-            if value is not None and tensor is None:
-                return f"functional batch_norm: {name} is computed, not a parameter or buffer"
-            tensors.append(tensor)
-        if tensors[0] is None or tensors[1] is None:
-            return "functional batch_norm without running statistics"
-        eps = float(args.get("eps", 1e-5))
-    mean, var, gamma, beta = (t.detach().to(torch.float64) if t is not None else None for t in tensors)
-    gamma = gamma if gamma is not None else torch.ones_like(var)
-    beta = beta if beta is not None else torch.zeros_like(var)
-    return mean, var, gamma, beta, eps
-
-
-def _scale_output_channels(weight: torch.Tensor, factor: torch.Tensor, axis: int, groups: int) -> torch.Tensor:
-    """``weight`` with output channel ``c`` multiplied by ``factor[c]``; a grouped transposed conv's
-    weight ``[I, O/g, k...]`` holds output channel ``g * (O/g) + j`` in the rows of group ``g``, column ``j``."""
-    if groups == 1:
-        shape = [1] * weight.dim()
-        shape[axis] = -1
-        return weight * factor.reshape(shape)
-    rows, cols = weight.shape[0], weight.shape[1]
-    grouped = weight.reshape(groups, rows // groups, cols, *weight.shape[2:])
-    f = factor.reshape(groups, 1, cols, *([1] * (weight.dim() - 2)))
-    return (grouped * f).reshape(weight.shape)
-
 
 class FoldBatchNorm(Pass):
     """Fold eval BatchNorm into the preceding conv, exactly, through its weight quantizer."""
     name = "fold_batch_norm"
     lowering_order = BN_FOLD_ORDER
     preserves_outputs = True
-    _CHAIN = Chain(Step(Kind.conv, Kind.conv_transpose), Kind.batch_norm)
+    _KINDS = (Kind.conv, Kind.conv_transpose)
 
     def __init__(self):
         self.folded: list[dict] = []
@@ -293,43 +241,27 @@ class FoldBatchNorm(Pass):
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         self.folded, self.skipped = [], []
-        kinds = (Kind.conv, Kind.conv_transpose)
-        functionalized = functionalize_weighted(gm, kinds=kinds) > 0
-        convs = {op.node: op for op in weighted_ops(gm, kinds=kinds)}
-        for match in list(self._CHAIN.find(gm)):
-            conv, bn_node = match.first, match[Kind.batch_norm]
-            scope = bn_node.meta.get("module_path", bn_node.name)
-            reason = self._fold(gm, convs.get(conv), bn_node)
+        functionalized = functionalize_weighted(gm, kinds=self._KINDS) > 0
+        folds, self.skipped = find_batch_norm_folds(gm, self._KINDS, eval_only=True)
+        for fold in folds:
+            reason = self._fold(gm, fold)
+            conv = fold.op.node
             if reason:
-                self.skipped.append({"scope": scope, "node": bn_node.name, "conv": conv.name, "reason": reason})
+                self.skipped.append({"scope": fold.scope, "node": fold.bn_node.name, "conv": conv.name,
+                                     "reason": reason})
             else:
-                self.folded.append({"scope": scope, "conv": conv.meta.get("module_path", conv.name)})
-        if self.skipped:
-            # Not folding is exact (the BatchNorm stays in the graph, a BatchNormalization in the file), but
-            # ONNX Runtime then runs that conv in float (its QDQ fusion needs conv -> QuantizeLinear).
-            warnings.warn("BatchNorm folding at export: " + "; ".join(
-                f"node {s['node']!r} ({s['scope']}) after conv node {s['conv']!r} not folded: {s['reason']}"
-                for s in self.skipped) + "; it stays a BatchNorm in the export (exact)", stacklevel=2)
+                self.folded.append({"scope": fold.scope, "conv": conv.meta.get("module_path", conv.name)})
+        # Not folding is exact (the BatchNorm stays in the graph, a BatchNormalization in the file), but
+        # ONNX Runtime then runs that conv in float (its QDQ fusion needs conv -> QuantizeLinear).
+        warn_not_folded(self.skipped, "at export", "it stays a BatchNorm in the export (exact)")
         if self.folded:
             drop_unused_tensors(gm)
         return PassResult(gm, bool(self.folded) or functionalized)
 
-    def _fold(self, gm, op, bn_node) -> str | None:
-        """Fold one pair; returns why not, or None when folded."""
-        if op is None:
-            return "the conv is not in functional form"
+    def _fold(self, gm, fold: BatchNormFold) -> str | None:
+        """Fold one pair through the conv's weight quantizer (if any); returns why not, or None when folded."""
+        op = fold.op
         conv = op.node
-        stats = _batch_norm_statistics(gm, bn_node)
-        if isinstance(stats, str):
-            return stats
-        mean, var, gamma, beta, eps = stats
-        groups = op_arg(conv, op.kind, "groups", 1)
-        grouped_transposed = op.kind is Kind.conv_transpose and groups != 1
-        bias_node = op_arg(conv, op.kind, "bias")
-        bias = _tensor_attr(gm, bias_node)
-        if bias_node is not None and bias is None:
-            return "the conv bias is computed, not a parameter"
-
         edge = weight_in = op.weight_input
         quantizer = _quantizer_of(gm, weight_in)
         if quantizer is not None and not quantizer.enabled:
@@ -337,52 +269,38 @@ class FoldBatchNorm(Pass):
         if quantizer is not None and len(weight_in.users) != 1:
             return "the weight quantizer is shared with another op"
         source = weight_in.args[0] if quantizer is not None else weight_in
-        weight = _tensor_attr(gm, source)
+        weight = tensor_attr(gm, source)
         if weight is None:
             return f"the weight edge holds {weight_in.format_node()[:60]!r}, not a weight (quantizer)"
-
-        if grouped_transposed and quantizer is not None:
+        if fold.groups != 1 and quantizer is not None:
             # Output channel g * (O/g) + j is weight column j of group g: one per-channel weight scale
             # (axis 1, O/g entries) serves every group, so a factor per output channel cannot go into it.
             return ("BatchNorm kept: after a grouped transposed conv with a weight quantizer, the output "
                     "channels are not one weight axis (its scales are shared by the groups)")
-        with torch.no_grad():
-            factor = gamma / torch.sqrt(var + eps)
-            old_bias = bias.to(torch.float64) if bias is not None else torch.zeros_like(var)
-            new_bias = ((old_bias - mean) * factor + beta).to(torch.float32)
 
         base = _base_name(conv)
         graph = gm.graph
         if quantizer is not None:
             frozen = freeze_weight(quantizer, weight, name=base)
-            folded = fold_channel_factor(frozen, factor, axis=op.out_axis)
+            folded = fold_channel_factor(frozen, fold.factor, axis=op.out_axis)
             if folded is None:
                 return ("BatchNorm kept: a negative BN factor meets the lowest integer of a symmetric "
                         "full range, whose negation does not fit")
             new_weight = _integer_weight_node(gm, folded, f"{base}_weight", conv, self.name)
         else:
-            w = _scale_output_channels(weight.detach().to(torch.float64), factor, op.out_axis,
-                                       groups if grouped_transposed else 1).to(weight.dtype)
+            w = fold.folded_weight(weight)
             with graph.inserting_before(conv):
                 new_weight = graph.get_attr(_register_tensor(gm, f"{base}_weight_folded", w, parameter=True))
             new_weight.meta.update({"shape": tuple(w.shape), "dtype": w.dtype, "inserted_by": self.name})
+        new_bias = fold.folded_bias()
         with graph.inserting_before(conv):
             new_bias_node = graph.get_attr(_register_tensor(gm, f"{base}_bias_folded", new_bias, parameter=True))
         new_bias_node.meta.update({"shape": tuple(new_bias.shape), "dtype": new_bias.dtype,
                                    "inserted_by": self.name})
 
-        args = list(conv.args)
-        args[op.kind.weight_arg] = new_weight
-        if len(args) > 2 or "bias" not in conv.kwargs:
-            while len(args) < 3:
-                args.append(None)
-            args[2] = new_bias_node
-            conv.args = tuple(args)
-        else:
-            conv.args = tuple(args)
-            conv.kwargs = {**conv.kwargs, "bias": new_bias_node}
-        bn_node.replace_all_uses_with(conv)
-        graph.erase_node(bn_node)
+        conv.update_arg(op.kind.weight_arg, new_weight)
+        set_bias_arg(conv, new_bias_node)
+        remove_folded_batch_norm(gm, fold)
         if edge.op == "call_module" and not edge.users:  # the frozen (or disabled) weight quantizer
             graph.erase_node(edge)
         return None
@@ -476,7 +394,7 @@ class LowerQuantizers(Pass):
                 graph.erase_node(node)
                 self.lowered.append({"quantizer": node.target, "as": "removed (disabled)"})
                 continue
-            weight = _tensor_attr(gm, source)
+            weight = tensor_attr(gm, source)
             if weight is not None:
                 frozen = freeze_weight(quantizer, weight, name=node.target)
                 new = _integer_weight_node(gm, frozen, source.target.replace(".", "_"), node, self.name)

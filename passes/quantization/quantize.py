@@ -30,12 +30,12 @@ import torch.nn as nn
 
 from fxcompress.algorithm import CompressionPass
 from fxcompress.batchnorm import BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADAPTATION_SAMPLES
-from fxcompress.config import algorithm_registry, register_algorithm
+from fxcompress.bn_folding import find_batch_norm_folds, remove_folded_batch_norm, set_bias_arg, warn_not_folded
+from fxcompress.registry import algorithm_class, register_algorithm
 from fxcompress.errors import ConfigError
 from fxcompress.graph import GraphSnapshot, add_module, copy_meta, get_attr_value, insert_on_output
 from fxcompress.optable import Kind, op_arg, op_kind
 from fxcompress.pass_manager import PassContext, PassResult
-from fxcompress.patterns import Chain, Step
 from fxcompress.quantizers import FakeQuantizer
 from fxcompress.schedulers import STAGED_DEFAULTS, STAGED_PARAMS
 from fxcompress.scopes import ScopeSet
@@ -262,7 +262,7 @@ class Quantize(CompressionPass):
                               path=f"{path}.initializer.precision")
         rest = {k: v for k, v in initializer.items() if k != "precision"}
         passes = super().from_config_entry({**entry, "initializer": rest}, path, global_params)
-        mixed_precision = algorithm_registry()["mixed_precision"]  # passes do not import each other
+        mixed_precision = algorithm_class("mixed_precision")  # passes do not import each other
         mixed_precision.validate(precision, prefix=f"{path}.initializer.precision")
         return passes + [mixed_precision(**precision)]
 
@@ -401,70 +401,51 @@ def _device_of(node: torch.fx.Node, gm: torch.fx.GraphModule):
 # BatchNorm folding at compile time (fold_bn=True)
 # ---------------------------------------------------------------------------
 
-_CONV_BN = Chain(Step(Kind.conv, Kind.conv_transpose, Kind.linear), Kind.batch_norm)
+_FOLD_KINDS = (Kind.conv, Kind.conv_transpose, Kind.linear)
 
 
 @torch.no_grad()
 def fold_batch_norms(gm: torch.fx.GraphModule, selects=lambda path: True) -> list[str]:
-    """Fold ``conv/linear -> BatchNorm`` (running statistics) into the conv's weight and bias.
+    """Fold ``conv/linear -> BatchNorm`` (running statistics) into the conv's weight and bias
+    (``fxcompress.bn_folding``).
 
-    ``w' = w * f`` per output channel and ``b' = (b - mean) * f + beta`` with
-    ``f = gamma / sqrt(var + eps)``; new parameter tensors on the GraphModule's
-    own module copy (the user's model keeps its tensors). QAT then trains the
-    folded weights, and the weight quantizer sees what inference will use.
-    Returns the folded BatchNorm module paths.
+    New parameter tensors under the old names on the GraphModule's own module copy
+    (the user's model keeps its tensors), trainable: QAT then trains the folded
+    weights, and the weight quantizer sees what inference will use. A pair that
+    cannot fold is named in a warning and keeps its BatchNorm. Returns the folded
+    BatchNorm scopes.
     """
     functionalize_weighted(gm)
-    ops = {op.node: op for op in weighted_ops(gm)}
-    bn_uses: dict[str, int] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            bn_uses[node.target] = bn_uses.get(node.target, 0) + 1
+    folds, skipped = find_batch_norm_folds(gm, _FOLD_KINDS, eval_only=False, selects=selects)
     folded = []
-    for match in list(_CONV_BN.find(gm)):
-        conv, bn_node = match.first, match.last
-        op = ops.get(conv)
-        if op is None or op.weight_source is None or bn_node.op != "call_module" or bn_uses[bn_node.target] != 1:
+    for fold in folds:
+        op, conv = fold.op, fold.op.node
+        weight = op.weight(gm)
+        if weight is None:
+            skipped.append({"scope": fold.scope, "node": fold.bn_node.name, "conv": conv.name,
+                            "reason": "the conv weight is computed, not a parameter"})
             continue
-        bn = gm.get_submodule(bn_node.target)
-        if not bn.track_running_stats or bn.running_mean is None or not selects(op.module_path):
-            continue
-        if op.kind is Kind.conv_transpose and op_arg(conv, op.kind, "groups", 1) != 1:
-            continue  # grouped transposed conv: output channels are not one weight axis
         weight_target = op.weight_source.target
-        weight = get_attr_value(gm, weight_target)
-        factor = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
-        shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * factor
-        shape = [1] * weight.dim()
-        shape[op.out_axis] = -1
-        new_weight = weight * factor.reshape(shape)
-        bias_node = conv.args[2] if len(conv.args) > 2 else None
-        bias = get_attr_value(gm, bias_node.target) if isinstance(bias_node, torch.fx.Node) else None
-        new_bias = (bias * factor if bias is not None else 0) + shift
         owner_path, _, weight_name = weight_target.rpartition(".")
         owner = gm.get_submodule(owner_path)
-        setattr(owner, weight_name, nn.Parameter(new_weight.detach().clone(), requires_grad=weight.requires_grad))
-        if isinstance(bias_node, torch.fx.Node) and bias_node.op == "get_attr":
+        setattr(owner, weight_name, nn.Parameter(fold.folded_weight(weight), requires_grad=weight.requires_grad))
+        new_bias = nn.Parameter(fold.folded_bias().to(weight.dtype))
+        bias_node = op_arg(conv, op.kind, "bias")
+        if isinstance(bias_node, torch.fx.Node):  # a get_attr (computed biases are refused)
             b_path, _, b_name = bias_node.target.rpartition(".")
-            setattr(gm.get_submodule(b_path), b_name, nn.Parameter(new_bias.detach().clone()))
+            setattr(gm.get_submodule(b_path) if b_path else gm, b_name, new_bias)
         else:
-            name = "bias"
-            if getattr(owner, name, None) is not None:
-                name = "folded_bias"
-            owner.register_parameter(name, nn.Parameter(new_bias.detach().clone()))
+            name = "bias" if getattr(owner, "bias", None) is None else "folded_bias"
+            owner.register_parameter(name, new_bias)
             with gm.graph.inserting_before(conv):
                 getter = gm.graph.get_attr(f"{owner_path}.{name}" if owner_path else name)
             getter.meta["module_path"] = op.module_path
-            args = list(conv.args)
-            while len(args) < 3:
-                args.append(None)
-            args[2] = getter
-            conv.args = tuple(args)
-        bn_node.replace_all_uses_with(conv)
-        gm.graph.erase_node(bn_node)
-        gm.delete_submodule(bn_node.target)
-        folded.append(bn_node.target)
+            set_bias_arg(conv, getter)
+        remove_folded_batch_norm(gm, fold)
+        folded.append(fold.scope)
+    warn_not_folded(skipped, "at compile time (fold_bn)", "it stays a BatchNorm in the training graph")
     if folded:
         gm.graph.lint()
         gm.recompile()
     return folded
+

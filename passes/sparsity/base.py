@@ -20,8 +20,7 @@ from fxcompress.errors import ConfigError
 from fxcompress.graph import add_module, get_attr_value, insert_on_output
 from fxcompress.pass_manager import PassContext, PassResult
 from fxcompress.quantizers import is_quantizer
-from fxcompress.schedulers import (AdaptiveScheduler, ExponentialScheduler, LevelScheduler,
-                                   MultiStepScheduler, PolynomialScheduler)
+from fxcompress.schedulers import LevelScheduler, build_scheduler, check_multistep
 from fxcompress.weights import functionalize_weighted, weighted_ops
 
 from .lowering import FoldMasks
@@ -72,14 +71,8 @@ def check_schedule_params(params: dict, prefix: str):
     """Cross-field checks of the schedule keys; errors name the field."""
     schedule = params["schedule"]
     if schedule == "multistep":
-        steps, levels = params["multistep_steps"], params["multistep_sparsity_levels"]
-        if len(levels) != len(steps) + 1:
-            raise ConfigError(f"{prefix}.multistep_sparsity_levels: needs one entry more than multistep_steps "
-                              f"(got {len(levels)} levels for {len(steps)} steps)",
-                              path=f"{prefix}.multistep_sparsity_levels")
-        if any(b <= a for a, b in zip(steps, steps[1:])):
-            raise ConfigError(f"{prefix}.multistep_steps: must be increasing, got {steps}",
-                              path=f"{prefix}.multistep_steps")
+        steps = params["multistep_steps"]
+        check_multistep(steps, params["multistep_sparsity_levels"], prefix)
         end, end_key = steps[-1], "multistep_steps"
     else:
         end, end_key = params["sparsity_target_epoch"], "sparsity_target_epoch"
@@ -97,20 +90,12 @@ def check_schedule_params(params: dict, prefix: str):
 
 def scheduler_from_params(params: dict) -> LevelScheduler:
     """The level scheduler an algorithm's (validated) schedule keys describe."""
-    common = dict(freeze_epoch=_freeze_epoch(params),
-                  update_per_optimizer_step=params["update_per_optimizer_step"],
-                  steps_per_epoch=params.get("steps_per_epoch"))
-    levels = dict(initial_level=params["sparsity_init"], target_level=params["sparsity_target"],
-                  target_epoch=params["sparsity_target_epoch"])
-    schedule = params["schedule"]
-    if schedule == "polynomial":
-        return PolynomialScheduler(power=params["power"], concave=params["concave"], **levels, **common)
-    if schedule == "exponential":
-        return ExponentialScheduler(**levels, **common)
-    if schedule == "multistep":
-        return MultiStepScheduler(steps=params["multistep_steps"], levels=params["multistep_sparsity_levels"],
-                                  **common)
-    return AdaptiveScheduler(patience=params["patience"], **levels, **common)
+    return build_scheduler(
+        params["schedule"], freeze_epoch=_freeze_epoch(params),
+        update_per_optimizer_step=params["update_per_optimizer_step"], steps_per_epoch=params.get("steps_per_epoch"),
+        initial_level=params["sparsity_init"], target_level=params["sparsity_target"],
+        target_epoch=params["sparsity_target_epoch"], power=params["power"], concave=params["concave"],
+        patience=params["patience"], steps=params["multistep_steps"], levels=params["multistep_sparsity_levels"])
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fxcompress.config import register_algorithm
+from fxcompress.registry import register_algorithm
 
 from .base import SparsityController, SparsityPass
 from .masks import BinaryMask

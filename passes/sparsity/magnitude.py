@@ -16,7 +16,7 @@ import torch
 
 from fxcompress.batchnorm import (BATCHNORM_ADAPTATION_SCHEMA, DEFAULT_NUM_BN_ADAPTATION_SAMPLES,
                                   adapt_batchnorm, average_batchnorm_statistics)
-from fxcompress.config import register_algorithm
+from fxcompress.registry import register_algorithm
 from fxcompress.errors import ConfigError
 
 from .base import (SCHEDULE_DEFAULTS, SCHEDULE_PARAMS, SparseLayer, SparsityController, SparsityPass,

@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from fxcompress.checkpoint import rng_state, set_rng_state
-from fxcompress.config import register_algorithm
+from fxcompress.registry import register_algorithm
 from fxcompress.distributed import broadcast_from_rank0, is_distributed
 
 from .base import (SCHEDULE_DEFAULTS, SCHEDULE_PARAMS, SparseLayer, SparsityController, SparsityPass,
