@@ -116,19 +116,25 @@ def test_minilm_int8_on_padded_batches_with_the_transformer_defaults(attention):
     part = ctrl.parts[0]
     assert part.statistics().summary["model_type"] == "transformer (inferred: Hugging Face model_type 'bert')"
     assert part.statistics().summary["preset"] == "mixed"
+    assert part.smooth_quant_alpha == 0.65  # activation smoothing is a transformer default
     masks = [n for n in gm.graph.nodes if n.meta.get("integer_derived") and n.op != "placeholder"]
     float_masks = [n for n in masks if n.meta.get("dtype") == torch.float32]
     # eager builds an additive float mask (0 / finfo.min); SDPA takes a boolean one
     assert masks and (bool(float_masks) == (attention == "eager"))
     assert not any(is_quantizer_input(n, gm) for n in masks)
     ctrl.initialize(calibration)
+    # the inputs of q/k/v (one per layer) and of both feed-forward layers: every activation quantizer
+    # read only by linear layers (the embeddings' LayerNorm output also feeds a residual add, the
+    # attention output projection reads a reshape)
+    assert part.statistics().summary["smoothed"] == 17
     cosine = _embedding_cosines(model, gm, _padded_batches(tokenizer, EVAL, 5))
     report(f"minilm_int8_padded_{attention}", None, cosine_mean=float(cosine.mean()), cosine_min=float(cosine.min()))
     print(f"all-MiniLM-L6-v2 int8 ({attention}, padded batches, defaults): cosine to fp32 mean "
           f"{cosine.mean():.4f}, min {cosine.min():.4f}")
-    # eager 0.9928 / 0.9905, sdpa 0.9932 / 0.9898 (NNCF 3.4: 0.9974 / 0.9917; the gap is per-tensor
-    # activation ranges on LayerNorm outliers, which SmoothQuant addresses: issue 19)
-    assert cosine.mean() >= 0.99 and cosine.min() >= 0.985, f"{cosine.mean():.4f} / {cosine.min():.4f}"
+    # issue 15's target (NNCF 3.4's 0.9974 / 0.9917). Measured: sdpa 0.9975 / 0.9963, eager
+    # 0.9976 / 0.9966 (0.9932 / 0.9898 and 0.9928 / 0.9905 without activation smoothing);
+    # deterministic (one thread, post-training), so the margin is the method's, not noise
+    assert cosine.mean() >= 0.997 and cosine.min() >= 0.99, f"{cosine.mean():.4f} / {cosine.min():.4f}"
 
 
 def is_quantizer_input(node, gm):

@@ -68,15 +68,29 @@ def test_scales_follow_the_smoothquant_formula():
     smoothing = gm.get_submodule("x_input_smoothing")  # the model input, read by input_proj alone
     x_max = torch.cat(data).abs().amax(dim=(0, 1))
     w_max = model.input_proj.weight.abs().amax(dim=0)
-    expected = (x_max.sqrt() / w_max.sqrt()).detach()
+    raw = (x_max.sqrt() / w_max.sqrt()).detach()
+    # clipped as NNCF's SmoothQuant: up to the 10th percentile of the layer's scales, down to 100
+    expected = raw.clamp(min=float(torch.quantile(raw, 0.1)), max=100.0)
+    assert (expected != raw).any()  # the clipping is exercised: the flattest channels are raised
     torch.testing.assert_close(smoothing.scale, expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(gm.input_proj.weight, model.input_proj.weight * expected, rtol=1e-6, atol=0)
 
 
-def test_off_by_default_and_never_on_convolutions():
+def test_off_by_default_on_for_transformers_and_never_on_convolutions():
     model, data = _model_and_data()
     ctrl, gm = _compile(model, data)
     assert not any(isinstance(m, ActivationSmoothing) for m in gm.modules())
+    # model_type "transformer" (inferred for Hugging Face models) smooths at 0.65; None switches it off
+    ctrl, gm = _compile(model, data, model_type="transformer")
+    assert ctrl.statistics()["quantization"].summary["smoothed"] == 8
+    assert ctrl.quantization.smooth_quant_alpha == 0.65
+    ctrl, gm = _compile(model, data, model_type="transformer", smooth_quant_alpha=None)
+    assert not any(isinstance(m, ActivationSmoothing) for m in gm.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, gm = quantize_post_training(model, data, model_type="transformer", subset_size=16)
+    assert ctrl.statistics()["quantization"].summary["smoothed"] == 8
+    assert ctrl.statistics()["quantization"].summary["preset"] == "mixed"
     cnn = DigitsCNN(seed=0).eval()
     cnn_data = [torch.randn(8, 1, 8, 8)]
     ctrl, gm = _compile(cnn, cnn_data, smooth_quant_alpha=0.5)

@@ -36,9 +36,9 @@ def quantize_post_training(model: torch.nn.Module, calibration_data: Iterable, e
     for the activation ranges and the bias correction. ``quantize_params``: ``Quantize``'s
     arguments (``preset``, ``target_device``, ``ignored_scopes``, ``weights``, ``activations``, ...);
     ``initializer={"range": ...}`` overrides the range settings (its ``num_init_samples`` wins over
-    ``subset_size``). ``model_type="transformer"`` (``nncf.ModelType.TRANSFORMER``) defaults
-    ``smooth_quant_alpha`` to 0.5 (activation smoothing) and ``preset`` to ``"mixed"``. The user's
-    model is never modified.
+    ``subset_size``). ``model_type="transformer"`` (``nncf.ModelType.TRANSFORMER``;
+    inferred for Hugging Face models) picks ``Quantize``'s transformer defaults (``preset="mixed"``,
+    activation smoothing). The user's model is never modified.
     """
     if not isinstance(subset_size, int) or isinstance(subset_size, bool) or subset_size <= 0:
         raise ConfigError(f"quantize_post_training: subset_size must be a positive integer, got {subset_size!r}",
@@ -46,9 +46,8 @@ def quantize_post_training(model: torch.nn.Module, calibration_data: Iterable, e
     if model_type not in (None, "transformer"):
         raise ConfigError(f"quantize_post_training: model_type must be None or 'transformer', got {model_type!r}",
                           path="model_type")
-    if model_type == "transformer":
-        quantize_params.setdefault("smooth_quant_alpha", 0.5)
-        quantize_params.setdefault("preset", "mixed")
+    if model_type is not None:
+        quantize_params["model_type"] = model_type
     initializer = copy.deepcopy(quantize_params.pop("initializer", {}))
     ranges = initializer.setdefault("range", {})
     if isinstance(ranges, dict):

@@ -1,4 +1,4 @@
-"""SmoothQuant-style activation smoothing (``Quantize(smooth_quant_alpha=0.5)``; NNCF's ``SmoothQuant``).
+"""SmoothQuant-style activation smoothing (``Quantize(smooth_quant_alpha=0.65)``; NNCF's ``SmoothQuant``).
 
 Transformer activations have a few channels with far larger values than the rest, and a
 per-tensor activation quantizer spends its range on them. Smoothing divides each channel of
@@ -10,7 +10,10 @@ quantized, where a scaled input column costs less). As SmoothQuant (Xiao et al.,
     s_j = max|X_j| ** alpha / max|W_:,j| ** (1 - alpha)
 
 with ``max|X_j|`` over the calibration data (float model) and ``max|W_:,j|`` over all linear
-layers reading ``X``; ``alpha`` 0.5 is the paper's and NNCF's default for transformers.
+layers reading ``X``, then clipped as NNCF's ``SmoothQuant`` clips them: up to the 10th percentile
+of the layer's scales (the flattest channels are not made larger) and down to 100 (no weight
+column grows more than 100x). The transformer default alpha is 0.65 (``TRANSFORMER_DEFAULTS``,
+docs/transformers.md has the measurements; NNCF's default for linear layers is 0.95).
 
 Where: an activation quantizer whose every consumer is a linear layer with quantized weights
 (the q/k/v projections after a LayerNorm, the feed-forward layers); the compile step inserts an
@@ -37,7 +40,9 @@ from .bias_correction import set_parameter
 
 __all__ = ["ActivationSmoothing", "SmoothingGroup", "insert_smoothing", "smooth"]
 
-_SCALE_LIMITS = (1e-5, 1e5)
+_STATISTIC_FLOOR = 1e-5   # NNCF clips max|X| and max|W| to this before the power
+_SCALE_FLOOR_QUANTILE = 0.1  # NNCF: scales below the layer's 10th percentile are raised to it
+_SCALE_CEILING = 100.0    # NNCF: no channel is divided by more than 100
 
 
 class ActivationSmoothing(nn.Module):
@@ -127,6 +132,15 @@ class AbsMax:
         self.value = amax if self.value is None else torch.maximum(self.value, amax)
 
 
+def smoothing_scales(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-channel ``max|X| ** alpha / max|W| ** (1 - alpha)``, clipped as NNCF clips them; 1 for a channel
+    that is zero in the data or in every weight (nothing to move)."""
+    scale = x_max.clamp_min(_STATISTIC_FLOOR).pow(alpha) / w_max.clamp_min(_STATISTIC_FLOOR).pow(1 - alpha)
+    floor = torch.quantile(scale, _SCALE_FLOOR_QUANTILE)
+    scale = scale.clamp(min=float(floor), max=_SCALE_CEILING)
+    return torch.where((x_max > 0) & (w_max > 0), scale, torch.ones_like(scale))
+
+
 @torch.no_grad()
 def smooth(gm: torch.fx.GraphModule, groups: list[SmoothingGroup], alpha: float, run_float_pass) -> int:
     """Measure, then set every group's scales and weights; returns how many groups were smoothed.
@@ -148,8 +162,7 @@ def smooth(gm: torch.fx.GraphModule, groups: list[SmoothingGroup], alpha: float,
             continue
         weights = [get_attr_value(gm, path) for path in group.weights]
         w_max = torch.stack([w.detach().abs().amax(dim=0) for w in weights]).amax(dim=0).float()
-        scale = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(*_SCALE_LIMITS)
-        scale = torch.where((x_max > 0) & (w_max > 0), scale, torch.ones_like(scale))
+        scale = smoothing_scales(x_max, w_max, alpha)
         module = gm.get_submodule(group.module)
         module.scale.copy_(scale.to(module.scale))
         for path, weight in zip(group.weights, weights):
