@@ -65,9 +65,9 @@ def training_args(folder, **overrides):
     return transformers.TrainingArguments(**values)
 
 
-def trainer_for(folder, compression, *, seed: int = 0, **overrides) -> CompressionTrainer:
+def trainer_for(folder, compression, *, seed: int = 0, examples: int = 48, **overrides) -> CompressionTrainer:
     return CompressionTrainer(model=tiny_bert(seed), args=training_args(folder, **overrides),
-                              train_dataset=TokenRanges(48, seed=1), compression=compression,
+                              train_dataset=TokenRanges(examples, seed=1), compression=compression,
                               example_inputs=example_inputs(), num_init_batches=2)
 
 
@@ -125,19 +125,16 @@ def _assert_same(a, b, path="state"):
         assert a == b, f"{path}: {a!r} != {b!r}"
 
 
-@pytest.mark.parametrize("compression", ["qat", "sparsity_and_qat"])
-def test_resuming_from_a_checkpoint_gives_the_uninterrupted_state_bitwise(tmp_path, compression):
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_state_bitwise(tmp_path):
+    """Sparsity masks and quantizers together, stopped mid-epoch (dropout on: the RNG state matters too)."""
     def passes():
-        quantize = Quantize(bits=8)
-        if compression == "qat":
-            return [quantize]
         return [MagnitudeSparsity(sparsity_target=0.5, sparsity_init=0.1, schedule="polynomial",
-                                  sparsity_target_epoch=3, sparsity_freeze_epoch=4), quantize]
+                                  sparsity_target_epoch=3, sparsity_freeze_epoch=4), Quantize(bits=8)]
 
-    common = dict(max_steps=18, save_strategy="steps", save_steps=9)   # 6 steps per epoch: 3 epochs
+    common = dict(max_steps=12, save_strategy="steps", save_steps=6, examples=32)   # 4 steps per epoch: 3 epochs
     uninterrupted = trainer_for(tmp_path / "a", passes(), **common)
     uninterrupted.train()
-    checkpoint = tmp_path / "a" / "checkpoint-9"
+    checkpoint = tmp_path / "a" / "checkpoint-6"
     assert (checkpoint / COMPRESSION_STATE_NAME).is_file() and (checkpoint / "model.safetensors").is_file()
 
     resumed = trainer_for(tmp_path / "b", passes(), **common)
@@ -147,26 +144,23 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_state_bitwise(tmp_pa
     _assert_same(ctrl_state, resumed_ctrl_state, "ctrl")
     _assert_same(weights, resumed_weights, "weights")
     assert uninterrupted.ctrl.scheduler.current_epoch == 3
-    if compression == "sparsity_and_qat":
-        level = uninterrupted.ctrl.statistics().to_dict()["magnitude_sparsity"]
-        assert level["sparsity_level"] == pytest.approx(0.5)
+    sparsity = uninterrupted.ctrl.statistics().to_dict()["magnitude_sparsity"]
+    assert sparsity["current_target"] == pytest.approx(0.5)
+    assert sparsity["sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_sparsity_config_through_the_trainer_follows_its_schedule(tmp_path):
     config = {"compression": [{"algorithm": "magnitude_sparsity", "sparsity_init": 0.2,
                                "params": {"schedule": "multistep", "multistep_steps": [1, 2],
                                           "multistep_sparsity_levels": [0.2, 0.4, 0.6]}}]}
-    trainer = trainer_for(tmp_path, config, num_train_epochs=2, max_steps=-1)   # 6 steps per epoch
+    trainer = trainer_for(tmp_path, config, num_train_epochs=2, max_steps=-1, examples=32)   # 4 steps per epoch
     trainer.train()
     ctrl = trainer.ctrl
     assert ctrl.scheduler.current_epoch == 2
+    assert ctrl.scheduler.schedulers[0].global_step == 8
     stats = ctrl.statistics().to_dict()["magnitude_sparsity"]
-    assert stats["sparsity_level"] == pytest.approx(0.6)
-    masks = [m for name, m in trainer.model.state_dict().items() if name.endswith("mask")]
-    assert masks
-    zeros = sum(int((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
-    assert zeros == pytest.approx(0.6, abs=0.01)
-    assert logged_losses(trainer)[-1] < logged_losses(trainer)[0]
+    assert stats["current_target"] == pytest.approx(0.6)
+    assert stats["sparsity"] == pytest.approx(0.6, abs=0.01)   # measured on the masks
 
 
 def test_trainer_keeps_the_columns_the_graph_takes_and_computes_the_heads_loss():
