@@ -53,9 +53,9 @@ PHRASES = {
                    ["compiled the kernel from source", "replaced the laptop battery",
                     "configured the cloud storage", "debugged the robot firmware"]),
 }
-SUBJECTS = (["My brother", "The teacher", "Our neighbour", "A student", "The old man", "My friend"],
+SUBJECTS = (["My brother", "The teacher", "Our neighbour", "A student"],
             ["The new manager", "Her cousin", "A tourist"])
-TEMPLATES = (["{s} {p} yesterday.", "{s} {p} last week.", "I think {s_lower} {p}.", "Today {s_lower} {p}."],
+TEMPLATES = (["{s} {p} yesterday.", "I think {s_lower} {p}."],
              ["{s} {p} this morning.", "Apparently {s_lower} {p}."])
 
 
@@ -85,10 +85,10 @@ def accuracy(eval_prediction) -> dict:
     return {"accuracy": float((np.argmax(logits, -1) == labels).mean())}
 
 
-def arguments(folder, epochs: float, lr: float) -> transformers.TrainingArguments:
+def arguments(folder, steps: int, lr: float) -> transformers.TrainingArguments:
     return transformers.TrainingArguments(
-        output_dir=folder, num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=16,
-        per_device_eval_batch_size=32, warmup_steps=5, weight_decay=0.01, logging_steps=10, save_strategy="no",
+        output_dir=folder, max_steps=steps, learning_rate=lr, per_device_train_batch_size=16,
+        per_device_eval_batch_size=32, warmup_steps=2, weight_decay=0.01, logging_steps=4, save_strategy="no",
         report_to=[], seed=0, use_cpu=True, disable_tqdm=True)
 
 
@@ -108,7 +108,12 @@ def runtime_accuracy(onnx_path, dataset, collator, input_names) -> tuple[float, 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="output folder (default: a temporary one)")
+    parser.add_argument("--fp32-steps", type=int, default=16, help="fp32 fine-tuning steps (batch 16)")
+    parser.add_argument("--qat-steps", type=int, default=8, help="int8 QAT steps (batch 16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out or tempfile.mkdtemp(prefix="minilm_qat_")
     torch.manual_seed(0)
     random.seed(0)
@@ -121,7 +126,7 @@ def main():
     print(f"{len(train)} training and {len(test)} test sentences, {len(TOPICS)} topics")
 
     start = time.time()
-    fp32 = transformers.Trainer(model=model, args=arguments(os.path.join(out, "fp32"), 2, 5e-5),
+    fp32 = transformers.Trainer(model=model, args=arguments(os.path.join(out, "fp32"), args.fp32_steps, 1e-4),
                                 train_dataset=train, eval_dataset=test, data_collator=collator,
                                 compute_metrics=accuracy)
     fp32.train()
@@ -131,7 +136,7 @@ def main():
     start = time.time()
     example = dict(tokenizer(["An example sentence.", "Another, longer example sentence."],
                              padding=True, return_tensors="pt"))
-    qat = CompressionTrainer(model=model.eval(), args=arguments(os.path.join(out, "int8"), 1, 2e-5),
+    qat = CompressionTrainer(model=model.eval(), args=arguments(os.path.join(out, "int8"), args.qat_steps, 2e-5),
                              train_dataset=train, eval_dataset=test, data_collator=collator,
                              compute_metrics=accuracy, compression=[Quantize(bits=8)], example_inputs=example,
                              num_init_batches=8, onnx_path=os.path.join(out, "minilm_int8.onnx"))
@@ -145,7 +150,8 @@ def main():
     print(qat.ctrl.statistics()["quantization"].summary)
 
     ort_accuracy, ov_accuracy = runtime_accuracy(qat.onnx_path, test, collator, qat.model.input_names)
-    print(f"exported {qat.onnx_path}: test accuracy ONNX Runtime {ort_accuracy:.4f}, OpenVINO {ov_accuracy:.4f}")
+    print(f"exported {qat.onnx_path}: test accuracy ONNX Runtime {ort_accuracy:.4f}, "
+          f"OpenVINO {ov_accuracy:.4f}")
     print(f"| fp32 | int8 range init | int8 QAT (PyTorch) | ONNX Runtime | OpenVINO |\n"
           f"| {fp32_accuracy:.4f} | {ptq_accuracy:.4f} | {int8_accuracy:.4f} | {ort_accuracy:.4f} | {ov_accuracy:.4f} |")
 

@@ -492,9 +492,8 @@ def _export_program(module, args, kwargs, dynamic_batch: bool, opset_version: in
         if dynamic_batch:
             try:
                 dims = getattr(module, "meta", {}).get("dynamic_dims")
-                program = torch.onnx.export(module, args, kwargs=kwargs or None,
-                                            dynamic_shapes=_dynamic_shapes(args, kwargs, dims, _placeholder_names(module)),
-                                            **common)
+                shapes = _dynamic_shapes(args, kwargs, dims, _placeholder_names(module))
+                program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamic_shapes=shapes, **common)
             except Exception as exc:  # noqa: BLE001 - retried with static shapes, and the user is told
                 what = "dynamic batch and sequence dimensions" if dims else "a dynamic batch dimension"
                 warnings.warn(f"export with {what} failed ({type(exc).__name__}: "

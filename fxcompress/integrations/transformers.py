@@ -109,7 +109,8 @@ class CompressedModel(torch.nn.Module):
         else:
             ctrl, gm = compiled
             if not isinstance(ctrl, CompressionController) or ctrl.gm is not gm:
-                raise ValueError("CompressedModel: `compiled` must be the (ctrl, gm) pair compile_for_compression returned")
+                raise ValueError("CompressedModel: `compiled` must be the (ctrl, gm) pair that "
+                                 "compile_for_compression returned")
         self.gm = gm
         self.ctrl = ctrl
         self.config = getattr(model, "config", None)
@@ -263,7 +264,7 @@ class CompressionTrainer(transformers.Trainer):
 
     # -- training -----------------------------------------------------------
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is None and self.num_init_batches:
+        if not resume_from_checkpoint and self.num_init_batches:   # None or False: a fresh run
             self.initialize_compression()
         result = super().train(resume_from_checkpoint, *args, **kwargs)
         if self.onnx_path:
