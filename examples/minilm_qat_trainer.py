@@ -135,7 +135,8 @@ def main():
                                 train_dataset=train, eval_dataset=test, data_collator=collator,
                                 compute_metrics=accuracy)
     fp32.train()
-    fp32_accuracy = fp32.evaluate()["eval_accuracy"]
+    fp32_eval = fp32.evaluate()
+    fp32_accuracy = fp32_eval["eval_accuracy"]
     print(f"fp32 fine-tuning: {time.time() - start:.0f} s, test accuracy {fp32_accuracy:.4f}")
 
     start = time.time()
@@ -146,10 +147,12 @@ def main():
                              compute_metrics=accuracy, compression=[Quantize(bits=8)], example_inputs=example,
                              num_init_batches=8, onnx_path=os.path.join(out, "minilm_int8.onnx"))
     qat.initialize_compression()
-    ptq_accuracy = qat.evaluate()["eval_accuracy"]
+    ptq_eval = qat.evaluate()
+    ptq_accuracy = ptq_eval["eval_accuracy"]
     qat.num_init_batches = 0   # initialized just above
     qat.train()
-    int8_accuracy = qat.evaluate()["eval_accuracy"]
+    int8_eval = qat.evaluate()
+    int8_accuracy = int8_eval["eval_accuracy"]
     print(f"int8 QAT: {time.time() - start:.0f} s; test accuracy after range init {ptq_accuracy:.4f}, "
           f"after QAT {int8_accuracy:.4f}")
     print(qat.ctrl.statistics()["quantization"].summary)
@@ -157,8 +160,10 @@ def main():
     torch_accuracy, ort_accuracy, ov_accuracy = runtime_accuracy(qat.onnx_path, test, collator, qat.model)
     print(f"exported {qat.onnx_path}: test accuracy in batches of 7: PyTorch (fake-quantized) "
           f"{torch_accuracy:.4f}, ONNX Runtime {ort_accuracy:.4f}, OpenVINO {ov_accuracy:.4f}")
-    print(f"| fp32 | int8 range init | int8 QAT | exported, ONNX Runtime | exported, OpenVINO |\n"
-          f"| {fp32_accuracy:.4f} | {ptq_accuracy:.4f} | {int8_accuracy:.4f} | {ort_accuracy:.4f} | {ov_accuracy:.4f} |")
+    print(f"| | fp32 | int8 range init | int8 QAT | exported, ONNX Runtime | exported, OpenVINO |\n"
+          f"| test accuracy | {fp32_accuracy:.4f} | {ptq_accuracy:.4f} | {int8_accuracy:.4f} | {ort_accuracy:.4f} "
+          f"| {ov_accuracy:.4f} |\n"
+          f"| test loss | {fp32_eval['eval_loss']:.4f} | {ptq_eval['eval_loss']:.4f} | {int8_eval['eval_loss']:.4f} | | |")
 
 
 if __name__ == "__main__":
