@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -184,10 +184,11 @@ _register_training_op_translation()
 # export_onnx
 # ---------------------------------------------------------------------------
 
-def _dynamic_shapes(args: tuple, kwargs: dict, dims: dict | None = None):
+def _dynamic_shapes(args: tuple, kwargs: dict, dims: dict | None = None, arg_names: Sequence[str] = ()):
     """Dynamic batch for every input; with ``dims`` (``gm.meta["dynamic_dims"]`` of a traced
     Hugging Face model: ``{"input_ids": {0: "batch", 1: "sequence"}}``) the named dimensions of
-    each input, one ``Dim`` per name."""
+    each input, one ``Dim`` per name. ``arg_names`` name the positional inputs (the graph's
+    placeholders), so positional token ids get their sequence axis too."""
     named: dict[str, torch.export.Dim] = {}
 
     def dim(name):
@@ -202,10 +203,16 @@ def _dynamic_shapes(args: tuple, kwargs: dict, dims: dict | None = None):
             return type(value)(spec(v) for v in value)
         return None
 
+    positional = tuple(spec(a, n) for a, n in zip(args, list(arg_names) + [None] * len(args)))
     if kwargs:
         return {k: spec(v, k) for k, v in kwargs.items()} if not args else \
-            tuple(spec(a) for a in args) + tuple(spec(v, k) for k, v in kwargs.items())
-    return tuple(spec(a) for a in args)
+            positional + tuple(spec(v, k) for k, v in kwargs.items())
+    return positional
+
+
+def _placeholder_names(module) -> list[str]:
+    graph = getattr(module, "graph", None)
+    return [n.target for n in graph.nodes if n.op == "placeholder"] if graph is not None else []
 
 
 _NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -485,8 +492,8 @@ def _export_program(module, args, kwargs, dynamic_batch: bool, opset_version: in
         if dynamic_batch:
             try:
                 dims = getattr(module, "meta", {}).get("dynamic_dims")
-                program = torch.onnx.export(module, args, kwargs=kwargs or None,
-                                            dynamic_shapes=_dynamic_shapes(args, kwargs, dims), **common)
+                shapes = _dynamic_shapes(args, kwargs, dims, _placeholder_names(module))
+                program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamic_shapes=shapes, **common)
             except Exception as exc:  # noqa: BLE001 - retried with static shapes, and the user is told
                 what = "dynamic batch and sequence dimensions" if dims else "a dynamic batch dimension"
                 warnings.warn(f"export with {what} failed ({type(exc).__name__}: "
