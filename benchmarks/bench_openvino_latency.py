@@ -212,6 +212,8 @@ def print_report(results: dict):
           + ", ".join(f"{k}: {a}/{b}" for k, (a, b) in results["integer_layers"].items() if k != "fp32"))
     for name, counts in results.get("runtime_graph", {}).items():
         print(f"\nruntime graph, {name}:")
+        if not counts:
+            print("  none")
         for key, value in (counts.items() if isinstance(counts, dict) else enumerate(counts)):
             print(f"  {key}: {value}")
     print("\n| batch | configuration | median ms | spread (min-max) ms | speed-up vs fp32 (default) |")
