@@ -19,6 +19,8 @@ reference backend too (subprocess with ``FXCOMPRESS_OPS_BACKEND=reference``).
     .venv/bin/python benchmarks/bench_qat_step.py                         # ResNet-18 eager, ~2 min
     .venv/bin/python benchmarks/bench_qat_step.py --model resnet_tiny --compile --threads 1
     .venv/bin/python benchmarks/bench_qat_step.py --model tiny_bert --compile --threads 1
+    NNCF_EXTENSION_LOAD_TIMEOUT=0 PYTHONPATH=. /tmp/perf/nncfvenv/bin/python benchmarks/bench_qat_step.py \
+        --model resnet_tiny --nncf --threads 1                  # NNCF 3.4's QAT step side by side
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import use_this_checkout  # noqa: E402
+
+use_this_checkout()
 
 import fxcompress.ops  # noqa: E402
 from fxcompress import compile_for_compression  # noqa: E402
@@ -69,6 +74,15 @@ def graph_breaks(module, x) -> tuple[int, int, list[str]]:
     return explained.graph_count, explained.graph_break_count, [str(r.reason) for r in explained.break_reasons]
 
 
+def nncf_qat(model, x):
+    """NNCF 3.x's QAT model (``nncf.quantize`` of the torch model, then trained as is), eager."""
+    import nncf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = nncf.quantize(copy.deepcopy(model).eval(), nncf.Dataset([x]), subset_size=1).train()
+    return quantized, quantized, None
+
+
 def measure(args) -> dict:
     model, x, y = model_and_batch(args)
     fp32 = copy.deepcopy(model).train()
@@ -80,6 +94,8 @@ def measure(args) -> dict:
     out = {"backend": fxcompress.ops.backend(), "threads": torch.get_num_threads(), "model": args.model,
            "input": list(x.shape)}
     runs = {"fp32 eager": (fp32, fp32, None), "int8 QAT eager": (qat, qat, ctrl)}
+    if args.nncf:
+        runs["NNCF int8 QAT eager"] = nncf_qat(model, x)
     if args.compile:
         out["dynamo"] = {name: graph_breaks(m, x) for name, m in (("fp32", fp32), ("int8 QAT", qat))}
         torch._dynamo.reset()
@@ -143,6 +159,7 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    parser.add_argument("--nncf", action="store_true", help="also time NNCF's QAT model (eager; run in its venv)")
     parser.add_argument("--compare-reference", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = parser.parse_args()
