@@ -1,15 +1,26 @@
-"""QAT training step time against the fp32 step, ResNet-18-shaped network, CPU.
+"""QAT training step time against the fp32 step, eager and under ``torch.compile``, CPU.
 
-One run, interleaved rounds: an SGD step (forward, cross-entropy, backward,
-update) of the eager fp32 model, then of the int8 QAT graph
-(``compile_for_compression(model, [Quantize(bits=8)])`` after range init), ...;
-medians compared. The fake-quantize kernel is the op library's active backend
-(``fxcompress.ops.backend()``: compiled C++ or the PyTorch reference), printed
-with the figures; ``--compare-reference`` measures the reference backend too
-(in a subprocess with ``FXCOMPRESS_OPS_BACKEND=reference``).
+One run, interleaved rounds (A B A B ...): a training step (zero_grad, forward,
+cross-entropy + ``ctrl.loss()``, backward, SGD update; the optimizer runs eagerly) of
 
-    .venv/bin/python benchmarks/bench_qat_step.py                 # ~2 min on 2 cores
-    .venv/bin/python benchmarks/bench_qat_step.py --compare-reference
+- the fp32 model, eager and (``--compile``) ``torch.compile``'d;
+- the int8 QAT graph (``compile_for_compression(model, [Quantize(bits=8)])`` after range
+  init), eager and (``--compile``) ``torch.compile``'d,
+
+medians and spread (min-max over rounds) compared; ratios to the fp32 eager and fp32 compiled
+steps. Models: ``resnet18`` (resnet18_like(10, 64), default 112x112), ``resnet_tiny``
+(ResNetTiny width 16 at 32x32) and ``tiny_bert`` (TransformerEncoderTiny: 2 post-LN layers, 64 wide,
+4 heads, GELU FFN 256, sequence 32: a MiniLM-shaped encoder). With ``--compile`` the script
+first checks with ``torch._dynamo.explain`` that the QAT graph compiles to one graph (no graph
+breaks) and prints the backend's first-step (compile) time. The fake-quantize kernel is the op
+library's active backend (``fxcompress.ops.backend()``); ``--compare-reference`` measures the
+reference backend too (subprocess with ``FXCOMPRESS_OPS_BACKEND=reference``).
+
+    .venv/bin/python benchmarks/bench_qat_step.py                         # ResNet-18 eager, ~2 min
+    .venv/bin/python benchmarks/bench_qat_step.py --model resnet_tiny --compile --threads 1
+    .venv/bin/python benchmarks/bench_qat_step.py --model tiny_bert --compile --threads 1
+    NNCF_EXTENSION_LOAD_TIMEOUT=0 PYTHONPATH=. /tmp/perf/nncfvenv/bin/python benchmarks/bench_qat_step.py \
+        --model resnet_tiny --nncf --threads 1                  # NNCF 3.4's QAT step side by side
 """
 from __future__ import annotations
 
@@ -27,92 +38,145 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import use_this_checkout  # noqa: E402
+
+use_this_checkout()
 
 import fxcompress.ops  # noqa: E402
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
-from fxcompress.testing import resnet18_like  # noqa: E402
+from fxcompress.testing import ResNetTiny, TransformerEncoderTiny, resnet18_like  # noqa: E402
+
+
+def model_and_batch(args):
+    """(model, input, labels, classes) of ``args.model``."""
+    torch.manual_seed(0)
+    if args.model == "tiny_bert":
+        model = TransformerEncoderTiny(num_classes=4, dim=64, num_heads=4, ff_dim=256, num_layers=2, seq_len=32,
+                                       max_len=64, dropout=0.0)
+        x, classes = model.example_input(batch=args.batch or 16), 4
+    elif args.model == "resnet_tiny":
+        model, classes = ResNetTiny(num_classes=10, width=16, seed=0), 10
+        size = args.size or 32
+        x = torch.randn(args.batch or 32, 3, size, size)
+    else:
+        model, classes = resnet18_like(num_classes=10, width=args.width), 10
+        size = args.size or 112
+        x = torch.randn(args.batch or 8, 3, size, size)
+    return model, x, torch.randint(0, classes, (x.shape[0],))
+
+
+def graph_breaks(module, x) -> tuple[int, int, list[str]]:
+    """(graphs, graph breaks, reasons) of ``module(x)`` under dynamo."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(module)(x)
+    return explained.graph_count, explained.graph_break_count, [str(r.reason) for r in explained.break_reasons]
+
+
+def nncf_qat(model, x):
+    """NNCF 3.x's QAT model (``nncf.quantize`` of the torch model, then trained as is), eager."""
+    import nncf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = nncf.quantize(copy.deepcopy(model).eval(), nncf.Dataset([x]), subset_size=1).train()
+    return quantized, quantized, None
 
 
 def measure(args) -> dict:
-    torch.manual_seed(0)
-    model = resnet18_like(num_classes=10, width=args.width)
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    y = torch.randint(0, 10, (args.batch,))
-
+    model, x, y = model_and_batch(args)
     fp32 = copy.deepcopy(model).train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ctrl, qat = compile_for_compression(copy.deepcopy(model), [Quantize(bits=8)], example_inputs=(x[:1],))
-        ctrl.initialize([x[: max(1, args.batch // 2)]])
+        ctrl, qat = compile_for_compression(copy.deepcopy(model), [Quantize(bits=8)], example_inputs=(x[:2],))
+        ctrl.initialize([x])
     qat.train()
-    runs = {"fp32": (fp32, None), "int8 QAT": (qat, ctrl)}
-    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, (m, _) in runs.items()}
+    out = {"backend": fxcompress.ops.backend(), "threads": torch.get_num_threads(), "model": args.model,
+           "input": list(x.shape)}
+    runs = {"fp32 eager": (fp32, fp32, None), "int8 QAT eager": (qat, qat, ctrl)}
+    if args.nncf:
+        runs["NNCF int8 QAT eager"] = nncf_qat(model, x)
+    if args.compile:
+        out["dynamo"] = {name: graph_breaks(m, x) for name, m in (("fp32", fp32), ("int8 QAT", qat))}
+        torch._dynamo.reset()
+        runs["fp32 compiled"] = (fp32, torch.compile(fp32, backend=args.backend), None)
+        runs["int8 QAT compiled"] = (qat, torch.compile(qat, backend=args.backend), ctrl)
+    optimizers = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, (m, _, _) in runs.items()}
 
     def step(name):
-        module, controller = runs[name]
+        _, call, controller = runs[name]
         opt = optimizers[name]
-        start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(module(x), y)
+        loss = F.cross_entropy(call(x), y)
         if controller is not None:
             loss = loss + controller.loss()
-            loss.backward()
-            opt.step()
+        loss.backward()
+        opt.step()
+        if controller is not None:
             controller.scheduler.step()
-        else:
-            loss.backward()
-            opt.step()
-        return time.perf_counter() - start
 
-    for name in runs:  # warm-up
+    out["first_step_s"] = {}
+    for name in runs:  # warm-up; the compiled configurations compile here
+        start = time.perf_counter()
+        step(name)
+        out["first_step_s"][name] = time.perf_counter() - start
         step(name)
     times = {name: [] for name in runs}
     for _ in range(args.rounds):
         for name in runs:
+            start = time.perf_counter()
             for _ in range(args.steps_per_round):
-                times[name].append(step(name))
-    medians = {k: statistics.median(v) for k, v in times.items()}
-    return {"backend": fxcompress.ops.backend(), "threads": torch.get_num_threads(),
-            "batch": args.batch, "size": args.size, "width": args.width,
-            "step_ms": {k: 1000 * v for k, v in medians.items()},
-            "ratio": medians["int8 QAT"] / medians["fp32"]}
+                step(name)
+            times[name].append((time.perf_counter() - start) / args.steps_per_round)
+    out["step_ms"] = {k: [1000 * t for t in v] for k, v in times.items()}
+    return out
+
+
+def print_report(r: dict):
+    print(f"\n{r['model']}, input {r['input']}, SGD step, {r['threads']} thread(s), "
+          f"fake-quantize backend {r['backend']}")
+    for name, (graphs, breaks, reasons) in r.get("dynamo", {}).items():
+        print(f"torch._dynamo.explain, {name}: {graphs} graph(s), {breaks} graph break(s) {reasons or ''}")
+    print("first step (compiles) s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["first_step_s"].items()))
+    steps = r["step_ms"]
+    median = {k: statistics.median(v) for k, v in steps.items()}
+    print("\n| configuration | median ms | spread ms | vs fp32 eager | vs fp32 compiled |")
+    print("|---|---|---|---|---|")
+    for k, v in steps.items():
+        vs_compiled = f"{median[k] / median['fp32 compiled']:.2f}x" if "fp32 compiled" in median else "-"
+        print(f"| {k} | {median[k]:.1f} | {min(v):.1f}-{max(v):.1f} | {median[k] / median['fp32 eager']:.2f}x | "
+              f"{vs_compiled} |")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--model", choices=["resnet18", "resnet_tiny", "tiny_bert"], default="resnet18")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--width", type=int, default=64, help="resnet18's base width")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend")
+    parser.add_argument("--nncf", action="store_true", help="also time NNCF's QAT model (eager; run in its venv)")
     parser.add_argument("--compare-reference", action="store_true")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     results = [measure(args)]
     if args.compare_reference and results[0]["backend"] != "reference":
-        cmd = [sys.executable, __file__, "--json"] + [f"--{k.replace('_', '-')}={v}" for k, v in
-                                                      (("batch", args.batch), ("size", args.size),
-                                                       ("width", args.width), ("rounds", args.rounds),
-                                                       ("steps_per_round", args.steps_per_round))]
+        cmd = [sys.executable, __file__, "--json"] + [a for a in sys.argv[1:] if a != "--compare-reference"]
         env = {**os.environ, "FXCOMPRESS_OPS_BACKEND": "reference"}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps(results[0]))
         return
-    r = results[0]
-    print(f"\nResNet-18 (resnet18_like(10, {r['width']})), batch {r['batch']}, {r['size']}x{r['size']}, "
-          f"SGD step, {r['threads']} threads")
-    print("\n| fake-quantize backend | fp32 step ms | int8 QAT step ms | QAT / fp32 |")
-    print("|---|---|---|---|")
     for r in results:
-        print(f"| {r['backend']} | {r['step_ms']['fp32']:.0f} | {r['step_ms']['int8 QAT']:.0f} | "
-              f"{r['ratio']:.2f}x |")
+        print_report(r)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(os.cpu_count() or 2)
     main()

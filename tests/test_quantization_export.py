@@ -319,3 +319,44 @@ def test_unlowered_graph_exports_the_same_qdq(tmp_path):
         expected = gm(x).numpy()
     assert abs(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0] - expected).max() \
         <= activation_step(gm)
+
+
+def test_signed_activations_read_by_convs_and_adds_are_int8_in_the_file(tmp_path):
+    """ResNet's residual-add inputs that are not after a ReLU (the second conv of a block, the
+    downsample branch) and the model input are signed: written int8 (zero point 0) where only
+    Conv/Add read them, as NNCF writes them (OpenVINO then compiles the same runtime graph), and
+    uint8 (zero point + 128) where a shape op follows (ONNX Runtime's default session,
+    docs/export.md). The file loads in ONNX Runtime's default session."""
+    import warnings
+
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from fxcompress import compile_for_compression
+    from fxcompress.passes import Quantize
+    from fxcompress.testing import ResNetTiny
+
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, _ = compile_for_compression(ResNetTiny(num_classes=10, width=8, seed=0), [Quantize(bits=8)],
+                                          example_inputs=(x,), copy=True)
+        ctrl.initialize([x])
+        path = ctrl.export_onnx(tmp_path / "resnet_tiny.onnx")
+    model = onnx.load(path)
+    zero_points = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    readers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    forms = []
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        zp = zero_points[q.input[2]]
+        consumers = {c.op_type for dq in readers[q.output[0]] for c in readers.get(dq.output[0], [])}
+        forms.append((str(zp.dtype), int(zp.flat[0]), consumers))
+    signed = [f for f in forms if f[0] == "int8"]
+    assert signed and all(zp == 0 and consumers <= {"Conv", "Add"} for _, zp, consumers in signed), forms
+    assert any("Add" in consumers for _, _, consumers in signed)  # a residual input
+    assert all(dtype == "uint8" for dtype, _, consumers in forms if consumers - {"Conv", "Add", "MatMul"})
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].shape == (4, 10)

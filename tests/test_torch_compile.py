@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from fxcompress import compile_for_compression
 from fxcompress.passes import MagnitudeSparsity, Quantize
-from fxcompress.testing import DigitsCNN
+from fxcompress.quantizers import FakeQuantizer
+from fxcompress.testing import DigitsCNN, ResNetTiny, TransformerEncoderTiny
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.backends.debugging import aot_eager  # noqa: E402
@@ -61,3 +62,35 @@ def test_compressed_graph_compiles_to_one_graph_with_eager_numerics():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
         scale_grads += "quantizer" in name and bool(b.abs().sum() > 0)
     assert scale_grads > 0  # the learnable ranges get gradients through the compiled graph too
+
+
+def _qat_graph(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctrl, gm = compile_for_compression(model, [Quantize(bits=8)], example_inputs=(x,), copy=True)
+    ctrl.initialize([x])
+    return gm.train()
+
+
+@pytest.mark.parametrize("name", ["resnet", "transformer"])
+def test_qat_graph_has_no_graph_breaks_and_keeps_every_quantizer_as_one_op(name):
+    """The graphs bench_qat_step.py times under Inductor: a residual CNN (BN, residual adds) and a
+    post-LN encoder (attention matmuls, softmax, GELU, LayerNorm, signed and unsigned quantizers).
+    Each quantizer must stay one ``fxcompress::fake_quantize`` call inside the single graph: a
+    Python-level fallback (a decomposition, a ``.item()``, a branch on a value) would show as a
+    graph break or as missing op calls."""
+    torch.manual_seed(0)
+    if name == "resnet":
+        model, x = ResNetTiny(num_classes=10, width=8, seed=0), torch.randn(4, 3, 16, 16)
+    else:
+        model = TransformerEncoderTiny(num_classes=4, dim=16, num_heads=2, ff_dim=32, num_layers=1, dropout=0.0)
+        x = model.example_input(batch=4)
+    gm = _qat_graph(model, x)
+    quantizers = [m for m in gm.modules() if isinstance(m, FakeQuantizer) and m.enabled]
+    dynamo.reset()
+    explained = dynamo.explain(gm)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    fake_quantize = torch.ops.fxcompress.fake_quantize
+    calls = [n for n in explained.graphs[0].graph.nodes
+             if n.op == "call_function" and n.target in (fake_quantize, fake_quantize.default)]
+    assert len(quantizers) > 4 and len(calls) == len(quantizers)

@@ -336,6 +336,17 @@ def _feeds_only_activation_matmuls(gm, node: torch.fx.Node) -> bool:
     return bool(consumers) and all(op_kind(c, gm) in _SIGNED_CONSUMERS for c in consumers)
 
 
+# Consumers that read an int8 activation QDQ directly in both runtimes: ONNX Runtime loads it
+# (shape ops are what break its default session) and OpenVINO compiles a residual Add's signed
+# input or a conv's signed input as i8 (NNCF's form), where a uint8 grid with zero point 128
+# compiles as u8 with a zero-point shift (docs/export.md, "runtime graph against NNCF's").
+_INT8_READERS = frozenset({Kind.conv, Kind.add})
+
+
+def _read_only_by_convs_and_adds(node: torch.fx.Node, gm) -> bool:
+    return bool(node.users) and all(op_kind(u, gm) in _INT8_READERS for u in node.users)
+
+
 def _requantize_after_shape_ops(gm: torch.fx.GraphModule, qdq: torch.fx.Node):
     """Give the consumers behind shape ops their own int8 QDQ; the shape ops read the same grid as uint8.
 
@@ -419,12 +430,14 @@ class LowerQuantizers(Pass):
         qmin, qmax = quantizer.quant_min, quantizer.quant_max
         scale = quantizer.effective_scale().detach().to(torch.float32).reshape(-1)
         zero_point = quantizer.zero_point.detach().round()
-        if qmin < 0 and not (quantizer.axis is None and _feeds_only_activation_matmuls(gm, node)):
+        if qmin < 0 and not (quantizer.axis is None and (_feeds_only_activation_matmuls(gm, node)
+                                                         or _read_only_by_convs_and_adds(node, gm))):
             # A signed grid written as uint8, every integer shifted by 128 (a symmetric int8
             # activation is uint8 with zero point 128): the same values, and the form ONNX
             # Runtime's own quantization tool writes. int8 activations next to shape ops break
             # ORT's default session (docs/export.md, "ONNX Runtime"). Operands of activation
-            # matmuls / attention stay int8: OpenVINO runs those in int8 only with signed inputs.
+            # matmuls / attention stay int8: OpenVINO runs those in int8 only with signed inputs;
+            # so do inputs read only by convs and residual adds (OpenVINO then compiles NNCF's graph).
             qmin, qmax, zero_point = qmin + SIGNED_TO_UNSIGNED, qmax + SIGNED_TO_UNSIGNED, \
                 zero_point + SIGNED_TO_UNSIGNED
         dtype = storage_dtype(qmin, qmax)
