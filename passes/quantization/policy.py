@@ -163,6 +163,7 @@ class QuantizationSettings:
     overflow_fix: str            # "enable" | "disable" | "first_layer_only"
     quantize_inputs: bool
     quantize_outputs: bool
+    quantize_attention: bool = True   # matmuls of two activations and scaled_dot_product_attention
 
     def override_for(self, group: str, scopes: tuple) -> dict:
         """Merged values of the overrides matching any of ``scopes`` (module paths or fx nodes; later
@@ -528,6 +529,12 @@ class _Planner:
             if len(inputs) > 1 and not all(x is not None and x in self.dynamic and _is_float_tensor(x)
                                            for x in resolved):
                 return  # a bias add / scaling by a constant: not an integer op
+            if kind is Kind.matmul and len(inputs) > 1 and not self.settings.quantize_attention:
+                self.skip(scope, f"{rule.reason}: a matmul of two activations and quantize_attention is false")
+                return
+        if kind is Kind.attention and not self.settings.quantize_attention:
+            self.skip(scope, f"{rule.reason}: quantize_attention is false")
+            return
         if rule.skip_if_feeding and _only_feeds(node, self.gm, rule.skip_if_feeding, kind):
             self.skip(scope, f"{rule.reason}: its result only feeds {'/'.join(sorted(k.name for k in rule.skip_if_feeding))} "
                              f"(directly or through {kind.name}s), which run in float")
