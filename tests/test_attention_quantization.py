@@ -145,5 +145,5 @@ def test_quantize_attention_false_leaves_attention_in_float():
     quantizers = [n for n, m in gm.named_modules() if isinstance(m, FakeQuantizer)]
     assert all("attention" not in n for n in quantizers), quantizers
     skipped = ctrl.parts[0].statistics().to_dict()["skipped"]
-    assert {"scope": "scaled_dot_product_attention", "reason": "attention q/k/v: quantize_attention is false"} \
-        in skipped, skipped
+    assert {"scope": "scaled_dot_product_attention", "reason": "scaled_dot_product_attention left fused "
+            "(quantize_attention is false): its matmuls run in float"} in skipped, skipped

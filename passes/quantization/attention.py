@@ -59,18 +59,20 @@ def _why_not(args: dict) -> str | None:
     return None
 
 
-def decompose_attention(gm: torch.fx.GraphModule, inserted_by: str) -> tuple[list[str], list[dict]]:
+def decompose_attention(gm: torch.fx.GraphModule, inserted_by: str, enabled: bool = True
+                        ) -> tuple[list[str], list[dict]]:
     """Rewrite every ``scaled_dot_product_attention`` call of ``gm`` into matmul/softmax/matmul.
 
-    Returns the names of the calls rewritten and ``{"scope", "reason"}`` for those left fused. The new
-    nodes carry the call's metadata (module path, shapes, dtypes), so planning can run right after.
+    Returns the names of the calls rewritten and ``{"scope", "reason"}`` for those left fused (all of
+    them when not ``enabled``: ``quantize_attention=False``). The new nodes carry the call's metadata
+    (module path, shapes, dtypes), so planning can run right after.
     """
     done, skipped = [], []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or op_kind(node, gm) is not Kind.attention:
             continue
         args = _sdpa_args(node)
-        reason = _why_not(args)
+        reason = _why_not(args) if enabled else "quantize_attention is false"
         if reason is not None:
             skipped.append({"scope": node.meta.get("module_path") or node.name,
                             "reason": f"scaled_dot_product_attention left fused ({reason}): its matmuls run in float"})

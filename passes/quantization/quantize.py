@@ -302,7 +302,7 @@ class Quantize(CompressionPass):
         self._validate_all_scopes(gm, settings)
         snapshot = GraphSnapshot(gm)
         functionalize_weighted(gm)
-        fused_attention = decompose_attention(gm, self.name)[1] if settings.quantize_attention else []
+        fused_attention = decompose_attention(gm, self.name, enabled=settings.quantize_attention)[1]
         folded = fold_batch_norms(gm, self.selects) if self.params["fold_bn"] else []
         ops = weighted_ops(gm)
         plan = plan_quantization(gm, ops, settings, self.selects)
