@@ -114,7 +114,7 @@ QUANTIZATION_SCHEMA = {
         "quantize_outputs": {"type": "boolean"},
         # fxcompress extension: quantizers on both inputs of matmuls of two activations (attention's
         # Q·Kᵀ and softmax·V; scaled_dot_product_attention decomposed into them), which OpenVINO then
-        # runs in integers (docs/transformers.md, "Int8 attention"); NNCF leaves them in float
+        # runs in integers (docs/transformers.md, "Int8 attention")
         "quantize_attention": {"type": "boolean"},
         "fold_bn": {"type": "boolean"},
         "learnable_ranges": {"type": "boolean"},
