@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_quantization_minilm import CALIBRATION, EVAL, mean_pool  # noqa: E402
-from timing import interleaved_medians  # noqa: E402
+import statistics  # noqa: E402
+
+from timing import interleaved_times  # noqa: E402
 
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.export import export_onnx  # noqa: E402
@@ -168,12 +170,14 @@ def main():
         for batch, length in [(1, 128), (8, 128)]:
             feed = {k: v.numpy() for k, v in tokens(tokenizer, batch, length).items()}
             requests = {name: m.create_infer_request() for name, m in models.items()}
-            medians = interleaved_medians({name: (lambda r=r: r.infer(feed)) for name, r in requests.items()},
-                                          rounds=args.rounds, repeats=3)
-            print(f"  OpenVINO latency {batch}x{length} (one thread, medians of {args.rounds} round-robin rounds): "
-                  + "; ".join(f"{name} {t * 1e3:.1f} ms" + ("" if name == "fp32" else
-                                                            f" ({medians['fp32'] / t:.2f}x)")
-                              for name, t in medians.items()))
+            times = interleaved_times({name: (lambda r=r: r.infer(feed)) for name, r in requests.items()},
+                                      rounds=args.rounds, repeats=3)
+            medians = {name: statistics.median(t) for name, t in times.items()}
+            print(f"  OpenVINO latency {batch}x{length} (one thread, median [min-max] of {args.rounds} round-robin "
+                  "rounds): " + "; ".join(
+                      f"{name} {medians[name] * 1e3:.1f} ms [{min(t) * 1e3:.0f}-{max(t) * 1e3:.0f}]"
+                      + ("" if name == "fp32" else f" ({medians['fp32'] / medians[name]:.2f}x)")
+                      for name, t in times.items()))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ from fxcompress.testing import DigitsCNN, ResNetTiny
 
 def interleaved_medians(calls: dict, rounds: int, repeats: int, warmup: int = 2) -> dict:
     """Median seconds per call of each zero-argument callable, timed round robin."""
+    return {name: statistics.median(t) for name, t in interleaved_times(calls, rounds, repeats, warmup).items()}
+
+
+def interleaved_times(calls: dict, rounds: int, repeats: int, warmup: int = 2) -> dict:
+    """Seconds per call of each zero-argument callable in every round, timed round robin."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -30,7 +35,7 @@ def interleaved_medians(calls: dict, rounds: int, repeats: int, warmup: int = 2)
             for _ in range(repeats):
                 call()
             times[name].append((time.perf_counter() - start) / repeats)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
 def training_model(model_name: str):
