@@ -23,7 +23,7 @@ from fxcompress.quantizers import FakeQuantizer
 B, H, S, D = 2, 2, 16, 8
 
 
-def _attention_onnx(q_dtype, probs_dtype, v_dtype) -> "onnx.ModelProto":
+def _attention_onnx(q_dtype, probs_dtype, v_dtype):
     """softmax(q·kᵀ · scale + mask)·v on [b, H, s, D] inputs; a dtype of None leaves that input float."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
