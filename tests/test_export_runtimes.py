@@ -294,7 +294,8 @@ class _BertEncoder(torch.nn.Module):
         return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+# eager attention's matmuls are also covered by test_transformer_loads_and_runs_attention_matmuls_in_int8
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("eager", marks=pytest.mark.slow)])
 def test_bert_attention_matmuls_run_in_int8_in_openvino(attention, tmp_path):
     """Both attention matmuls of every layer run in integers in OpenVINO, with SDPA and eager
     attention and a padded batch (the additive mask joins the scores in float), and the export
