@@ -15,6 +15,8 @@ Exports take seconds each: the CI profile runs a few examples, ``-m slow`` many 
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import pytest
@@ -71,7 +73,7 @@ def check_export_everywhere(model, inputs, folder, *, int8_layers=None, passes=(
     g = torch.Generator().manual_seed(1)
     batches = [tuple(torch.randn(x.shape, generator=g) if x.is_floating_point() else x for x in inputs)
                for _ in range(2)]
-    ctrl.initialize([inputs, *batches])
+    ctrl.initialize([(batch,) for batch in (inputs, *batches)])  # (model inputs,): several inputs fit too
     gm.eval()
     path = ctrl.export_onnx(folder / "model.onnx")
     numpy_inputs = [x.numpy() for x in inputs]
@@ -270,15 +272,48 @@ def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path)
 
 # -- property: random deployment-style models --------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="issue 15: with symbolic sequence sizes the attention matmuls of "
-                          "GPT-2 run in f32 in OpenVINO (quantizers sit before the size-computed reshapes)")
 def test_gpt2_attention_matmuls_run_in_int8_in_openvino(tmp_path):
+    """GPT-2's SDPA attention (transformers' default) is decomposed into matmul/softmax/matmul at
+    compile time: OpenVINO runs Q·Kᵀ in i8 x i8 and softmax·V in u8 x i8 (docs/transformers.md)."""
     transformers = pytest.importorskip("transformers")
     decoder, ids = _tiny_gpt2_decoder(transformers)
     _, _, report = check_export_everywhere(decoder, (ids,), tmp_path)
     matmuls = [layer for layer in report.layers if layer.layer_type == "MatMul"]
-    assert len(matmuls) == 2 and all(layer.integer for layer in matmuls), report.layers
+    assert [layer.input_types[:2] for layer in matmuls] == [["i8", "i8"], ["u8", "i8"]], report
+    assert all(layer.integer for layer in report.layers), report
+
+
+class _BertEncoder(torch.nn.Module):
+    """BERT's last hidden state from token ids and a 0/1 attention mask."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, ids, mask):
+        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+# eager attention's matmuls are also covered by test_transformer_loads_and_runs_attention_matmuls_in_int8
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("eager", marks=pytest.mark.slow)])
+def test_bert_attention_matmuls_run_in_int8_in_openvino(attention, tmp_path):
+    """Both attention matmuls of every layer run in integers in OpenVINO, with SDPA and eager
+    attention and a padded batch (the additive mask joins the scores in float), and the export
+    agrees with the fake-quantized graph within one output step in every ORT level and OpenVINO."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16,
+                                     attn_implementation=attention)
+    torch.manual_seed(0)
+    bert = transformers.BertModel(config).eval()
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    _, gm, report = check_export_everywhere(_BertEncoder(bert), (ids, mask), tmp_path)
+    assert ("scaled_dot_product_attention" in gm.code) is False
+    kinds = Counter((layer.layer_type, layer.integer) for layer in report.layers)
+    # per layer: q, k, v, output, intermediate, output dense (6 FullyConnected) and 2 attention MatMuls
+    assert kinds == {("FullyConnected", True): 12, ("MatMul", True): 4}, report
 
 
 def assert_masks_are_exported_zeros(gm, path) -> int:

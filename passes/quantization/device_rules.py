@@ -20,8 +20,7 @@ class InputRule:
     found by ``names``). ``all_dynamic``: only when every listed input is a
     float tensor computed from the model inputs (a residual add, not a bias
     add; a product of two activations). ``symmetric``: force symmetric
-    quantizers; ``signed``: force signed ones (attention q/k/v: OpenVINO's
-    fused attention runs int8 only with signed symmetric q/k/v). ``skip_if_feeding``: op kinds whose
+    quantizers. ``skip_if_feeding``: op kinds whose
     consumption of this op's output means the op runs in float anyway (an add
     whose result only feeds LayerNorm: NNCF's transformer pattern).
     """
@@ -30,7 +29,6 @@ class InputRule:
     names: tuple[str, ...] = ()
     all_dynamic: bool = False
     symmetric: bool = False
-    signed: bool = False
     skip_if_feeding: frozenset = frozenset()
 
 
@@ -52,8 +50,6 @@ _CPU_INPUTS = {
     Kind.linear: InputRule((0,), "linear input", ("input",)),
     Kind.addmm: InputRule((1,), "linear input", ("input", "mat1")),  # addmm(bias, x, weight): Conv1D
     Kind.matmul: InputRule((0, 1), "matmul operand", ("input", "other"), all_dynamic=True, symmetric=True),
-    Kind.attention: InputRule((0, 1, 2), "attention q/k/v", ("query", "key", "value"), symmetric=True,
-                           signed=True),
     Kind.add: InputRule((0, 1), "residual add input", ("input", "other"), all_dynamic=True,
                      skip_if_feeding=_NORMS),
     Kind.avg_pool: InputRule((0,), "pooling input", ("input",)),

@@ -323,11 +323,19 @@ def _is_shape_op_on(node: torch.fx.Node, tensor: torch.fx.Node, gm) -> bool:
     return op_kind(node, gm) in _SHAPE_KINDS
 
 
+def _reads_values(node: torch.fx.Node) -> bool:
+    """Not a shape query: ``x.size()`` (a symbolic size the tracer recorded) reads no values of ``x``."""
+    return node.meta.get("dtype", torch.float32) is not None
+
+
 def _consumers(gm, node: torch.fx.Node) -> list[torch.fx.Node]:
     """The users of ``node``'s values, looking through shape ops."""
     out = []
     for user in node.users:
-        out += _consumers(gm, user) if _is_shape_op_on(user, node, gm) else [user]
+        if _is_shape_op_on(user, node, gm):
+            out += _consumers(gm, user)
+        elif _reads_values(user):
+            out.append(user)
     return out
 
 
@@ -366,7 +374,7 @@ def _requantize_after_shape_ops(gm: torch.fx.GraphModule, qdq: torch.fx.Node):
         for user in list(node.users):
             if not _is_shape_op_on(user, node, gm):
                 continue
-            consumers = [u for u in user.users if not _is_shape_op_on(u, user, gm)]
+            consumers = [u for u in user.users if not _is_shape_op_on(u, user, gm) and _reads_values(u)]
             if consumers:
                 with graph.inserting_after(user):
                     signed = graph.call_function(_QUANTIZE_DEQUANTIZE, (user, scale, zp, qmin, qmax, axis))

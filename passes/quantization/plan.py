@@ -29,7 +29,7 @@ class QuantizationPoint:
     serves: list[torch.fx.Node]      # the ops that asked for it (ends of look-through paths)
     reasons: list[str]
     overflow_fix: bool = False
-    signed_fixed: bool = False       # signedness forced by config or attention
+    signed_fixed: bool = False       # signedness forced by the config
     override: dict = field(default_factory=dict)
 
     def describe(self) -> str:

@@ -17,9 +17,10 @@ integers (docs/export.md, "What OpenVINO runs in int8"):
   ``matmul``): per output channel on the weight's output axis (1 for
   transposed convs and ``addmm``; with groups that axis has ``out_channels / groups``
   entries, which is what gets a scale each);
-- activation inputs of conv, linear, matmul (both operands), pooling (avg),
-  both inputs of residual adds, q/k/v of ``scaled_dot_product_attention``
-  (forced signed symmetric: OpenVINO's fused attention runs int8 only so);
+- activation inputs of conv, linear, matmul (both operands, symmetric; none for a matmul of two
+  activations unless ``quantize_attention``), pooling (avg), both inputs of residual adds (a fused
+  ``scaled_dot_product_attention`` gets none: OpenVINO runs it in float without a quantized softmax
+  output, so ``passes/quantization/attention.py`` rewrites it into matmuls first);
 - the model inputs (``quantize_inputs``), the model outputs (``quantize_outputs``).
 
 A request for "input i of op X" is resolved to the tensor it really reads:
@@ -102,6 +103,7 @@ class QuantizationSettings:
     overflow_fix: str            # "enable" | "disable" | "first_layer_only"
     quantize_inputs: bool
     quantize_outputs: bool
+    quantize_attention: bool = True   # quantizers on matmuls of two activations (attention)
 
     def override_for(self, group: str, scopes: tuple) -> dict:
         """Merged values of the overrides matching any of ``scopes`` (module paths or fx nodes; later
@@ -197,7 +199,6 @@ class _Request:
     serves: list
     reasons: list
     symmetric: bool = False
-    signed: bool = False
 
 
 def _first_layer_ops(gm, weighted: list[WeightedOp]) -> set[torch.fx.Node]:
@@ -222,13 +223,11 @@ def _weight_spec(settings: QuantizationSettings, override: dict, axis: int) -> Q
 
 
 def _activation_spec(settings: QuantizationSettings, override: dict, nonnegative: bool,
-                     force_symmetric: bool, force_signed: bool, ndim: int) -> tuple[QuantSpec, bool]:
+                     force_symmetric: bool, ndim: int) -> tuple[QuantSpec, bool]:
     a = settings.activations
     mode = "symmetric" if force_symmetric else a.mode
     signed = a.signed
     fixed = signed is not None
-    if force_signed:
-        signed, fixed = True, True
     if "mode" in override:
         mode = override["mode"]
     if "signed" in override:
@@ -354,7 +353,6 @@ class _Planner:
                 items.append(item)
         if rule is not None:
             req.symmetric |= rule.symmetric
-            req.signed |= rule.signed
 
     def model_inputs(self):
         if not self.settings.quantize_inputs:
@@ -405,6 +403,9 @@ class _Planner:
             if len(inputs) > 1 and not all(x is not None and x in self.dynamic and _is_float_tensor(x)
                                            for x in resolved):
                 return  # a bias add / scaling by a constant: not an integer op
+            if kind is Kind.matmul and len(inputs) > 1 and not self.settings.quantize_attention:
+                self.skip(scope, f"{rule.reason}: a matmul of two activations and quantize_attention is false")
+                return
         if rule.skip_if_feeding and _only_feeds(node, self.gm, rule.skip_if_feeding, kind):
             self.skip(scope, f"{rule.reason}: its result only feeds {'/'.join(sorted(k.name for k in rule.skip_if_feeding))} "
                              f"(directly or through {kind.name}s), which run in float")
@@ -489,7 +490,7 @@ def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: 
     override = settings.override_for("activations", tuple(s for s in req.serves if s.op != "output") + (producer,))
     shape = producer.meta.get("shape")
     ndim = len(shape) if isinstance(shape, tuple) else 0
-    spec, fixed = _activation_spec(settings, override, nonnegative, req.symmetric, req.signed, ndim)
+    spec, fixed = _activation_spec(settings, override, nonnegative, req.symmetric, ndim)
     channels = int(shape[1]) if spec.per_channel else 1
     # Edge users in graph order (the quantizer feeds them; other users keep the float tensor).
     users = sorted(req.edge_users, key=lambda n: order[n])
