@@ -20,7 +20,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from fxcompress import compile_for_compression
@@ -303,9 +303,24 @@ def assert_masks_are_exported_zeros(gm, path) -> int:
     return checked
 
 
+def _record_block_types(case) -> None:
+    """One hypothesis event per block type in the generated model (``--hypothesis-show-statistics``
+    then says which block types the run covered, and how often)."""
+    blocks = getattr(case.spec, "blocks", ())
+    for block in blocks:
+        if hasattr(block, "heads"):          # attention: say which attention form
+            event(f"block: attention ({'sdpa' if getattr(block, 'sdpa', False) else 'explicit'})")
+        else:
+            event(f"block: {type(block).__name__.removesuffix('Spec')}")
+        if hasattr(block, "act") and hasattr(block, "se"):   # inverted residual: activation, SE
+            event(f"inverted residual: {block.act}{' + SE' if block.se is not None else ''}")
+
+
 def check_random_model(case, sparsity, folder):
     """compile -> initialize -> export with an optional magnitude sparsity of ``sparsity`` per layer."""
     from fxcompress.passes import MagnitudeSparsity
+    _record_block_types(case)
+    event(f"sparsity: {sparsity}")
     passes = [] if sparsity is None else [MagnitudeSparsity(sparsity_init=sparsity, sparsity_target=sparsity,
                                                             sparsity_level_setting_mode="local")]
     ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, folder, passes=passes)
