@@ -27,6 +27,7 @@ from fxcompress import compile_for_compression
 from fxcompress.passes import Quantize
 from fxcompress.runtime import openvino_compile, openvino_compute_layers, openvino_infer
 from fxcompress.testing import build, strategies
+from fxcompress.testing.agreement import quantizer_agreement
 from quantization_export_helpers import count_weighted
 
 ort = pytest.importorskip("onnxruntime")
@@ -59,8 +60,10 @@ def _activation_matmuls(gm) -> int:
     return sum(1 for n in gm.graph.nodes if kind_of(n, gm) == "matmul")
 
 
-def check_export_everywhere(model, inputs, folder, *, int8_layers=None, passes=()):
-    """compile -> initialize -> export; every ORT level and OpenVINO load it and agree within one step."""
+def check_export_everywhere(model, inputs, folder, *, int8_layers=None, passes=(), per_quantizer=("ort_all",)):
+    """compile -> initialize -> export; every ORT level and OpenVINO load it and agree within one step at
+    the output, and in the ``per_quantizer`` runtimes every activation quantizer, fed the runtime's own
+    values upstream, is within one of its steps (``fxcompress.testing.agreement``)."""
     model.eval()
     # Without BatchNorm adaptation: the models' randomised BatchNorm statistics (negative scales,
     # offsets) are what the export's folding must reproduce; adaptation would pull them toward the
@@ -87,6 +90,11 @@ def check_export_everywhere(model, inputs, folder, *, int8_layers=None, passes=(
     report = openvino_compute_layers(compiled)
     if int8_layers is not None:
         assert len(report.integer) == int8_layers, f"\n{report}"
+    if per_quantizer:
+        lowered = ctrl.lower()
+        for runtime in per_quantizer:
+            agreement = quantizer_agreement(gm, lowered, path, inputs, runtime)
+            assert agreement.quantizers and agreement.max_steps <= 1.001, str(agreement)
     return ctrl, gm, report
 
 
@@ -177,10 +185,38 @@ def test_tiny_range_before_a_biased_layer_exports_the_bias_as_a_float_add(tmp_pa
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_blocks", "shufflenet_blocks", "convnext_blocks"])
 def test_deployment_blocks_load_and_agree_everywhere(name, tmp_path):
+    """Within one step at the output, and at every quantizer given the runtime's upstream values, in ORT's
+    default session and OpenVINO."""
     model = strategies.EXAMPLE_BLOCK_NETS[name]()
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    _, gm, report = check_export_everywhere(model, (x,), tmp_path)
+    _, gm, report = check_export_everywhere(model, (x,), tmp_path, per_quantizer=("ort_all", "ov"))
     assert len(report.integer) == count_weighted(gm) == len(report.layers)
+
+
+def test_every_quantizer_of_a_resnet_agrees_given_the_runtimes_upstream_values(tmp_path):
+    """ResNet (BN folded into the weight scales, residual adds, pooling, a linear head): every activation
+    quantizer within one step in ORT's default session (probes: its outputs are unchanged by them) and
+    OpenVINO. Then one quantizer of the file is broken (its QuantizeLinear's scale halved, so it writes
+    twice the integers): the check names that quantizer, many steps off, and only that one."""
+    case = build("resnet_tiny")
+    ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, tmp_path, per_quantizer=("ov",))
+    path, lowered = tmp_path / "model.onnx", ctrl.lower()
+    agreement = quantizer_agreement(gm, lowered, path, case.example_inputs, "ort_all")
+    assert agreement.method == "probes" and len(agreement.quantizers) == 15, agreement
+    assert agreement.max_steps <= 1.001, agreement
+
+    model = onnx.load(path)
+    initializers = {t.name: t for t in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in initializers
+             and any(d.input[0] == n.output[0] and d.output[0] == "quantize_dequantize_3" for d in model.graph.node))
+    halved = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(initializers[q.input[1]]) * 0.5,
+                                          f"{q.input[1]}_halved")
+    model.graph.initializer.append(halved)
+    q.input[1] = halved.name
+    onnx.save(model, tmp_path / "broken.onnx")
+    broken = quantizer_agreement(gm, lowered, tmp_path / "broken.onnx", case.example_inputs, "ort_none")
+    bad = [e for e in broken.quantizers if e.steps > 1.001]
+    assert [e.name for e in bad] == ["layer1_add_input_quantizer"] and bad[0].steps > 10, broken
 
 
 def test_transformer_loads_and_runs_attention_matmuls_in_int8(tmp_path):
