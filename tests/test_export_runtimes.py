@@ -304,6 +304,39 @@ def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path)
         assert abs(float((q == 0).float().mean()) - 0.5) < 0.02
 
 
+def _cpu_has_vnni() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+_CPU_HAS_VNNI = _cpu_has_vnni()
+
+
+@pytest.mark.xfail(not _CPU_HAS_VNNI, strict=True, raises=AssertionError,
+                   reason="found by the per-quantizer check: on x86 without VNNI, ORT's default session and "
+                          "OpenVINO compute probs(u8) @ v(s8) 11 steps off given exact inputs (-117 instead of "
+                          "the clamped -128: -32768 * s_probs * s_v / s_out, an int16 saturation of the u8 x s8 "
+                          "pair sums); docs/export.md, 'Agreement'")
+def test_attention_matmul_quantizer_within_one_step_given_exact_inputs(tmp_path):
+    """The attention net hypothesis found (dim 2, one head, softmax probabilities all 0.5 = 255 on their grid,
+    v at -128 and -32 of int8): the quantizer after ``probs @ v`` must be within one step in ORT's default
+    session and OpenVINO given the runtimes' own probs and v."""
+    spec = strategies.AttentionNetSpec(
+        seed=4794, input_shape=(2, 2, 2), input_proj=None, blocks=(strategies.AttentionSpec(
+            dim=2, heads=1, seq_len=2, pre_norm=False, fused_qkv=False, bias=False, split="view+transpose",
+            key_t="transpose(2,3)", scale="prescale_q", softmax="F.softmax", mask="none", sdpa=False,
+            attn_dropout=0.0, add="x.add(y)", ffn_hidden=1, ffn_act="F.silu"),),
+        final_norm=True, pool="mean", out_features=3, output_kind="tensor")
+    from fxcompress.passes import MagnitudeSparsity
+    case = spec.build()
+    sparsity = MagnitudeSparsity(sparsity_init=0.7, sparsity_target=0.7, sparsity_level_setting_mode="local")
+    check_export_everywhere(case.model, case.example_inputs, tmp_path, passes=[sparsity],
+                            per_quantizer=("ort_all", "ov"))
+
+
 # -- property: random deployment-style models --------------------------------------------------------
 
 @pytest.mark.xfail(strict=True, raises=AssertionError,
@@ -359,7 +392,11 @@ def check_random_model(case, sparsity, folder):
     event(f"sparsity: {sparsity}")
     passes = [] if sparsity is None else [MagnitudeSparsity(sparsity_init=sparsity, sparsity_target=sparsity,
                                                             sparsity_level_setting_mode="local")]
-    ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, folder, passes=passes)
+    # Attention nets: the output bound only; their activation matmuls can break the per-quantizer bound
+    # on CPUs without VNNI (test_attention_matmul_quantizer_within_one_step_given_exact_inputs).
+    attention = any(hasattr(block, "heads") for block in getattr(case.spec, "blocks", ()))
+    ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, folder, passes=passes,
+                                          per_quantizer=() if attention and not _CPU_HAS_VNNI else ("ort_all",))
     if sparsity is not None:
         assert assert_masks_are_exported_zeros(gm, folder / "model.onnx") >= 1
 
@@ -372,9 +409,23 @@ _EXPORTS = settings(max_examples=EXPORT_CI_EXAMPLES, deadline=None,
                     phases=[Phase.explicit, Phase.reuse, Phase.generate],
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 _SPARSITY = st.sampled_from([None, 0.3, 0.7])
+_DEPLOYMENT_SPECS = ("InvertedResidualSpec", "ShuffleSpec", "ConvNeXtSpec")
 
 
-@given(strategies.deployment_models(), _SPARSITY)
+def _has_deployment_block(case) -> bool:
+    return any(type(block).__name__ in _DEPLOYMENT_SPECS for block in getattr(case.spec, "blocks", ()))
+
+
+# CI: few examples, so each must count. deployment_models() draws attention nets half the time and conv
+# nets with deployment blocks among other blocks (5 CI examples once covered one plain conv block and three
+# attention nets, no deployment block); here 4 in 5 are conv nets with at least one MobileNet / ShuffleNet /
+# ConvNeXt block, 1 in 5 an attention net (explicit or scaled_dot_product_attention).
+_DEPLOYMENT_CONV_NETS = strategies.conv_nets(deployment_blocks=True, max_blocks=3).filter(_has_deployment_block)
+_ATTENTION_NETS = strategies.attention_blocks(include_rare_ops=True, max_blocks=1)
+_CI_MODELS = st.integers(0, 4).flatmap(lambda i: _ATTENTION_NETS if i == 4 else _DEPLOYMENT_CONV_NETS)
+
+
+@given(_CI_MODELS, _SPARSITY)
 @_EXPORTS
 def test_random_deployment_models_load_and_agree_everywhere(tmp_path_factory, case, sparsity):
     check_random_model(case, sparsity, tmp_path_factory.mktemp("random"))
