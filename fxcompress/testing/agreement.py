@@ -50,7 +50,8 @@ class QuantizerAgreement:
     runtime: str
     quantizers: list[QuantizerError] = field(default_factory=list)
     method: str = "probes"                 # how the runtime's values were read (module docstring)
-    output_steps: float = 0.0              # the model output's error against the plain fake-quantized graph
+    output_steps: float = 0.0              # the first output's error against gm, in steps of its quantizer
+                                           # (absolute when the output has none)
 
     @property
     def max_steps(self) -> float:
