@@ -39,6 +39,18 @@ LEVELS = {"default": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
           "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
 
 
+def _cpu_has_vnni() -> bool:
+    """x86 integer kernels without VNNI sum u8 x s8 products in int16 pairs, which saturate (docs/export.md)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+_CPU_HAS_VNNI = _cpu_has_vnni()
+
+
 def _ort_run(model_or_path, inputs, level="default"):
     options = ort.SessionOptions()
     options.graph_optimization_level = LEVELS[level]
@@ -221,7 +233,10 @@ def test_every_quantizer_of_a_resnet_agrees_given_the_runtimes_upstream_values(t
 
 def test_transformer_loads_and_runs_attention_matmuls_in_int8(tmp_path):
     case = build("transformer_encoder_tiny_features")
-    _, gm, report = check_export_everywhere(case.model, case.example_inputs, tmp_path)
+    # Without VNNI the quantizer after probs @ v is 4 steps off in 1 of 256 elements given exact inputs
+    # (u8 x s8 saturation, test_attention_matmul_quantizer_within_one_step_given_exact_inputs): output only.
+    _, gm, report = check_export_everywhere(case.model, case.example_inputs, tmp_path,
+                                            per_quantizer=("ort_all",) if _CPU_HAS_VNNI else ())
     # every linear and both attention matmuls of every layer run in integers
     assert len(report.integer) == count_weighted(gm) + _activation_matmuls(gm) == len(report.layers)
 
@@ -302,17 +317,6 @@ def test_gpt2_conv1d_is_a_weighted_layer_for_sparsity_and_quantization(tmp_path)
     assert len(weights) == 4
     for q in weights.values():  # local mode: half of every layer's weights are zeros, kept as integer zeros
         assert abs(float((q == 0).float().mean()) - 0.5) < 0.02
-
-
-def _cpu_has_vnni() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-_CPU_HAS_VNNI = _cpu_has_vnni()
 
 
 @pytest.mark.xfail(not _CPU_HAS_VNNI, strict=True, raises=AssertionError,
