@@ -9,10 +9,11 @@ so "one step at the output" is defined), ``initialize()`` on a few random batche
   output quantizer, against the fake-quantized graph;
 - OpenVINO CPU with ``INFERENCE_PRECISION_HINT=f32``: loads? the same error;
   convs/matmuls that run in integers (``openvino_compute_layers``);
-- ``--locate``: the first activation quantizer whose value departs by more than
-  one of its steps in a runtime (each quantizer's DequantizeLinear made the
-  model's only output, so the runtime fuses everything upstream as in the full
-  model), for finding where a runtime executes the QDQ graph differently.
+- per quantizer (``--per-quantizer``, default ONNX Runtime's default session and
+  OpenVINO): every activation quantizer of the fake-quantized graph, fed the
+  runtime's own values of the quantizers upstream, against the runtime's value,
+  in that quantizer's steps (``fxcompress.testing.agreement``): more than one
+  step there is a lowering or runtime difference, not an amplified rounding flip.
 
 Models: the project's zoo and blocks (MobileNetV3-like, ShuffleNet-like,
 ConvNeXt-like, attention), a tiny Hugging Face BERT and GPT-2 when
@@ -20,7 +21,7 @@ ConvNeXt-like, attention), a tiny Hugging Face BERT and GPT-2 when
 nothing downloaded) when those are installed (``--zoo torchvision``).
 
     .venv/bin/python benchmarks/check_export_runtimes.py                 # project models, ~5 min on 2 cores
-    .venv/bin/python benchmarks/check_export_runtimes.py --models mbv3_block --locate
+    .venv/bin/python benchmarks/check_export_runtimes.py --models mobilenet_v3_blocks --per-quantizer ort_all
     /path/to/venv-with-torchvision/bin/python benchmarks/check_export_runtimes.py --zoo torchvision
 """
 from __future__ import annotations
@@ -47,6 +48,7 @@ from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
 from fxcompress.runtime import openvino_compile, openvino_compute_layers, openvino_infer  # noqa: E402
 from fxcompress.testing import build  # noqa: E402
+from fxcompress.testing.agreement import quantizer_agreement  # noqa: E402
 
 LEVELS = ("all", "ext", "basic", "none")
 
@@ -90,6 +92,40 @@ def _gpt2():
     return Decoder(), (torch.randint(0, 100, (2, 8)),)
 
 
+def _bert_classifier():
+    from transformers import BertConfig, BertForSequenceClassification
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=3)
+    model = BertForSequenceClassification(config).eval()
+
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = model
+
+        def forward(self, ids):
+            return self.bert(input_ids=ids).logits
+
+    return Classifier(), (torch.randint(0, 100, (2, 8)),)
+
+
+def _hf_vit():
+    from transformers import ViTConfig, ViTModel
+    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=64)
+    model = ViTModel(config, add_pooling_layer=False).eval()
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = model
+
+        def forward(self, pixels):
+            return self.vit(pixel_values=pixels).last_hidden_state
+
+    return Encoder(), (torch.randn(2, 3, 32, 32),)
+
+
 def project_models() -> dict:
     from fxcompress.testing import strategies as blocks  # needs hypothesis (dev extras)
 
@@ -110,12 +146,13 @@ def torchvision_models() -> dict:
     import torchvision.models as tv
     image = lambda size=64: (torch.randn(2, 3, size, size),)  # noqa: E731
     out = {name: (lambda n=name: (getattr(tv, n)(weights=None).eval(), image()))
-           for name in ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "shufflenet_v2_x1_0",
-                        "regnet_x_400mf", "convnext_tiny", "resnet18")}
+           for name in ("resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                        "efficientnet_b0", "mnasnet1_0", "shufflenet_v2_x1_0", "regnet_x_400mf", "regnet_y_400mf",
+                        "convnext_tiny", "squeezenet1_1", "densenet121")}
     out["googlenet"] = lambda: (tv.googlenet(weights=None, aux_logits=False, init_weights=True).eval(), image())
     out["timm_vit_tiny"] = lambda: (timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64)
                                     .eval(), image())
-    out.update({"hf_bert": _bert, "hf_gpt2": _gpt2})
+    out.update({"hf_bert": _bert, "hf_bert_classifier": _bert_classifier, "hf_gpt2": _gpt2, "hf_vit": _hf_vit})
     return out
 
 
@@ -147,7 +184,8 @@ def _output_step(gm) -> float:
     return float(module.effective_scale().detach().max())
 
 
-def check(name: str, model: nn.Module, inputs: tuple, folder: Path, locate: bool, bn_adaptation: bool = True) -> dict:
+def check(name: str, model: nn.Module, inputs: tuple, folder: Path, per_quantizer=("ort_all", "ov"),
+          bn_adaptation: bool = True) -> dict:
     model.eval()
     init = {} if bn_adaptation else {"initializer": {"batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}}
     ctrl, gm = compile_for_compression(model, [Quantize(bits=8, quantize_outputs=True, **init)],
@@ -174,66 +212,24 @@ def check(name: str, model: nn.Module, inputs: tuple, folder: Path, locate: bool
         row["ov_int8"] = f"{len(report.integer)}/{len(report.layers)}"
     except Exception as exc:  # noqa: BLE001
         row["ov"] = f"FAIL: {str(exc).splitlines()[0][:120]}"
-    if locate:
-        row["first_departure"] = first_departures(ctrl.lower(), path, inputs)
+    if per_quantizer:
+        lowered = ctrl.lower()
+        for runtime in per_quantizer:
+            agreement = quantizer_agreement(gm, lowered, path, inputs, runtime)
+            log(f"  {agreement}")
+            worst = agreement.worst(1)
+            row[f"q_{runtime}"] = f"{agreement.max_steps:.2f}" + (f" ({worst[0].name})" if worst and
+                                                                   agreement.max_steps > 1.001 else "")
     return row
-
-
-def _lowered_activations(lowered, inputs) -> list[tuple[str, np.ndarray, float]]:
-    """(name, value, step) of every activation QDQ of the lowered graph, in graph order."""
-    target = torch.ops.fxcompress.quantize_dequantize.default
-    values = []
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.op == "call_function" and n.target is target:
-                scale = self.env[n.args[1]] if isinstance(n.args[1], torch.fx.Node) else n.args[1]
-                values.append((n.name, out.detach().numpy(), float(scale.max())))
-            return out
-
-    with torch.no_grad():
-        Recorder(lowered).run(*inputs)
-    return values
-
-
-def first_departures(lowered, path, inputs, runtimes=("ort_none", "ort_all", "ov")) -> dict:
-    """Per runtime, the first quantizer (graph order) whose value departs by more than one step."""
-    import onnx
-    model = onnx.load(path)
-    constants = {t.name for t in model.graph.initializer}
-    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in constants
-          and n.output[0].startswith("quantize_dequantize")]
-    dq.sort(key=lambda n: int(n.output[0].rpartition("_")[2]) if n.output[0][-1].isdigit() else 0)
-    reference = _lowered_activations(lowered, inputs)
-    if len(dq) != len(reference):
-        return {"error": f"{len(dq)} activation DequantizeLinear in the file, {len(reference)} in the graph"}
-    result = {}
-    for runtime in runtimes:
-        result[runtime] = None
-        for node, (name, value, step) in zip(dq, reference):
-            cut = onnx.ModelProto()
-            cut.CopyFrom(model)
-            del cut.graph.output[:]
-            cut.graph.output.append(onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, None))
-            cut_path = Path(path).with_suffix(".cut.onnx")
-            onnx.save(cut, cut_path)
-            if runtime.startswith("ort_"):
-                got = _ort_run(_ort_session(cut_path, runtime[4:]), inputs)
-            else:
-                got = openvino_infer(openvino_compile(cut_path, precision="f32"), *inputs)[0]
-            err = float(np.abs(got - value).max()) / step
-            if err > 1.0 + 1e-3:
-                result[runtime] = f"{name} ({err:.2f} steps)"
-                break
-    return result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", choices=("project", "torchvision"), default="project")
     parser.add_argument("--models", nargs="*", help="only these")
-    parser.add_argument("--locate", action="store_true", help="find the first quantizer departing by > 1 step")
+    parser.add_argument("--per-quantizer", nargs="*", default=["ort_all", "ov"], metavar="RUNTIME",
+                        help="runtimes (ort_all, ort_ext, ort_basic, ort_none, ov) for the per-quantizer check "
+                             "(none: skip it)")
     parser.add_argument("--no-bn-adaptation", action="store_true",
                         help="initialize() without BatchNorm adaptation (the model's own statistics)")
     args = parser.parse_args(argv)
@@ -249,7 +245,7 @@ def main(argv=None):
             log(f"{name} ...")
             try:
                 model, inputs = factory()
-                rows.append(check(name, model, inputs, Path(tmp), args.locate, not args.no_bn_adaptation))
+                rows.append(check(name, model, inputs, Path(tmp), args.per_quantizer, not args.no_bn_adaptation))
             except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end
                 traceback.print_exc()
                 rows.append({"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}"})
@@ -264,19 +260,20 @@ def _cell(value) -> str:
 
 
 def table(rows) -> str:
-    head = "| model | ORT default (all) | ORT extended | ORT basic | ORT disabled | OpenVINO f32 | OV int8 convs/matmuls |"
-    lines = [head, "|" + "---|" * 7]
+    head = ("| model | ORT default (all) | ORT extended | ORT basic | ORT disabled | OpenVINO f32 | "
+            "per quantizer, ORT default | per quantizer, OpenVINO | OV int8 convs/matmuls |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | export failed: {r['error']} |||||")
+            lines.append(f"| {r['model']} | export failed: {r['error']} |||||||")
             continue
         lines.append("| " + " | ".join([r["model"]] + [_cell(r.get(k)) for k in
                                                        ("ort_all", "ort_ext", "ort_basic", "ort_none", "ov",
-                                                        "ov_int8")]) + " |")
-        if r.get("first_departure"):
-            lines.append(f"|  first departure: {r['first_departure']} |||||||")
+                                                        "q_ort_all", "q_ov", "ov_int8")]) + " |")
     return "\n".join(lines) + "\n\nerrors: max |runtime - fake-quantized| at the output, in steps of the output " \
-                              "quantizer (FAIL: the session does not load)"
+                              "quantizer (FAIL: the session does not load); per quantizer: the largest error of any " \
+                              "activation quantizer given the runtime's own values upstream, in its steps " \
+                              "(fxcompress.testing.agreement)"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ inside :func:`load_digits_tensors`).
   :func:`max_abs_diff` (eager).
 * :mod:`fxcompress.testing.data` -- the sklearn digits and a trained
   :class:`DigitsCNN` (eager; sklearn is imported only when data is loaded).
+* :mod:`fxcompress.testing.agreement` -- :func:`quantizer_agreement`: every activation
+  quantizer of an exported QDQ model in ONNX Runtime / OpenVINO against the fake-quantized
+  graph, given the runtime's own upstream values (imported on use: needs onnx).
 * :mod:`fxcompress.testing.strategies` -- hypothesis strategies; loaded lazily
   on first access (``fxcompress.testing.strategies`` or
   ``from fxcompress.testing.strategies import conv_nets``), so this package
