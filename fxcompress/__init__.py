@@ -8,7 +8,7 @@ from .api import compile_for_compression
 from .checkpoint import load_state
 from .config import Config
 from .controller import CompressionController
-from .errors import (CheckpointError, ConfigError, FxCompressError, NotInitializedError, PassError,
+from .errors import (CheckpointError, ConfigError, ExportError, FxCompressError, NotInitializedError, PassError,
                      ScopeError, TraceError, UnsupportedModelError)
 from .tracing import trace
 
@@ -17,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "compile_for_compression", "Config", "load_state", "trace", "CompressionController",
     "FxCompressError", "TraceError", "ConfigError", "ScopeError", "PassError", "UnsupportedModelError",
-    "CheckpointError", "NotInitializedError", "__version__",
+    "CheckpointError", "NotInitializedError", "ExportError", "__version__",
 ]

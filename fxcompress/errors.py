@@ -49,6 +49,10 @@ class PassError(FxCompressError):
     """A pass failed; the graph it was given is left as it was."""
 
 
+class ExportError(FxCompressError):
+    """The model has an op that ``torch.onnx`` cannot write to ONNX; names the op and the graph nodes."""
+
+
 class UnsupportedModelError(FxCompressError):
     """The model contains something a pass cannot handle."""
 

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from .errors import ExportError
 from .tracing import normalize_example_inputs
 
 __all__ = ["export_onnx", "register_onnx_translation", "onnx_translations", "DEFAULT_OPSET",
@@ -495,11 +497,40 @@ def _export_program(module, args, kwargs, dynamic_batch: bool, opset_version: in
                 shapes = _dynamic_shapes(args, kwargs, dims, _placeholder_names(module))
                 program = torch.onnx.export(module, args, kwargs=kwargs or None, dynamic_shapes=shapes, **common)
             except Exception as exc:  # noqa: BLE001 - retried with static shapes, and the user is told
+                _raise_if_unconvertible(module, exc)
                 what = "dynamic batch and sequence dimensions" if dims else "a dynamic batch dimension"
                 warnings.warn(f"export with {what} failed ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}); exporting with the example inputs' "
                               f"static shapes", stacklevel=3)
-                return torch.onnx.export(module, args, kwargs=kwargs or None, **common), False
+                return _export_static(module, args, kwargs, common), False
         else:
-            program = torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+            program = _export_static(module, args, kwargs, common)
     return program, dynamic_batch
+
+
+def _export_static(module, args, kwargs, common):
+    try:
+        return torch.onnx.export(module, args, kwargs=kwargs or None, **common)
+    except Exception as exc:
+        _raise_if_unconvertible(module, exc)
+        raise
+
+
+def _raise_if_unconvertible(module, exc: Exception):
+    """An ExportError naming the op and its graph nodes when ``torch.onnx`` has no ONNX function for an
+    op (e.g. ``adaptive_max_pool2d`` to a size other than 1x1: ONNX has no adaptive max pooling)."""
+    found = re.search(r"No ONNX function found for <OpOverload\(op='aten\.(\w+)'", str(exc))
+    if found is None:
+        return
+    op = found.group(1)
+    nodes = []
+    if isinstance(module, torch.fx.GraphModule):
+        for node in module.graph.nodes:
+            target = getattr(node.target, "__name__", str(node.target)).split(".")[-1]
+            if node.op == "call_function" and target == op:
+                path = node.meta.get("module_path")
+                nodes.append(f"{node.name} (in {path})" if path else node.name)
+    where = f" at {', '.join(nodes)}" if nodes else ""
+    raise ExportError(f"export_onnx: torch.onnx has no ONNX conversion for aten.{op}{where}; replace that op "
+                      f"in the model (e.g. adaptive_max_pool2d to 1x1, or max_pool2d with a fixed kernel) "
+                      f"or register a translation with fxcompress.export.register_onnx_translation") from exc

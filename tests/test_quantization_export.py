@@ -360,3 +360,30 @@ def test_signed_activations_read_by_convs_and_adds_are_int8_in_the_file(tmp_path
     assert all(dtype == "uint8" for dtype, _, consumers in forms if consumers - {"Conv", "Add", "MatMul"})
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert session.run(None, {session.get_inputs()[0].name: x.numpy()})[0].shape == (4, 10)
+
+
+class _AdaptiveMaxPoolNet(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.conv, self.size = nn.Conv2d(1, 4, 3), size
+
+    def forward(self, x):
+        return F.adaptive_max_pool2d(self.conv(x), self.size)
+
+
+def test_an_op_onnx_cannot_express_is_a_clear_export_error(tmp_path):
+    """ONNX has no adaptive max pooling (only the global one): the export names the op and its node
+    instead of torch.onnx's conversion traceback, and writes nothing."""
+    from fxcompress import compile_for_compression
+    from fxcompress.errors import ExportError
+    from fxcompress.passes import Quantize
+    x = torch.randn(2, 1, 11, 10)
+    ctrl, gm = compile_for_compression(_AdaptiveMaxPoolNet((3, 3)), [Quantize()], example_inputs=(x,))
+    ctrl.initialize([(x,)])
+    with pytest.raises(ExportError, match=r"no ONNX conversion for aten\.adaptive_max_pool2d at adaptive_max_pool2d"):
+        ctrl.export_onnx(tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+    # to 1x1 it is a global max pool, which ONNX has
+    ctrl, gm = compile_for_compression(_AdaptiveMaxPoolNet((1, 1)), [Quantize()], example_inputs=(x,))
+    ctrl.initialize([(x,)])
+    assert qdq_summary(ctrl.export_onnx(tmp_path / "global.onnx")).integer_weights == 1

@@ -133,3 +133,31 @@ def test_bad_alpha_is_a_config_error():
         Quantize(smooth_quant_alpha=1.5)
     with pytest.raises(ConfigError, match="model_type"):
         quantize_post_training(DigitsCNN(), [torch.randn(2, 1, 8, 8)], model_type="cnn")
+
+
+class _TiedHead(torch.nn.Module):
+    """An embedding table whose weight a linear layer reuses (a masked-LM decoder), and an untied linear."""
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(20, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.decoder = torch.nn.Linear(8, 20, bias=False)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.norm(self.embed(ids))
+        return self.decoder(self.norm(self.proj(h)))
+
+
+def test_a_weight_tied_to_another_module_is_never_smoothed():
+    torch.manual_seed(0)
+    model, ids = _TiedHead(), torch.randint(0, 20, (4, 6))
+    table = model.embed.weight.detach().clone()
+    ctrl, gm = compile_for_compression(model, [Quantize(smooth_quant_alpha=0.5)], example_inputs=(ids,))
+    ctrl.initialize([(ids,)])
+    parameters = dict(gm.named_parameters(remove_duplicate=False))
+    assert parameters["embed.weight"] is parameters["decoder.weight"]  # still tied
+    assert torch.equal(parameters["embed.weight"], table)               # and not scaled
+    smoothing = [m for m in gm.modules() if isinstance(m, ActivationSmoothing)]
+    assert len(smoothing) == 1 and not torch.equal(smoothing[0].scale, torch.ones_like(smoothing[0].scale))

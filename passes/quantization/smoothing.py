@@ -71,10 +71,22 @@ def insert_smoothing(gm: torch.fx.GraphModule, quantizer_names: list[str], inser
     """An ``ActivationSmoothing`` before every listed activation quantizer that feeds only linear layers
     with quantized parameter weights (each weight read by one layer only); returns the groups."""
     linears = {op.node: op for op in weighted_ops(gm, ("linear",))}
-    weight_uses: dict[str, int] = {}
+    # Every read of each parameter, not only by linear layers: a weight tied to another module's
+    # parameter (a masked-LM decoder sharing the embedding table) must not be scaled, which would change
+    # the table or untie it. So: reads by get_attr nodes, plus one per extra name the tensor has.
+    names: dict[int, int] = {}
+    for _, parameter in gm.named_parameters(remove_duplicate=False):
+        names[id(parameter)] = names.get(id(parameter), 0) + 1
+    reads: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            key = id(get_attr_value(gm, node.target))
+            reads[key] = reads.get(key, 0) + len(node.users)
+    weight_uses = {}
     for op in linears.values():
         if op.weight_source is not None:
-            weight_uses[op.weight_source.target] = weight_uses.get(op.weight_source.target, 0) + 1
+            key = id(get_attr_value(gm, op.weight_source.target))
+            weight_uses[op.weight_source.target] = reads.get(key, 0) + names.get(key, 1) - 1
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     groups = []
     for name in quantizer_names:
