@@ -49,7 +49,7 @@ import torch.fx
 from fxcompress.graph import get_attr_value
 from fxcompress.integer_inputs import is_integer_derived, mark_integer_derived
 from fxcompress.optable import Kind, OpKind, op_kind
-from fxcompress.quantizers import QuantSpec, is_quantizer, quantizer_at
+from fxcompress.quantizers import QuantSpec, quantizer_at
 from fxcompress.scopes import ScopeSet
 from fxcompress.weights import WeightedOp, parameter_of
 
