@@ -518,7 +518,7 @@ def _export_static(module, args, kwargs, common):
 
 def _raise_if_unconvertible(module, exc: Exception):
     """An ExportError naming the op and its graph nodes when ``torch.onnx`` has no ONNX function for an
-    op (e.g. ``adaptive_max_pool2d`` to a size other than 1x1: ONNX has no adaptive max pooling)."""
+    op (e.g. ``adaptive_max_pool2d`` with uneven windows: ONNX has no adaptive max pooling)."""
     found = re.search(r"No ONNX function found for <OpOverload\(op='aten\.(\w+)'", str(exc))
     if found is None:
         return

@@ -435,14 +435,16 @@ def check_random_model(case, sparsity, folder):
     # Attention nets: the output bound only; their activation matmuls can break the per-quantizer bound
     # on CPUs without VNNI (test_attention_matmul_quantizer_within_one_step_given_exact_inputs).
     attention = any(hasattr(block, "heads") for block in getattr(case.spec, "blocks", ()))
-    if any("adaptive_max_half" in str(block) and getattr(block, "out_hw", (1, 1)) != (1, 1)
-           for block in getattr(case.spec, "blocks", ())):
-        # ONNX has no adaptive max pooling: the export must refuse it clearly, naming the op
-        with pytest.raises(ExportError, match="aten.adaptive_max_pool2d"):
-            check_export_everywhere(case.model, case.example_inputs, folder, passes=passes)
+    try:
+        ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, folder, passes=passes,
+                                              per_quantizer=() if attention and not _CPU_HAS_VNNI else ("ort_all",))
+    except ExportError as exc:
+        # ONNX has no adaptive max pooling: torch.onnx converts it only where the windows are even
+        # (the input size a multiple of the output size); elsewhere the export refuses it by name
+        assert "aten.adaptive_max_pool2d" in str(exc), exc
+        assert any("adaptive_max_half" in str(block) for block in getattr(case.spec, "blocks", ())), exc
+        event("export refused: adaptive_max_pool2d with uneven windows")
         return
-    ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, folder, passes=passes,
-                                          per_quantizer=() if attention and not _CPU_HAS_VNNI else ("ort_all",))
     if sparsity is not None:
         assert assert_masks_are_exported_zeros(gm, folder / "model.onnx") >= 1
 

@@ -372,8 +372,8 @@ class _AdaptiveMaxPoolNet(nn.Module):
 
 
 def test_an_op_onnx_cannot_express_is_a_clear_export_error(tmp_path):
-    """ONNX has no adaptive max pooling (only the global one): the export names the op and its node
-    instead of torch.onnx's conversion traceback, and writes nothing."""
+    """ONNX has no adaptive max pooling (torch.onnx converts it where the windows are even): the export
+    names the op and its node instead of torch.onnx's conversion traceback, and writes nothing."""
     from fxcompress import compile_for_compression
     from fxcompress.errors import ExportError
     from fxcompress.passes import Quantize
@@ -383,7 +383,7 @@ def test_an_op_onnx_cannot_express_is_a_clear_export_error(tmp_path):
     with pytest.raises(ExportError, match=r"no ONNX conversion for aten\.adaptive_max_pool2d at adaptive_max_pool2d"):
         ctrl.export_onnx(tmp_path / "model.onnx")
     assert not (tmp_path / "model.onnx").exists()
-    # to 1x1 it is a global max pool, which ONNX has
+    # (9x8 to 3x3 has uneven windows); to 1x1 it is a global max pool, which ONNX has
     ctrl, gm = compile_for_compression(_AdaptiveMaxPoolNet((1, 1)), [Quantize()], example_inputs=(x,))
     ctrl.initialize([(x,)])
     assert qdq_summary(ctrl.export_onnx(tmp_path / "global.onnx")).integer_weights == 1
