@@ -18,6 +18,7 @@ import torch.fx
 
 from fxcompress.data import CalibrationData, count_samples, preserved_modes, progress_bar
 from fxcompress.errors import RangeInitError
+from fxcompress.optable import Kind, op_kind
 from fxcompress.weights import edge_value
 
 from .range_init import RangeCollector, weight_range
@@ -98,12 +99,32 @@ class RangeInitializer:
                 raise self._non_finite_range(gm, q.name, result)
             else:
                 ranges[q.name] = result
+        for name in self._probability_quantizers(gm, ranges):
+            low, high = ranges[name]
+            ranges[name] = (torch.zeros_like(low), torch.ones_like(high))
         for q in targets:  # only once every range is finite: no half-initialized model
             if q.name in ranges:
                 q.module.set_range(*ranges[q.name])
         if unseen:
             warnings.warn(f"quantization: {len(unseen)} activation quantizers saw no data during range init "
                           f"({', '.join(unseen[:5])}); their ranges stay unset", stacklevel=4)
+
+    def _probability_quantizers(self, gm, names) -> list[str]:
+        """Quantizers of softmax outputs (attention probabilities, through dropout): their range is all of
+        [0, 1], not the calibrated maximum. On x86 without VNNI the runtimes' u8 x s8 kernels add products
+        in int16 pairs (``vpmaddubsw``), which saturate when the calibrated maximum is below 1 (two
+        neighbouring probabilities near it: 2 * 255 * 128 > 32767); probabilities summing to at most 1
+        keep every pair within 256 * 127 (docs/export.md, "Agreement")."""
+        nodes = self._quantizer_nodes(gm)
+        found = []
+        for name in names:
+            node = nodes.get(name)
+            source = node.args[0] if node is not None and node.args else None
+            while isinstance(source, torch.fx.Node) and op_kind(source, gm) in (Kind.dropout, Kind.identity):
+                source = source.args[0] if source.args else None
+            if isinstance(source, torch.fx.Node) and op_kind(source, gm) is Kind.softmax:
+                found.append(name)
+        return found
 
     def _non_finite_range(self, gm, name: str, bounds) -> RangeInitError:
         node = self._quantizer_nodes(gm).get(name) if isinstance(gm, torch.fx.GraphModule) else None
