@@ -57,9 +57,10 @@ def test_smoothed_float_model_is_the_same_function_and_quantizes_better():
     # the classifier read theirs alone
     assert ctrl.statistics()["quantization"].summary["smoothed"] == len(smoothing) == 8
     assert all(not torch.equal(m.scale, torch.ones_like(m.scale)) for m in smoothing)
-    # measured 0.0363 without and 0.0337 with smoothing (deterministic: seeded model and data); the
-    # outlier is in the model input only, the random layers after it have none
-    assert errors[0.5] < 0.95 * errors[None], errors
+    # measured 0.0364 without and 0.0346 with smoothing (deterministic: seeded model and data; 0.0363 /
+    # 0.0337 before softmax outputs took the range [0, 1]); the outlier is in the model input only, the
+    # random layers after it have none
+    assert errors[0.5] < 0.97 * errors[None], errors
 
 
 def test_scales_follow_the_smoothquant_formula():
