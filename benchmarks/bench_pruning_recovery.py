@@ -49,32 +49,12 @@ use_this_checkout()
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import FilterPruning, KnowledgeDistillation  # noqa: E402
 from fxcompress.passes.distillation.losses import softmax_loss  # noqa: E402
-from fxcompress.testing import evaluate_accuracy, load_digits_tensors, seeded  # noqa: E402
+from fxcompress.testing import ResidualDigitsCNN, evaluate_accuracy, load_digits_tensors, seeded  # noqa: E402
 
 MACS_KEPT = 0.25
 BATCH = 64
 LR = 1e-3
 CRITERIA = ("L2", "L1", "geometric_median", "taylor", "bn_scale")
-
-
-class ResidualDigitsCNN(nn.Module):
-    """conv1 -> [conv2 -> conv3] + skip -> max pool -> conv4 -> fc, for the 8x8 digits."""
-
-    def __init__(self, width: int = 16):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.conv3, self.bn3 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
-        self.pool = nn.MaxPool2d(2)
-        self.conv4, self.bn4 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width)
-        self.fc = nn.Linear(2 * width * 4 * 4, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(x)))
-        x = self.pool(F.relu(x + self.bn3(self.conv3(y))))
-        x = F.relu(self.bn4(self.conv4(x)))
-        return self.fc(torch.flatten(x, 1))
 
 
 def conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:

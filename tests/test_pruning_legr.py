@@ -7,35 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fxcompress import CheckpointError, ConfigError, compile_for_compression
 from fxcompress.passes import FilterPruning
 from fxcompress.passes.pruning.legr import EvolutionSearch
-from fxcompress.testing import evaluate_accuracy, load_digits_tensors, seeded
+from fxcompress.testing import ResidualDigitsCNN, evaluate_accuracy, load_digits_tensors, seeded
 from training import report
-
-
-class ResidualDigitsCNN(nn.Module):
-    """conv1 -> [conv2 -> conv3] + skip -> max pool -> conv4 -> fc, for the 8x8 digits."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.conv2, self.bn2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.conv3, self.bn3 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.pool = nn.MaxPool2d(2)
-        self.conv4, self.bn4 = nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)
-        self.fc = nn.Linear(32 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(x)))
-        x = self.pool(F.relu(x + self.bn3(self.conv3(y))))
-        x = F.relu(self.bn4(self.conv4(x)))
-        return self.fc(torch.flatten(x, 1))
 
 
 def _loader(x, y, shuffle=False, seed=0):

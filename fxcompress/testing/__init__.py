@@ -30,8 +30,8 @@ from .asserts import (assert_modules_agree, assert_outputs_agree, assert_state_u
 from .data import (default_cache_dir, digits_loaders, evaluate_accuracy, load_digits_tensors,
                    train_digits_cnn)
 from .models import (ARCHITECTURES, LEAF_MODULES, MLP, DataDependentGate, DenseNetTiny,
-                     DigitsCNN, MobileNetV2Tiny, ModelCase, ModelNeedingLeaf, ResNet, ResNetTiny,
-                     TransformerEncoderTiny, build, leaf_modules_for, randomize_norm_layers_,
+                     DigitsCNN, MobileNetV2Tiny, ModelCase, ModelNeedingLeaf, ResidualDigitsCNN, ResNet,
+                     ResNetTiny, TransformerEncoderTiny, build, leaf_modules_for, randomize_norm_layers_,
                      resnet18_like, seeded)
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "randomize_norm_layers_", "ResNetTiny", "ResNet", "resnet18_like", "MobileNetV2Tiny",
     "DenseNetTiny", "TransformerEncoderTiny", "MLP", "DataDependentGate", "ModelNeedingLeaf",
     "DigitsCNN",
+    "ResidualDigitsCNN",
     # asserts
     "assert_modules_agree", "assert_outputs_agree", "max_abs_diff", "state_snapshot",
     "assert_state_unchanged", "module_structure",

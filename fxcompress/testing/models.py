@@ -49,6 +49,7 @@ __all__ = [
     "DataDependentGate",
     "ModelNeedingLeaf",
     "DigitsCNN",
+    "ResidualDigitsCNN",
     "ARCHITECTURES",
     "LEAF_MODULES",
     "leaf_modules_for",
@@ -726,6 +727,28 @@ class DigitsCNN(nn.Module):
 
     def example_input(self, batch: int = 2, seed: int = 0) -> torch.Tensor:
         return _randn(batch, 1, 8, 8, seed=seed)
+
+
+class ResidualDigitsCNN(nn.Module):
+    """conv1 -> [conv2 -> conv3] + skip -> max pool -> conv4 -> fc, for the 8x8 digits: every channel
+    group prunable, one of them joined by a residual add (the pruning-recovery and LeGR model).
+    Initialized from the global RNG (callers seed it)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv3, self.bn3 = nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.pool = nn.MaxPool2d(2)
+        self.conv4, self.bn4 = nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width)
+        self.fc = nn.Linear(2 * width * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(x)))
+        x = self.pool(F.relu(x + self.bn3(self.conv3(y))))
+        x = F.relu(self.bn4(self.conv4(x)))
+        return self.fc(torch.flatten(x, 1))
 
 
 # ---------------------------------------------------------------------------
