@@ -7,7 +7,7 @@ CONFIG_DIR holds NNCF 2.5's ``examples/torch/classification/configs/**/*.json`` 
 needs torchvision. Prints OK / REFUSED / CRASH per config and "N of M run unchanged"
 (docs/nncf_configs.md).
 """
-import json, sys, warnings, glob, os, traceback
+import sys, warnings, glob, os
 
 from checkout import use_this_checkout  # noqa: E402  (benchmarks/checkout.py)
 

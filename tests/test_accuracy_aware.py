@@ -13,7 +13,7 @@ from fxcompress.accuracy_aware import (AdaptiveCompressionTrainingLoop, EarlyExi
                                        create_accuracy_aware_training_loop, validate_accuracy_aware_config)
 from fxcompress.controller import CompressionController, ControllerPart
 from fxcompress.errors import ConfigError
-from fxcompress.passes import MagnitudeSparsity, Quantize
+from fxcompress.passes import MagnitudeSparsity
 from fxcompress.testing import digits_loaders, evaluate_accuracy, seeded, train_digits_cnn
 
 ADAPTIVE = "adaptive_compression_level"

@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxcompress import Config, ConfigError, compile_for_compression, load_state
-from fxcompress.export import export_onnx
 from fxcompress.passes import Quantize, quantize_post_training
 from fxcompress.testing import DigitsCNN, assert_state_unchanged, state_snapshot
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fxcompress import Config, compile_for_compression
 from fxcompress.errors import CheckpointError, ConfigError, UnsupportedModelError
-from fxcompress.passes import KnowledgeDistillation, MagnitudeSparsity, Quantize
+from fxcompress.passes import KnowledgeDistillation, MagnitudeSparsity
 from fxcompress.passes.distillation.algorithm import _StudentHook
 
 HALF_SPARSE = dict(sparsity_init=0.5, sparsity_target=0.5, sparsity_target_epoch=0)

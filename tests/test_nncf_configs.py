@@ -477,7 +477,6 @@ def test_scope_override_on_an_nncf_operation_name(resnet):
 
 def test_quantization_compression_lr_multiplier_scales_the_quantizer_gradients_only(resnet):
     from fxcompress import Config
-    from fxcompress.quantizers import FakeQuantizer
     model, inputs, _ = resnet
     grads, outputs = [], []
     for multiplier in (None, 4.0):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 
 from fxcompress import compile_for_compression

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fxcompress.samples.detection import DetectionTask
-from fxcompress.samples.metrics import DetectionAP, average_precision, box_iou, nms, nms_reference
+from fxcompress.samples.metrics import DetectionAP, average_precision, nms, nms_reference
 from fxcompress.samples.shapes import write_shapes_dataset
 from fxcompress.samples import voc
 from fxcompress.samples.ssd import MultiBoxLoss, SmallSSD, decode, default_boxes, encode, match, postprocess
