@@ -40,6 +40,7 @@ import torch.fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from .dropout import make_dropout_mode_aware
 from .errors import InputShapeError, TraceError
 from .integer_inputs import mark_integer_derived
 from .input_fit import NodeFailure, input_shape_error, module_code_error, refused_by_model_code
@@ -567,6 +568,9 @@ def trace(model: torch.nn.Module, example_inputs=None, *, leaf_modules: Sequence
     graph._tracer_extras = {}
     name = type(model).__name__
     gm = torch.fx.GraphModule(tracer.root, graph, class_name=name)
+    # fx froze every ``self.training`` dropout decision at the mode the model was in: make them follow
+    # gm.train()/gm.eval() again (fxcompress/dropout.py).
+    make_dropout_mode_aware(gm, traced_in_training=model.training)
     if gm.graph.eliminate_dead_code():  # shape queries answered concretely leave unused nodes
         gm.recompile()
     gm.meta["example_inputs"] = args

@@ -81,7 +81,9 @@ def test_qat_through_the_trainer_learns_and_exports_with_dynamic_axes(tmp_path):
     losses = logged_losses(trainer)
     assert len(losses) == 6
     assert losses[0] == pytest.approx(np.log(2), abs=0.05)   # chance level at the start
-    assert losses[-1] < 0.75 * losses[0], losses
+    # learns: 0.693 -> 0.531 in 24 steps with the attention matmuls quantized too (0.466 when the tiny BERT,
+    # compiled in train mode, kept SDPA fused because fx had frozen its dropout rate: fxcompress/dropout.py)
+    assert losses[-1] < 0.8 * losses[0], losses
     ctrl, gm = trainer.ctrl, trainer.model.gm
     assert ctrl.scheduler.schedulers[0].global_step == 24
     stats = ctrl.statistics().to_dict()["quantization"]
@@ -175,6 +177,13 @@ def test_trainer_keeps_the_columns_the_graph_takes_and_computes_the_heads_loss()
     outputs = compressed(**batch, labels=labels)
     expected = torch.nn.functional.cross_entropy(outputs["logits"], labels)
     assert torch.equal(outputs["loss"], expected)
+    # It pickles (torch.save(model), DataLoader workers, multiprocessing): the head's loss is no closure.
+    import pickle
+    compressed.eval()   # no dropout: the two runs must be comparable
+    outputs = compressed(**batch, labels=labels)
+    restored = pickle.loads(pickle.dumps(compressed))
+    again = restored(**batch, labels=labels)
+    assert torch.equal(again["logits"], outputs["logits"]) and torch.equal(again["loss"], outputs["loss"])
     with pytest.raises(TypeError, match=r"unexpected \['position_ids'\]"):
         compressed(**batch, position_ids=batch["input_ids"])
     with pytest.raises(TypeError, match=r"missing \['token_type_ids'\]"):

@@ -44,18 +44,33 @@ COMPRESSION_STATE_NAME = "compression_state.pt"
 _WEIGHTS_NAME = "model.safetensors"   # transformers' SAFE_WEIGHTS_NAME
 
 
+class _HeadLoss:
+    """The loss a Hugging Face head of ``loss_type`` computes from ``(outputs, labels)``; a class, not a
+    closure, so that a ``CompressedModel`` pickles (``torch.save(model)``, multiprocessing)."""
+
+    def __init__(self, loss_type: str, config):
+        self.loss_type, self.config = loss_type, config
+
+    def __call__(self, outputs, labels):
+        logits, config = outputs["logits"], self.config
+        if self.loss_type == "ForSequenceClassification":
+            return ForSequenceClassificationLoss(labels, logits, config)
+        if self.loss_type == "ForTokenClassification":
+            return ForTokenClassification(logits, labels, config)
+        if self.loss_type == "ForMaskedLM":
+            return ForMaskedLMLoss(logits, labels, config.vocab_size)
+        return ForCausalLMLoss(logits, labels, config.vocab_size)
+
+
+_HEAD_LOSSES = ("ForSequenceClassification", "ForTokenClassification", "ForMaskedLM", "ForCausalLM")
+
+
 def _task_loss_of(model: torch.nn.Module) -> Callable | None:
     """The loss the Hugging Face model's head computes from ``(outputs, labels)``, by its ``loss_type``."""
     config, loss_type = getattr(model, "config", None), getattr(model, "loss_type", None)
-    if config is None:
+    if config is None or loss_type not in _HEAD_LOSSES:
         return None
-    losses = {
-        "ForSequenceClassification": lambda out, labels: ForSequenceClassificationLoss(labels, out["logits"], config),
-        "ForTokenClassification": lambda out, labels: ForTokenClassification(out["logits"], labels, config),
-        "ForMaskedLM": lambda out, labels: ForMaskedLMLoss(out["logits"], labels, config.vocab_size),
-        "ForCausalLM": lambda out, labels: ForCausalLMLoss(out["logits"], labels, config.vocab_size),
-    }
-    return losses.get(loss_type)
+    return _HeadLoss(loss_type, config)
 
 
 class _Forward:

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
+from fxcompress.dropout import DropoutRate
 from fxcompress.graph import copy_meta
 from fxcompress.optable import Kind, op_kind
 
@@ -46,8 +47,8 @@ def _why_not(args: dict) -> str | None:
     """Why a call cannot be decomposed here (None: it can)."""
     if not all(isinstance(args[k], torch.fx.Node) for k in ("query", "key", "value")):
         return "q/k/v are not tensors of the graph"
-    if not isinstance(args["dropout_p"], (int, float)) or args["dropout_p"] != 0:
-        return f"dropout_p={args['dropout_p']!r} (attention dropout inside the fused op)"
+    if _dropout_rate(args["dropout_p"]) is None:
+        return f"dropout_p={args['dropout_p']!r} (attention dropout computed in the graph)"
     if args["enable_gqa"] is not False:
         return "enable_gqa (grouped-query attention)"
     if not isinstance(args["is_causal"], bool) or not (args["scale"] is None or isinstance(args["scale"], float)):
@@ -56,6 +57,18 @@ def _why_not(args: dict) -> str | None:
         return "a constant attn_mask"
     if not isinstance(args["query"].meta.get("shape"), tuple) or not isinstance(args["key"].meta.get("shape"), tuple):
         return "q/k shapes are unknown"
+    return None
+
+
+def _dropout_rate(dropout_p) -> float | None:
+    """The call's attention dropout: a number, or the ``p`` of the ``DropoutRate`` module that gives it
+    in train mode only (a model traced in train mode: fxcompress/dropout.py); None if computed otherwise."""
+    if isinstance(dropout_p, (int, float)):
+        return float(dropout_p)
+    if isinstance(dropout_p, torch.fx.Node) and dropout_p.op == "call_module":
+        module = dropout_p.graph.owning_module.get_submodule(dropout_p.target)
+        if isinstance(module, DropoutRate):
+            return module.p
     return None
 
 
@@ -118,9 +131,20 @@ def _decompose(gm: torch.fx.GraphModule, node: torch.fx.Node, args: dict, insert
         if mask is not None:
             scores = _apply_mask(add, scores, mask, mask.meta.get("dtype"), scores_shape, dtype)
         probs = add(F.softmax, (scores, -1), scores_shape)
+        if isinstance(args["dropout_p"], torch.fx.Node):
+            # dropout on the probabilities, as SDPA applies it, in train mode only (as the rate was)
+            name = f"{args['dropout_p'].target}_probs"
+            gm.add_submodule(name, torch.nn.Dropout(_dropout_rate(args["dropout_p"])))
+            probs = add(name, (probs,), scores_shape, "call_module")
+        elif args["dropout_p"]:
+            probs = add(torch.dropout, (probs, float(args["dropout_p"]), True), scores_shape)
         out = add(torch.matmul, (probs, v), node.meta.get("shape"))
     node.replace_all_uses_with(out)
     graph.erase_node(node)
+    rate = args["dropout_p"]
+    if isinstance(rate, torch.fx.Node) and not rate.users:
+        graph.erase_node(rate)
+        gm.delete_submodule(rate.target)
 
 
 def _apply_mask(add, scores, mask, mask_dtype, shape, dtype):
