@@ -101,16 +101,19 @@ def pretrained(x, y):
 # -- fxcompress -----------------------------------------------------------------------------------
 
 def run_fxcompress(model, train, test, criterion: str, progressive: bool, kd: bool, temperature: float, seed: int,
-                   span: float = 0.25, **extra):
+                   span: float = 0.25, initializer: dict | None = None, **extra):
     steps = len(train)
     schedule = (dict(schedule="exponential", update_per_optimizer_step=True, pruning_steps=span,
                      steps_per_epoch=steps) if progressive else dict(schedule="baseline"))
     passes = [FilterPruning(pruning_flops_target=1 - MACS_KEPT, filter_importance=criterion, prune_first_conv=True,
-                            prune_downsample_convs=True, **schedule, **extra)]
+                            prune_downsample_convs=True, **schedule, **extra,
+                            **({"initializer": initializer} if initializer else {}))]
     if kd:
         passes.insert(0, KnowledgeDistillation(type="softmax", temperature=temperature))
     with seeded(seed):
         ctrl, gm = compile_for_compression(model, passes, (train[0][0][:2],), copy=True)
+        if initializer:  # the first training batches (reconstruction, BatchNorm adaptation); before the optimizer
+            ctrl.initialize(train)
         optimizer = torch.optim.Adam(gm.parameters(), lr=LR)
         gm.train()
         for xb, yb in train:
