@@ -9,13 +9,12 @@
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxcompress import ConfigError, compile_for_compression
+from fxcompress import Config, ConfigError, compile_for_compression
 from fxcompress.passes import FilterPruning
 from fxcompress.passes.pruning import reconstruction
 from fxcompress.testing import ResidualDigitsCNN, seeded
@@ -158,3 +157,16 @@ def test_a_failure_part_way_restores_every_weight_and_mask(monkeypatch):
     torch.testing.assert_close(gm(x), output, rtol=0, atol=0)
     with pytest.raises(ValueError, match="no batches"):
         ctrl.initialize([])
+
+
+def test_nncf_style_json_turns_it_on():
+    config = Config.from_dict({"input_info": {"sample_size": [1, 3, 6, 6]},
+                               "compression": {"algorithm": "filter_pruning",
+                                               "params": {"schedule": "baseline", "pruning_target": 0.5,
+                                                          "prune_first_conv": True},
+                                               "initializer": {"reconstruction": {"num_samples": 64}}}})
+    model = PooledHead().eval()
+    ctrl, gm = compile_for_compression(model, config, copy=True)
+    ctrl.initialize(_loader(X))
+    assert ctrl.filter_pruning._reconstructed == ["fc.weight"]
+    assert not torch.equal(gm.fc.weight, model.fc.weight)

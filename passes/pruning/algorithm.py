@@ -565,8 +565,8 @@ class FilterPruningController(ControllerPart):
         self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, samples, "filter pruning: BatchNorm adaptation")
 
     def distributed(self):
-        """Make every rank use rank 0's masks (LeGR coefficients, reconstructed weights), and the mean of the adapted BatchNorm
-        statistics."""
+        """Make every rank use rank 0's masks (LeGR coefficients, reconstructed weights), and the mean of
+        the adapted BatchNorm statistics."""
         if not is_distributed() or not self.groups:
             return
         if self.learned_ranking:  # later schedule steps rank with them: every rank uses rank 0's search
