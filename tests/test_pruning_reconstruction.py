@@ -170,3 +170,20 @@ def test_nncf_style_json_turns_it_on():
     ctrl.initialize(_loader(X))
     assert ctrl.filter_pruning._reconstructed == ["fc.weight"]
     assert not torch.equal(gm.fc.weight, model.fc.weight)
+
+
+def test_it_runs_once_needs_data_and_is_not_repeated_after_resuming_a_checkpoint():
+    model = PooledHead().eval()
+    ctrl, gm = _compile(model, {"num_samples": 64})
+    with pytest.raises(ValueError, match="filter_pruning needs a data loader"):
+        ctrl.initialize()
+    ctrl.initialize(_loader(X))
+    solved = gm.fc.weight
+    ctrl.initialize(_loader(X))  # later initialize calls (e.g. BatchNorm adaptation again) do not solve again
+    assert gm.fc.weight is solved
+    resumed, resumed_gm = _compile(PooledHead().eval(), {"num_samples": 64})
+    resumed.load_state_dict(ctrl.state_dict())
+    resumed_gm.load_state_dict(gm.state_dict())
+    assert not resumed.filter_pruning.needs_data()
+    resumed.initialize(_loader(X))
+    assert torch.equal(resumed_gm.fc.weight, solved)

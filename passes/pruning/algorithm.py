@@ -355,6 +355,8 @@ class FilterPruningController(ControllerPart):
         self._class_flops = None
         self._adapted_bns: list = []
         self._reconstructed: list[str] = []  # weight targets initializer.reconstruction replaced
+        # reconstruction solves from the weights as compiled: once, at the first initialize with data
+        self.reconstruction_pending = "reconstruction" in self.params.get("initializer", {}) and bool(groups)
         self.pinned_level: float | None = None  # set by set_compression_rate (accuracy-aware training)
         p = self.params
         self.scheduler = build_pruning_scheduler(p["schedule"], p["pruning_init"], self.target,
@@ -544,20 +546,24 @@ class FilterPruningController(ControllerPart):
             mask.set(torch.from_numpy(self.analysis.keep(space, self.pruned)))
 
     # -- the training loop -----------------------------------------------------------------------
-    def needs_data(self) -> bool:
+    def _legr_pending(self) -> bool:
         return self.learned_ranking and bool(self.groups) and not self.ranking_learned
 
+    def needs_data(self) -> bool:
+        return self._legr_pending() or self.reconstruction_pending
+
     def initialize(self, ctx: InitContext):
-        if self.needs_data():
+        if self._legr_pending():
             self.learn_ranking(ctx.data)
         initializer = self.params.get("initializer", {})
         if ctx.data is None or not self.groups:
             return
-        if "reconstruction" in initializer:  # before BatchNorm adaptation: it changes what the BatchNorms see
+        if self.reconstruction_pending:  # before BatchNorm adaptation: it changes what the BatchNorms see
             settings = initializer["reconstruction"]
             self._reconstructed = reconstruct_consumers(
                 self, ctx.data, settings.get("num_samples", DEFAULT_RECONSTRUCTION_SAMPLES),
                 settings.get("ridge", DEFAULT_RIDGE))
+            self.reconstruction_pending = False
         init = initializer.get("batchnorm_adaptation")
         if init is None:
             return
@@ -619,6 +625,7 @@ class FilterPruningController(ControllerPart):
         return {"scheduler": self.scheduler.state_dict(), "num_classes": int(self.analysis.num_classes),
                 "pruned": [int(c) for c in np.nonzero(self.pruned)[0]], "level": float(self.current_level),
                 "applied": list(self._applied) if self._applied else None, "frozen": bool(self._frozen),
+                "reconstruction_pending": bool(self.reconstruction_pending),
                 "ranking_coeffs": ({k: [a, b] for k, (a, b) in self.ranking_coeffs.items()}
                                    if self.ranking_coeffs is not None and self.ranking_learned else None)}
 
@@ -640,6 +647,8 @@ class FilterPruningController(ControllerPart):
         self.current_level = float(state["level"])
         self._applied = tuple(state["applied"]) if state.get("applied") else None
         self._frozen = bool(state["frozen"])
+        # a checkpoint taken after reconstruction holds the solved weights: not solved again on resume
+        self.reconstruction_pending = self.reconstruction_pending and state.get("reconstruction_pending", True)
         if self._frozen and self.taylor is not None:
             self.taylor.detach()  # frozen masks need no more gradients
         if self.learned_ranking and state.get("ranking_coeffs"):
