@@ -8,11 +8,16 @@ fine-tunes one epoch (Adam, lr 1e-3, batch 64, 22 steps), the same batches for e
 seed. Reported: test accuracy (450 images) and the kept MACs fraction, mean over the seeds.
 
 fxcompress, every combination of
-- ``filter_importance``: L2, L1, geometric_median, taylor, bn_scale;
+- ``filter_importance``: L2, L1, geometric_median, group_l2, taylor, bn_scale;
 - schedule: one-shot (``baseline``: the target before the first step; taylor after the first
   backward pass) or progressive (``exponential`` with ``update_per_optimizer_step``,
   ``pruning_steps: --span`` (0.25): the level rises every step over the first quarter of the
   epoch, the pruned set only grows);
+- recovery right after one-shot pruning (``--recoveries``), in ``ctrl.initialize`` over the epoch's
+  training batches before the optimizer is built: none, BatchNorm adaptation
+  (``initializer.batchnorm_adaptation``) or least-squares reconstruction of the layers reading
+  pruned channels (``initializer.reconstruction``); not for taylor, whose masks wait for the first
+  backward pass;
 - with or without ``KnowledgeDistillation(type="softmax", temperature=--temperature (16))`` from
   the dense model.
 
@@ -26,9 +31,10 @@ distillation of its own: its "with distillation" rows add the same loss by hand
 the comparison separates what distillation brings from what the library brings.
 
     PYTHONPATH=<site-packages with torch-pruning> .venv/bin/python benchmarks/bench_pruning_recovery.py \
-        [--seeds 0 1 2] [--temperature 16] [--span 0.25]
+        [--seeds 0 1 2] [--temperature 16] [--span 0.25] [--criteria ...] [--recoveries ...] [--no-torch-pruning]
 
-Prints a Markdown table (the RESULTS.md section is pasted from it).
+Prints a Markdown table (the RESULTS.md section is pasted from it), with the test accuracy right after
+pruning (and the recovery), before the first training step, for the one-shot rows.
 """
 from __future__ import annotations
 
