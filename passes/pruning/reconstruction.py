@@ -74,48 +74,26 @@ def reconstructible(gm, layer: Layer) -> bool:
     return layer.kind is Kind.conv and weight.dim() == 4 and _conv_geometry(layer.node) is not None
 
 
-class _Stop(Exception):
-    """Raised once the captured layer's input is recorded: the rest of the forward is not needed."""
+def _tap(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> torch.fx.GraphModule:
+    """A GraphModule computing the values of ``nodes`` (a tuple) from ``gm``'s inputs, and nothing after
+    them. It shares ``gm``'s modules (masks included) and the parameters ``gm`` holds now, so it is
+    built again after a weight is replaced."""
+    graph, env = torch.fx.Graph(), {}
+    for node in gm.graph.nodes:
+        if node.op != "output":
+            env[node] = graph.node_copy(node, lambda arg: env[arg])
+    graph.output(tuple(env[n] for n in nodes))
+    tap = torch.fx.GraphModule(gm, graph)
+    tap.graph.eliminate_dead_code()  # what comes after the nodes is not run
+    tap.recompile()
+    return tap
 
 
-class _Capture(torch.fx.Interpreter):
-    """Runs the graph and records node outputs (``outputs``) or one node's data input (``input_of``)."""
-
-    def __init__(self, gm, outputs=(), input_of: Layer | None = None):
-        super().__init__(gm)
-        self.outputs = set(outputs)
-        self.input_of = input_of
-        self.recorded: dict = {}
-
-    def run_node(self, n):
-        if self.input_of is not None and n is self.input_of.node:
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            self.recorded[n] = args[self.input_of.input_arg]
-            raise _Stop
-        result = super().run_node(n)
-        if n in self.outputs:
-            self.recorded[n] = result.detach()
-        return result
-
-
-def _positional(gm, args: tuple, kwargs: dict) -> list:
-    """The graph's inputs in placeholder order (the Interpreter takes positional inputs only)."""
-    values = list(args)
-    for placeholder in [n for n in gm.graph.nodes if n.op == "placeholder"][len(args):]:
-        if placeholder.target in kwargs:
-            values.append(kwargs[placeholder.target])
-        elif placeholder.args:  # the forward's default
-            values.append(placeholder.args[0])
-        else:
-            raise ValueError(f"initialize: a calibration batch gives no value for the model input "
-                             f"'{placeholder.target}'")
-    return values
-
-
-def _rows(layer: Layer, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's input as rows ``[samples, in_features]`` (im2col for a conv)."""
+def _rows(layer: Layer, x: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """The layer's input on its kept channels as rows ``[samples, kept inputs]`` (im2col for a conv)."""
     if layer.kind is Kind.linear:
-        return x.reshape(-1, x.shape[-1])
+        return x[..., keep].reshape(-1, int(keep.sum()))
+    x = x[:, keep]
     cols = F.unfold(x, weight.shape[2:], **_conv_geometry(layer.node))  # [N, C*kh*kw, L]
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -156,11 +134,8 @@ def reconstruct_consumers(part, data: CalibrationData, num_samples: int, ridge: 
         with preserved_modes(gm):
             gm.eval()
             part._set_pruned(np.zeros_like(pruned))  # the dense model: every mask open
-            dense = []
-            for args, kwargs in batches:
-                capture = _Capture(gm, outputs=[layer.node for layer in layers])
-                capture.run(*_positional(gm, args, kwargs))
-                dense.append(capture.recorded)
+            outputs = _tap(gm, [layer.node for layer in layers])
+            dense = [dict(zip([layer.node for layer in layers], outputs(*args, **kwargs))) for args, kwargs in batches]
             part._set_pruned(pruned)
             for layer in layers:
                 _solve(gm, layer, analysis.keep(layer.in_space, pruned), batches, dense, ridge)
@@ -176,14 +151,11 @@ def _solve(gm, layer: Layer, keep: np.ndarray, batches, dense, ridge: float):
     weight = get_attr_value(gm, layer.weight_target)
     bias = get_attr_value(gm, layer.bias_target) if layer.bias_target is not None else None
     kept = _kept_columns(layer, keep, weight).to(weight.device)
+    keep_inputs = torch.from_numpy(keep).to(weight.device)
     gram = rhs = None
+    layer_input = _tap(gm, [layer.node.args[layer.input_arg]])
     for (args, kwargs), outputs in zip(batches, dense):
-        capture = _Capture(gm, input_of=layer)
-        try:
-            capture.run(*_positional(gm, args, kwargs))
-        except _Stop:
-            pass
-        x = _rows(layer, capture.recorded[layer.node], weight)[:, kept].double()
+        x = _rows(layer, layer_input(*args, **kwargs)[0], weight, keep_inputs).double()
         t = _targets(layer, outputs[layer.node], bias).double()
         gram = x.T @ x if gram is None else gram + x.T @ x
         rhs = x.T @ t if rhs is None else rhs + x.T @ t
