@@ -187,3 +187,29 @@ def test_it_runs_once_needs_data_and_is_not_repeated_after_resuming_a_checkpoint
     assert not resumed.filter_pruning.needs_data()
     resumed.initialize(_loader(X))
     assert torch.equal(resumed_gm.fc.weight, solved)
+
+
+def test_non_finite_calibration_data_is_a_clear_error_and_changes_nothing():
+    model = PooledHead().eval()
+    ctrl, gm = _compile(model, {"num_samples": 64})
+    bad = X.clone()
+    bad[3, 0, 2, 2] = float("nan")
+    weight = gm.fc.weight
+    with pytest.raises(ValueError, match="reconstruction of fc: non-finite values"):
+        ctrl.initialize(_loader(bad))
+    assert gm.fc.weight is weight and ctrl.filter_pruning.needs_data()
+    ctrl.initialize(_loader(X))  # good data afterwards: solved as usual
+    assert ctrl.filter_pruning._reconstructed == ["fc.weight"] and gm.fc.weight is not weight
+
+
+def test_singular_inputs_without_ridge_take_the_least_norm_solution():
+    """ridge 0 and a kept channel that copies another: X^T X is singular (``torch.linalg.solve`` refuses it,
+    or returns entries of 1e13 when rounding hides it); the pseudo-inverse gives weights of the dense
+    ones' size that reproduce the outputs."""
+    model = DependentChannel().eval()
+    with torch.no_grad():
+        model.conv1.weight[2] = model.conv1.weight[0]  # kept channels 0 and 2 are the same
+    ctrl, gm = _compile(model, {"num_samples": 64, "ridge": 0.0}, pruning_target=0.25)
+    ctrl.initialize(_loader(X))
+    torch.testing.assert_close(gm.eval()(X), model(X), rtol=0, atol=1e-5)
+    assert gm.conv2.weight.abs().max() < 10 * model.conv2.weight.abs().max()

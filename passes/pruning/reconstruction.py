@@ -159,8 +159,14 @@ def _solve(gm, layer: Layer, keep: np.ndarray, batches, dense, ridge: float):
         t = _targets(layer, outputs[layer.node], bias).double()
         gram = x.T @ x if gram is None else gram + x.T @ x
         rhs = x.T @ t if rhs is None else rhs + x.T @ t
+    if not (torch.isfinite(gram).all() and torch.isfinite(rhs).all()):
+        raise ValueError(f"filter_pruning reconstruction of {layer.name}: non-finite values in its inputs or in the "
+                         f"unpruned model's outputs on the calibration data; the weights were left as they were")
     damp = ridge * gram.diagonal().mean().clamp_min(1e-12)
-    solution = torch.linalg.solve(gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), rhs)
+    system = gram + damp * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    # the pseudo-inverse (eigen-decomposition): with ridge 0 and linearly dependent inputs the system is
+    # singular, where a plain solve returns huge weights that cancel only in exact arithmetic
+    solution = torch.linalg.pinv(system, hermitian=True) @ rhs
     new = weight.detach().clone().reshape(weight.shape[0], -1)
     new[:, kept] = solution.T.to(new.dtype)
     _set_tensor(gm, layer.weight_target, new.reshape(weight.shape), weight)
