@@ -226,6 +226,8 @@ def main():
     parser.add_argument("--tp-criteria", nargs="+", default=["L2", "geometric_median", "taylor", "bn_scale"])
     parser.add_argument("--recoveries", nargs="+", default=list(RECOVERIES), choices=RECOVERIES,
                         help="what initialize does right after one-shot pruning")
+    parser.add_argument("--calibration-samples", type=int, default=None,
+                        help="samples for reconstruction / BN adaptation (default: the whole training set)")
     parser.add_argument("--no-torch-pruning", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -234,7 +236,7 @@ def main():
     model = pretrained(x, y)
     print(f"dense accuracy {evaluate_accuracy(model, test):.2%}, {conv_linear_macs(model, xs)} MACs per sample")
     rows = []  # (library, criterion, schedule, recovery, kd, [acc], [macs], [acc before], seconds)
-    samples = len(x)  # reconstruction / BN adaptation: every training sample (22 batches), forward only
+    samples = args.calibration_samples or len(x)  # default: every training sample (22 batches), forward only
 
     def record(library, criterion, schedule, recovery, kd, fn):
         accs, macs, befores, start = [], [], [], time.perf_counter()
