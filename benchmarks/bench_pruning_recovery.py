@@ -8,11 +8,16 @@ fine-tunes one epoch (Adam, lr 1e-3, batch 64, 22 steps), the same batches for e
 seed. Reported: test accuracy (450 images) and the kept MACs fraction, mean over the seeds.
 
 fxcompress, every combination of
-- ``filter_importance``: L2, L1, geometric_median, taylor, bn_scale;
+- ``filter_importance``: L2, L1, geometric_median, group_l2, taylor, bn_scale;
 - schedule: one-shot (``baseline``: the target before the first step; taylor after the first
   backward pass) or progressive (``exponential`` with ``update_per_optimizer_step``,
   ``pruning_steps: --span`` (0.25): the level rises every step over the first quarter of the
   epoch, the pruned set only grows);
+- recovery right after one-shot pruning (``--recoveries``), in ``ctrl.initialize`` over the epoch's
+  training batches before the optimizer is built: none, BatchNorm adaptation
+  (``initializer.batchnorm_adaptation``) or least-squares reconstruction of the layers reading
+  pruned channels (``initializer.reconstruction``); not for taylor, whose masks wait for the first
+  backward pass;
 - with or without ``KnowledgeDistillation(type="softmax", temperature=--temperature (16))`` from
   the dense model.
 
@@ -26,14 +31,16 @@ distillation of its own: its "with distillation" rows add the same loss by hand
 the comparison separates what distillation brings from what the library brings.
 
     PYTHONPATH=<site-packages with torch-pruning> .venv/bin/python benchmarks/bench_pruning_recovery.py \
-        [--seeds 0 1 2] [--temperature 16] [--span 0.25]
+        [--seeds 0 1 2] [--temperature 16] [--span 0.25] [--criteria ...] [--recoveries ...] [--no-torch-pruning]
 
-Prints a Markdown table (the RESULTS.md section is pasted from it).
+Prints a Markdown table (the RESULTS.md section is pasted from it), with the test accuracy right after
+pruning (and the recovery), before the first training step, for the one-shot rows.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import statistics
 import time
 
@@ -54,7 +61,8 @@ from fxcompress.testing import ResidualDigitsCNN, evaluate_accuracy, load_digits
 MACS_KEPT = 0.25
 BATCH = 64
 LR = 1e-3
-CRITERIA = ("L2", "L1", "geometric_median", "taylor", "bn_scale")
+CRITERIA = ("L2", "L1", "geometric_median", "group_l2", "taylor", "bn_scale")
+RECOVERIES = ("none", "BN adaptation", "reconstruction")  # one-shot only: what initialize does right after pruning
 
 
 def conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:
@@ -100,17 +108,31 @@ def pretrained(x, y):
 
 # -- fxcompress -----------------------------------------------------------------------------------
 
+def recovery_initializer(recovery: str, samples: int) -> dict | None:
+    """The ``initializer`` block of a recovery: BatchNorm statistics or consumer weights re-estimated on
+    ``samples`` training samples right after pruning (``ctrl.initialize``)."""
+    return {"none": None,
+            "BN adaptation": {"batchnorm_adaptation": {"num_bn_adaptation_samples": samples}},
+            "reconstruction": {"reconstruction": {"num_samples": samples}}}[recovery]
+
+
 def run_fxcompress(model, train, test, criterion: str, progressive: bool, kd: bool, temperature: float, seed: int,
-                   span: float = 0.25, **extra):
+                   span: float = 0.25, initializer: dict | None = None, **extra):
+    """(accuracy after the epoch, kept MACs fraction, accuracy right after pruning and initialize or None)."""
     steps = len(train)
     schedule = (dict(schedule="exponential", update_per_optimizer_step=True, pruning_steps=span,
                      steps_per_epoch=steps) if progressive else dict(schedule="baseline"))
     passes = [FilterPruning(pruning_flops_target=1 - MACS_KEPT, filter_importance=criterion, prune_first_conv=True,
-                            prune_downsample_convs=True, **schedule, **extra)]
+                            prune_downsample_convs=True, **schedule, **extra,
+                            **({"initializer": initializer} if initializer else {}))]
     if kd:
         passes.insert(0, KnowledgeDistillation(type="softmax", temperature=temperature))
     with seeded(seed):
         ctrl, gm = compile_for_compression(model, passes, (train[0][0][:2],), copy=True)
+        if initializer:  # the training batches (reconstruction, BatchNorm adaptation); before the optimizer
+            ctrl.initialize(train)
+        one_shot_now = not progressive and criterion != "taylor"  # taylor's masks wait for the first backward
+        before = evaluate_accuracy(gm, test) if one_shot_now else None
         optimizer = torch.optim.Adam(gm.parameters(), lr=LR)
         gm.train()
         for xb, yb in train:
@@ -121,7 +143,7 @@ def run_fxcompress(model, train, test, criterion: str, progressive: bool, kd: bo
         ctrl.scheduler.epoch_step()
     stats = ctrl.statistics().to_dict()["filter_pruning"]
     macs = stats["flops_after"] / stats["flops_before"]
-    return evaluate_accuracy(ctrl.strip(), test), macs
+    return evaluate_accuracy(ctrl.strip(), test), macs, before
 
 
 # -- Torch-Pruning ----------------------------------------------------------------------------------
@@ -170,6 +192,7 @@ def run_torch_pruning(tp, model, train, test, name: str, progressive: bool, rati
             loss = loss + softmax_loss(logits, soft, temperature)
         return loss
 
+    before = None
     with seeded(seed):
         net = copy.deepcopy(model)
         dense = conv_linear_macs(net, example)
@@ -182,12 +205,14 @@ def run_torch_pruning(tp, model, train, test, name: str, progressive: bool, rati
                     net.zero_grad()
                     F.cross_entropy(net(xb), yb).backward()
                 pruner.step()
+                if i == 0 and not progressive:
+                    before = evaluate_accuracy(net, test)
                 net.zero_grad()
                 optimizer = torch.optim.Adam(net.parameters(), lr=LR)  # the pruned layers are new parameters
             optimizer.zero_grad()
             loss_of(xb, yb).backward()
             optimizer.step()
-    return evaluate_accuracy(net, test), conv_linear_macs(net, example) / dense
+    return evaluate_accuracy(net, test), conv_linear_macs(net, example) / dense, before
 
 
 # -- the table --------------------------------------------------------------------------------------
@@ -199,6 +224,10 @@ def main():
     parser.add_argument("--criteria", nargs="*", default=list(CRITERIA))
     parser.add_argument("--span", type=float, default=0.25, help="fraction of the epoch progressive pruning takes")
     parser.add_argument("--tp-criteria", nargs="+", default=["L2", "geometric_median", "taylor", "bn_scale"])
+    parser.add_argument("--recoveries", nargs="+", default=list(RECOVERIES), choices=RECOVERIES,
+                        help="what initialize does right after one-shot pruning")
+    parser.add_argument("--calibration-samples", type=int, default=None,
+                        help="samples for reconstruction / BN adaptation (default: the whole training set)")
     parser.add_argument("--no-torch-pruning", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -206,44 +235,53 @@ def main():
     test = DataLoader(TensorDataset(xs, ys), batch_size=256)
     model = pretrained(x, y)
     print(f"dense accuracy {evaluate_accuracy(model, test):.2%}, {conv_linear_macs(model, xs)} MACs per sample")
-    rows = []  # (library, criterion, schedule, kd, [acc], [macs], seconds)
+    rows = []  # (library, criterion, schedule, recovery, kd, [acc], [macs], [acc before], seconds)
+    samples = args.calibration_samples or len(x)  # default: every training sample (22 batches), forward only
 
-    def record(library, criterion, schedule, kd, fn):
-        accs, macs, start = [], [], time.perf_counter()
+    def record(library, criterion, schedule, recovery, kd, fn):
+        accs, macs, befores, start = [], [], [], time.perf_counter()
         for seed in args.seeds:
-            acc, m = fn(seed)
+            acc, m, before = fn(seed)
             accs.append(acc)
             macs.append(m)
-        rows.append((library, criterion, schedule, kd, accs, macs, (time.perf_counter() - start) / len(args.seeds)))
-        print(f"  {library} {criterion} {schedule} kd={kd}: {[f'{a:.2%}' for a in accs]} "
+            befores.append(before)
+        rows.append((library, criterion, schedule, recovery, kd, accs, macs, befores,
+                     (time.perf_counter() - start) / len(args.seeds)))
+        print(f"  {library} {criterion} {schedule} {recovery} kd={kd}: {[f'{a:.2%}' for a in accs]} "
               f"MACs {statistics.mean(macs):.3f}", flush=True)
 
     if not args.no_torch_pruning:
         import torch_pruning as tp
         ratio = tp_ratio_for_macs(tp, model, xs[:2])
-        print(f"Torch-Pruning {tp.__version__}: uniform pruning_ratio {ratio:.4f}")
+        print(f"Torch-Pruning {importlib.metadata.version('torch-pruning')}: uniform pruning_ratio {ratio:.4f}")
         for name in args.tp_criteria:
             for progressive in (False, True):
                 for kd in (False, True):
-                    record("Torch-Pruning", name, "progressive" if progressive else "one-shot",
+                    record("Torch-Pruning", name, "progressive" if progressive else "one-shot", "none",
                            "yes (same loss, by hand)" if kd else "no",
                            lambda seed: run_torch_pruning(tp, model, batches(x, y, seed), test, name, progressive,
                                                           ratio, seed, args.span, kd, args.temperature))
+    settings = [(False, r) for r in args.recoveries] + [(True, "none")]
     for criterion in args.criteria:
-        for progressive in (False, True):
+        for progressive, recovery in settings:
+            if recovery != "none" and criterion == "taylor":
+                continue  # taylor's masks come after the first backward pass: nothing to recover at initialize
             for kd in (False, True):
-                record("fxcompress", criterion, "progressive" if progressive else "one-shot",
+                record("fxcompress", criterion, "progressive" if progressive else "one-shot", recovery,
                        "yes" if kd else "no",
                        lambda seed: run_fxcompress(model, batches(x, y, seed), test, criterion, progressive, kd,
-                                                   args.temperature, seed, args.span))
+                                                   args.temperature, seed, args.span,
+                                                   recovery_initializer(recovery, samples)))
 
     print(f"\nseeds {args.seeds}; KD temperature {args.temperature:g}; progressive over {args.span:g} epoch\n")
-    print("| library | importance | schedule | distillation | accuracy (mean) | per seed | MACs kept | s per run |")
-    print("|---|---|---|---|---|---|---|---|")
-    for library, criterion, schedule, kd, accs, macs, seconds in sorted(
-            rows, key=lambda r: (r[0] != "Torch-Pruning", -statistics.mean(r[4]))):
-        print(f"| {library} | {criterion} | {schedule} | {kd} | {statistics.mean(accs):.2%} | "
-              f"{' / '.join(f'{a:.1%}' for a in accs)} | {statistics.mean(macs):.3f} | {seconds:.2f} |")
+    print("| library | importance | schedule | recovery | distillation | accuracy (mean) | per seed | "
+          "before fine-tuning (mean) | MACs kept | s per run |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for library, criterion, schedule, recovery, kd, accs, macs, befores, seconds in sorted(
+            rows, key=lambda r: (r[0] != "Torch-Pruning", -statistics.mean(r[5]))):
+        before = f"{statistics.mean(befores):.2%}" if None not in befores else "-"
+        print(f"| {library} | {criterion} | {schedule} | {recovery} | {kd} | {statistics.mean(accs):.2%} | "
+              f"{' / '.join(f'{a:.1%}' for a in accs)} | {before} | {statistics.mean(macs):.3f} | {seconds:.2f} |")
 
 
 if __name__ == "__main__":

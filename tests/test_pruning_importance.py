@@ -59,6 +59,12 @@ def reference_scores(model: TwoProducers, criterion: str) -> np.ndarray:
     convs, bns = (model.conv1, model.conv2), (model.bn1, model.bn2)
     if criterion == "bn_scale":
         return sum(np.abs(bn.weight.detach().double().numpy()) for bn in bns)
+    if criterion == "group_l2":  # per channel, the mean of sum w**2 over its 5 members (Torch-Pruning's group L2)
+        head = model.head.weight.detach().double().numpy()  # [4, 6, 1, 1]: the consumer's input slices
+        members = [(_filters(c.weight) ** 2).sum(1) for c in convs]
+        members += [bn.weight.detach().double().numpy() ** 2 for bn in bns]
+        members.append((head ** 2).sum(axis=(0, 2, 3)))
+        return sum(members) / len(members)
     if criterion == "taylor":  # one backward pass of the dense model on the same batch and loss
         dense = copy.deepcopy(model).train()
         F.cross_entropy(dense(INPUT), TARGET).backward()
@@ -92,7 +98,7 @@ def _train_step(ctrl, gm):
     ctrl.scheduler.step()
 
 
-@pytest.mark.parametrize("criterion", ["L1", "L2", "geometric_median", "bn_scale", "taylor"])
+@pytest.mark.parametrize("criterion", ["L1", "L2", "geometric_median", "group_l2", "bn_scale", "taylor"])
 def test_criterion_matches_direct_computation(criterion):
     model = _model()
     expected = reference_scores(model, criterion)
@@ -122,8 +128,8 @@ def test_criteria_rank_the_hand_built_case_differently():
     """The reference case separates the criteria (else the test above could pass with the wrong one)."""
     model = _model()
     orders = {c: tuple(np.argsort(reference_scores(model, c), kind="stable").tolist())
-              for c in ("L1", "L2", "geometric_median", "bn_scale", "taylor")}
-    assert len(set(orders.values())) == 5, orders
+              for c in ("L1", "L2", "geometric_median", "group_l2", "bn_scale", "taylor")}
+    assert len(set(orders.values())) == 6, orders
 
 
 def test_taylor_accumulates_over_backward_passes_and_restarts_after_masks_are_set():
@@ -159,7 +165,9 @@ def test_taylor_without_gradients_is_a_clear_error_and_the_model_still_pickles()
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"filter_importance": "taylr"}, "'L2', 'L1', 'geometric_median', 'taylor', 'bn_scale'"),
+    ({"filter_importance": "taylr"}, "'L2', 'L1', 'geometric_median', 'group_l2', 'taylor', 'bn_scale'"),
+    ({"filter_importance": "group_l2", "interlayer_ranking_type": "learned_ranking", "all_weights": True},
+     "learned_ranking"),
     ({"filter_importance": "taylor", "interlayer_ranking_type": "learned_ranking", "all_weights": True},
      "learned_ranking"),
     ({"pruning_steps": 0.5}, "update_per_optimizer_step"),
@@ -211,3 +219,14 @@ def test_progressive_within_one_epoch_follows_the_schedule_and_only_adds_channel
     assert not ctrl.statistics().to_dict()["filter_pruning"]["frozen"]
     ctrl.scheduler.epoch_step()
     assert ctrl.statistics().to_dict()["filter_pruning"]["frozen"]  # frozen from epoch ceil(0.5) = 1
+
+
+def test_group_l2_in_global_ranking_divides_each_group_by_its_mean():
+    """all_weights: groups are compared after dividing each group's scores by their mean (Torch-Pruning's
+    normalizer="mean"), so a group with larger weights does not take all the pruning."""
+    model = _model()
+    ctrl, gm = _compile(model, filter_importance="group_l2", all_weights=True)
+    part = ctrl.filter_pruning
+    classes = part.analysis.classes_of(part.groups[0].producers[0].out_space)
+    expected = reference_scores(model, "group_l2")
+    np.testing.assert_allclose(part.scores()[classes], expected / expected.mean(), rtol=1e-6)

@@ -36,6 +36,8 @@ from .importance import CRITERIA, WEIGHT_CRITERIA, TaylorScores, class_importanc
 from .legr import (LEGR_DEFAULTS, LEGR_SCHEMA, Coefficients, LegrCallbacks, identity, load_coefficients, run_legr,
                    save_coefficients)
 from .masks import ChannelMask, ChannelMaskedLayerNorm
+from .reconstruction import (DEFAULT_RECONSTRUCTION_SAMPLES, DEFAULT_RIDGE, RECONSTRUCTION_SCHEMA,
+                             reconstruct_consumers)
 from .schedule import SCHEDULE_NAMES, build_pruning_scheduler
 from .selection import PRUNING_QUOTA, Selector
 
@@ -68,7 +70,8 @@ SCHEMA = {
         "load_ranking_coeffs_path": {"type": "string", "minLength": 1},
         "initializer": {
             "type": "object",
-            "properties": {"batchnorm_adaptation": BATCHNORM_ADAPTATION_SCHEMA},
+            "properties": {"batchnorm_adaptation": BATCHNORM_ADAPTATION_SCHEMA,
+                           "reconstruction": RECONSTRUCTION_SCHEMA},
             "additionalProperties": False,
         },
     },
@@ -133,6 +136,15 @@ class FilterPruning(CompressionPass):
             raise ConfigError(f"{prefix}.steps_per_epoch: update_per_optimizer_step needs the number of optimizer "
                               f"steps per epoch to place each step in the schedule from the first epoch on",
                               path=f"{prefix}.steps_per_epoch")
+        if "reconstruction" in params.get("initializer", {}):
+            criterion = params.get("weight_importance") if params["filter_importance"] == "L2" else None
+            criterion = criterion or params["filter_importance"]
+            if params["schedule"] != "baseline" or criterion == "taylor" or params.get("pruning_init"):
+                raise ConfigError(f"{prefix}.initializer.reconstruction: reconstructs the layers after the channels "
+                                  f"pruned at initialize, so it needs the final masks then: schedule 'baseline' "
+                                  f"without pruning_init, and a weight criterion (not 'taylor', which waits for "
+                                  f"gradients); here schedule {params['schedule']!r}, filter_importance "
+                                  f"{criterion!r}", path=f"{prefix}.initializer.reconstruction")
         legr_keys = [k for k in ("legr_params", "save_ranking_coeffs_path", "load_ranking_coeffs_path") if k in params]
         if legr_keys and params["interlayer_ranking_type"] != "learned_ranking":
             raise ConfigError(f"{prefix}.{legr_keys[0]}: applies to interlayer_ranking_type 'learned_ranking' (LeGR) "
@@ -342,6 +354,9 @@ class FilterPruningController(ControllerPart):
         self._suspended = True
         self._class_flops = None
         self._adapted_bns: list = []
+        self._reconstructed: list[str] = []  # weight targets initializer.reconstruction replaced
+        # reconstruction solves from the weights as compiled: once, at the first initialize with data
+        self.reconstruction_pending = "reconstruction" in self.params.get("initializer", {}) and bool(groups)
         self.pinned_level: float | None = None  # set by set_compression_rate (accuracy-aware training)
         p = self.params
         self.scheduler = build_pruning_scheduler(p["schedule"], p["pruning_init"], self.target,
@@ -531,21 +546,33 @@ class FilterPruningController(ControllerPart):
             mask.set(torch.from_numpy(self.analysis.keep(space, self.pruned)))
 
     # -- the training loop -----------------------------------------------------------------------
-    def needs_data(self) -> bool:
+    def _legr_pending(self) -> bool:
         return self.learned_ranking and bool(self.groups) and not self.ranking_learned
 
+    def needs_data(self) -> bool:
+        return self._legr_pending() or self.reconstruction_pending
+
     def initialize(self, ctx: InitContext):
-        if self.needs_data():
+        if self._legr_pending():
             self.learn_ranking(ctx.data)
-        init = self.params.get("initializer", {}).get("batchnorm_adaptation")
-        if init is None or ctx.data is None or not self.groups:
+        initializer = self.params.get("initializer", {})
+        if ctx.data is None or not self.groups:
+            return
+        if self.reconstruction_pending:  # before BatchNorm adaptation: it changes what the BatchNorms see
+            settings = initializer["reconstruction"]
+            self._reconstructed = reconstruct_consumers(
+                self, ctx.data, settings.get("num_samples", DEFAULT_RECONSTRUCTION_SAMPLES),
+                settings.get("ridge", DEFAULT_RIDGE))
+            self.reconstruction_pending = False
+        init = initializer.get("batchnorm_adaptation")
+        if init is None:
             return
         samples = init.get("num_bn_adaptation_samples", DEFAULT_NUM_BN_ADAPTATION_SAMPLES)
         self._adapted_bns = adapt_batchnorm(ctx.gm, ctx.data, samples, "filter pruning: BatchNorm adaptation")
 
     def distributed(self):
-        """Make every rank use rank 0's masks (and LeGR coefficients), and the mean of the adapted BatchNorm
-        statistics."""
+        """Make every rank use rank 0's masks (LeGR coefficients, reconstructed weights), and the mean of
+        the adapted BatchNorm statistics."""
         if not is_distributed() or not self.groups:
             return
         if self.learned_ranking:  # later schedule steps rank with them: every rank uses rank 0's search
@@ -553,6 +580,7 @@ class FilterPruningController(ControllerPart):
             coefficients = torch.tensor([self.ranking_coeffs[n] for n in names], dtype=torch.float64)
             broadcast_from_rank0([coefficients])
             self.ranking_coeffs = {n: (float(a), float(b)) for n, (a, b) in zip(names, coefficients.tolist())}
+        broadcast_from_rank0([get_attr_value(self.gm, t).data for t in self._reconstructed])  # rank 0's solution
         flags = torch.from_numpy(self.pruned.astype(np.uint8))
         broadcast_from_rank0([flags])
         self._set_pruned(flags.numpy().astype(bool))
@@ -597,6 +625,7 @@ class FilterPruningController(ControllerPart):
         return {"scheduler": self.scheduler.state_dict(), "num_classes": int(self.analysis.num_classes),
                 "pruned": [int(c) for c in np.nonzero(self.pruned)[0]], "level": float(self.current_level),
                 "applied": list(self._applied) if self._applied else None, "frozen": bool(self._frozen),
+                "reconstruction_pending": bool(self.reconstruction_pending),
                 "ranking_coeffs": ({k: [a, b] for k, (a, b) in self.ranking_coeffs.items()}
                                    if self.ranking_coeffs is not None and self.ranking_learned else None)}
 
@@ -618,6 +647,8 @@ class FilterPruningController(ControllerPart):
         self.current_level = float(state["level"])
         self._applied = tuple(state["applied"]) if state.get("applied") else None
         self._frozen = bool(state["frozen"])
+        # a checkpoint taken after reconstruction holds the solved weights: not solved again on resume
+        self.reconstruction_pending = self.reconstruction_pending and state.get("reconstruction_pending", True)
         if self._frozen and self.taylor is not None:
             self.taylor.detach()  # frozen masks need no more gradients
         if self.learned_ranking and state.get("ranking_coeffs"):

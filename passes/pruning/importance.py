@@ -12,6 +12,11 @@
 - ``bn_scale`` (network slimming, Liu et al. 2017): ``|gamma|`` of the
   BatchNorm channel after the filter; a channel with no BatchNorm scores 0
   (a group without any BatchNorm cannot be ranked this way: ConfigError).
+- ``group_l2`` (group-wide magnitude, Torch-Pruning's ``GroupMagnitudeImportance(p=2)``):
+  every weight a channel touches counts: its producers' filters, the scale of each
+  BatchNorm / LayerNorm on it, and its consumers' input slices. Per channel, the
+  mean over these members of their ``sum w**2`` (``group_importance``); it ranks as
+  Torch-Pruning's does (same channels pruned in benchmarks/RESULTS.md).
 - A channel class's importance is the sum over all coupled layers (a
   residual group's channel ``c`` is produced by several convs and normalized by
   several BatchNorms; a depthwise conv with multiplier ``m`` contributes ``m``
@@ -35,10 +40,10 @@ from fxcompress.graph import get_attr_value
 from .dependency import ChannelAnalysis
 
 __all__ = ["CRITERIA", "WEIGHT_CRITERIA", "filter_importance", "l2_normalized", "class_importance",
-           "flops_weighted", "TaylorScores"]
+           "group_importance", "flops_weighted", "TaylorScores"]
 
-WEIGHT_CRITERIA = ("L2", "L1", "geometric_median")  # computed from the weights alone
-CRITERIA = WEIGHT_CRITERIA + ("taylor", "bn_scale")
+WEIGHT_CRITERIA = ("L2", "L1", "geometric_median")  # per filter, from the producers' weights alone
+CRITERIA = WEIGHT_CRITERIA + ("group_l2", "taylor", "bn_scale")
 
 
 def filter_importance(weight: torch.Tensor, out_axis: int, criterion: str) -> torch.Tensor:
@@ -134,6 +139,54 @@ def bn_scale_importance(analysis: ChannelAnalysis, gm, normalize: bool) -> np.nd
     return out
 
 
+def _squares_per_slice(tensor: torch.Tensor, axis: int) -> torch.Tensor:
+    """``sum t**2`` over each slice of ``tensor`` along ``axis``."""
+    t = tensor.detach().double().movedim(axis, 0)
+    return t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
+
+
+def group_importance(analysis: ChannelAnalysis, gm, normalize: bool) -> np.ndarray:
+    """``group_l2`` per channel class: the mean over the members that touch it of their ``sum w**2`` for
+    the channel (see the module docstring); ``normalize`` (global ranking) divides each group's
+    scores by their mean, as Torch-Pruning's ``normalizer="mean"``.
+
+    Members: each producer (its filter), each BatchNorm and channel LayerNorm (its scale), each
+    consumer (its weight's input slice; not a grouped conv's, whose inputs are its own filters'
+    groups, already counted as a producer). Biases and shifts are left out as Torch-Pruning's
+    default does (``bias=False``): counting them cost 1.2 points with distillation in
+    benchmarks/RESULTS.md. A per-member normalization (each member's scores over their mean)
+    cost 0.6-1.0 point there too: it gives a layer with a few large weights as much say as one
+    with many, where the raw sums follow the output energy each member carries."""
+    total = np.zeros(analysis.num_classes, dtype=np.float64)
+    members = np.zeros(analysis.num_classes, dtype=np.int64)
+
+    def add(space, per_element: torch.Tensor):
+        classes = analysis.classes_of(space)
+        np.add.at(total, classes, per_element.cpu().numpy())  # flatten -> linear: a channel's features add up
+        members[np.unique(classes)] += 1
+
+    for layer in analysis.layers.values():
+        if layer.weight_target is None:
+            continue
+        weight = get_attr_value(gm, layer.weight_target)
+        if layer.out_space is not None and weight.shape[layer.out_axis] == layer.out_space.size:
+            add(layer.out_space, _squares_per_slice(weight, layer.out_axis))
+        if layer.in_space is not None and not layer.grouped and weight.shape[layer.in_axis] == layer.in_space.size:
+            add(layer.in_space, _squares_per_slice(weight, layer.in_axis))
+    scales = [getattr(gm.get_submodule(norm.module_path), "weight", None) for norm in analysis.norms]
+    scales += [get_attr_value(gm, site.weight) if site.weight else None for site in analysis.layer_norms]
+    for space, scale in zip([n.space for n in analysis.norms] + [s.space for s in analysis.layer_norms], scales):
+        if scale is not None:
+            add(space, _squares_per_slice(scale, 0))
+    scores = total / np.maximum(members, 1)
+    if normalize:
+        for group in analysis.groups:
+            mean = scores[group.classes].mean()
+            if mean > 0:
+                scores[group.classes] /= mean
+    return scores
+
+
 def class_importance(analysis: ChannelAnalysis, gm, criterion: str, normalize: bool,
                      coefficients: dict[str, tuple[float, float]] | None = None,
                      taylor: TaylorScores | None = None) -> np.ndarray:
@@ -145,6 +198,8 @@ def class_importance(analysis: ChannelAnalysis, gm, criterion: str, normalize: b
     """
     if criterion == "bn_scale":
         return bn_scale_importance(analysis, gm, normalize)
+    if criterion == "group_l2":
+        return group_importance(analysis, gm, normalize)
     if criterion == "taylor" and (taylor is None or not taylor.ready):
         raise RuntimeError("filter_importance 'taylor' needs the gradients of a backward pass before "
                            "channels can be ranked")
