@@ -22,7 +22,8 @@ compile + initialize time, OpenVINO latency and what OpenVINO runs in integers.
    after the 8x128 timing: layer counts per type and precision, and the layers that differ.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_transformer.py [--attention eager] \
-        [--nncf-python /path/to/nncf-venv/bin/python] [--rounds 11] [--setup-rounds 3] [--graphs]
+        [--nncf-python /path/to/nncf-venv/bin/python] [--rounds 11] [--setup-rounds 3] [--graphs] \
+        [--clock cpu]
 """
 from __future__ import annotations
 
@@ -145,6 +146,9 @@ def main():
                         help="alternate rounds of compile + initialize (ours) and nncf.quantize")
     parser.add_argument("--nncf-python", help="python of a venv with nncf and openvino (skipped when absent)")
     parser.add_argument("--graphs", action="store_true", help="compare our and NNCF's OpenVINO runtime graphs")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="latency as elapsed time, or as the process's CPU time (one OpenVINO thread: "
+                             "leaves out waiting for a core on a machine shared by more jobs than cores)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
@@ -226,10 +230,11 @@ def main():
             feed = {k: v.numpy() for k, v in tokens(tokenizer, batch, length).items()}
             requests = {name: m.create_infer_request() for name, m in models.items()}
             times = interleaved_times({name: (lambda r=r: r.infer(feed)) for name, r in requests.items()},
-                                      rounds=args.rounds, repeats=3)
+                                      rounds=args.rounds, repeats=3,
+                                      clock=time.process_time if args.clock == "cpu" else time.perf_counter)
             medians = {name: statistics.median(t) for name, t in times.items()}
-            print(f"  OpenVINO latency {batch}x{length} (one thread, median [min-max] of {args.rounds} round-robin "
-                  f"rounds, load average {os.getloadavg()[0]:.1f}): " + "; ".join(
+            print(f"  OpenVINO latency {batch}x{length} ({args.clock} clock, one thread, median [min-max] of "
+                  f"{args.rounds} round-robin rounds, load average {os.getloadavg()[0]:.1f}): " + "; ".join(
                       f"{name} {_spread(t, 1e3)} ms"
                       + ("" if name == "fp32" else f" ({medians['fp32'] / medians[name]:.2f}x)")
                       for name, t in times.items()), flush=True)
