@@ -19,7 +19,8 @@ compile + initialize time, OpenVINO latency and what OpenVINO runs in integers.
    1x128 and 8x128, timed round robin (medians, spread, and the per-round ratio of ours to
    NNCF's), with the FullyConnected / MatMul layers OpenVINO executes in i8/u8. ``--graphs``
    compares the runtime graphs (``get_runtime_model()``) of our default int8 model and NNCF's
-   after the 8x128 timing: layer counts per type and precision, and the layers that differ.
+   after the 8x128 timing: layer counts per type and precision, the layers that differ, and
+   OpenVINO's per-layer times (``PERF_COUNT``) summed per layer type and kernel, fp32 included.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_transformer.py [--attention eager] \
         [--nncf-python /path/to/nncf-venv/bin/python] [--rounds 11] [--setup-rounds 3] [--graphs] \
@@ -138,6 +139,29 @@ def _graph_comparison(a_name: str, a, b_name: str, b) -> None:
         print(f"    {tag} #{i1}-{i2} | #{j1}-{j2}: {left[i1:i2]} | {right[j1:j2]}")
 
 
+def _layer_time_report(name: str, path: str, feed: dict, config: dict, runs: int = 5) -> None:
+    """OpenVINO's own per-layer times (``PERF_COUNT``) at ``feed``'s shape, summed per (layer type,
+    kernel), median over ``runs`` inferences: where the time of one model goes."""
+    import openvino as ov
+    compiled = ov.Core().compile_model(path, "CPU", {**config, "PERF_COUNT": "YES"})
+    request = compiled.create_infer_request()
+    request.infer(feed)
+    per_run = []
+    for _ in range(runs):
+        request.infer(feed)
+        sums = Counter()
+        for info in request.get_profiling_info():
+            if info.status == ov.ProfilingInfo.Status.EXECUTED:
+                sums[(info.node_type, info.exec_type)] += info.real_time.total_seconds()
+        per_run.append(sums)
+    keys = set().union(*per_run)
+    medians = {k: statistics.median(r[k] for r in per_run) for k in keys}
+    total = sum(medians.values())
+    top = sorted(medians.items(), key=lambda kv: -kv[1])[:12]
+    print(f"  per-layer times, {name} (OpenVINO PERF_COUNT, median of {runs}): total {total * 1e3:.1f} ms; "
+          + "; ".join(f"{t} {e} {v * 1e3:.1f} ms" for (t, e), v in top))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
@@ -249,6 +273,9 @@ def main():
             else:
                 print("OpenVINO runtime graphs after the 8x128 runs:")
                 _graph_comparison(OURS, models[OURS], nncf_name, models[nncf_name])
+                for name in ("fp32", OURS, nncf_name):
+                    path = fp32_path if name == "fp32" else compiled[name]
+                    _layer_time_report(name, path, feed, one_thread)
 
 
 if __name__ == "__main__":
