@@ -18,19 +18,22 @@ from fxcompress import compile_for_compression
 from fxcompress.testing import DigitsCNN, ResNetTiny
 
 
-def interleaved_times(calls: dict, rounds: int, repeats: int, warmup: int = 2) -> dict:
+def interleaved_times(calls: dict, rounds: int, repeats: int, warmup: int = 2,
+                      clock: Callable[[], float] = time.perf_counter) -> dict:
     """Seconds per call of each zero-argument callable, one figure per round, timed round robin
-    (A B A B ...), so load on the shared machine hits every configuration alike."""
+    (A B A B ...), so load on the shared machine hits every configuration alike. ``clock`` may be
+    ``time.process_time``: the process's CPU time, which leaves out the time a single-threaded
+    computation waits for a core when the machine runs more jobs than it has cores."""
     for call in calls.values():
         for _ in range(warmup):
             call()
     times = {name: [] for name in calls}
     for _ in range(rounds):
         for name, call in calls.items():
-            start = time.perf_counter()
+            start = clock()
             for _ in range(repeats):
                 call()
-            times[name].append((time.perf_counter() - start) / repeats)
+            times[name].append((clock() - start) / repeats)
     return times
 
 
