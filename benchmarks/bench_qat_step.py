@@ -46,13 +46,16 @@ use_this_checkout()
 import fxcompress.ops  # noqa: E402
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
-from fxcompress.testing import ResNetTiny, TransformerEncoderTiny, resnet18_like  # noqa: E402
+from fxcompress.testing import DigitsCNN, ResNetTiny, TransformerEncoderTiny, resnet18_like  # noqa: E402
 
 
 def model_and_batch(args):
     """(model, input, labels, classes) of ``args.model``."""
     torch.manual_seed(0)
-    if args.model == "tiny_bert":
+    if args.model == "digits":
+        model, classes = DigitsCNN(num_classes=10, seed=0), 10
+        x = torch.randn(args.batch or 64, 1, 8, 8)
+    elif args.model == "tiny_bert":
         model = TransformerEncoderTiny(num_classes=4, dim=64, num_heads=4, ff_dim=256, num_layers=2, seq_len=32,
                                        max_len=64, dropout=0.0)
         x, classes = model.example_input(batch=args.batch or 16), 4
@@ -129,7 +132,34 @@ def measure(args) -> dict:
                 step(name)
             times[name].append((time.perf_counter() - start) / args.steps_per_round)
     out["step_ms"] = {k: [1000 * t for t in v] for k, v in times.items()}
+    if args.profile:
+        out["profile"] = {name: profile_ops(lambda: step(name), args.steps_per_round) for name in runs}
     return out
+
+
+def profile_ops(step, steps: int) -> dict:
+    """Self CPU time per op (ms per step) and calls per step, from torch.profiler over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return {e.key: (e.self_cpu_time_total / 1000 / steps, e.count / steps) for e in prof.key_averages()}
+
+
+def print_profile(profiles: dict, top: int = 25):
+    """Self CPU ms per step of the ops that differ most between the configurations."""
+    names = list(profiles)
+    ops = {op for p in profiles.values() for op in p}
+    total = {n: sum(ms for ms, _ in profiles[n].values()) for n in names}
+    print("\nprofile (torch.profiler, self CPU ms per step; calls per step)")
+    print("| op | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    spread = lambda op: max(profiles[n].get(op, (0, 0))[0] for n in names) - min(
+        profiles[n].get(op, (0, 0))[0] for n in names)
+    for op in sorted(ops, key=spread, reverse=True)[:top]:
+        cells = [f"{profiles[n][op][0]:.3f} ({profiles[n][op][1]:.0f})" if op in profiles[n] else "-" for n in names]
+        print(f"| {op} | " + " | ".join(cells) + " |")
+    print("| total self CPU | " + " | ".join(f"{total[n]:.3f}" for n in names) + " |")
 
 
 def print_report(r: dict):
@@ -150,7 +180,7 @@ def print_report(r: dict):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["resnet18", "resnet_tiny", "tiny_bert"], default="resnet18")
+    parser.add_argument("--model", choices=["digits", "resnet18", "resnet_tiny", "tiny_bert"], default="resnet18")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--width", type=int, default=64, help="resnet18's base width")
@@ -161,6 +191,8 @@ def main():
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--nncf", action="store_true", help="also time NNCF's QAT model (eager; run in its venv)")
     parser.add_argument("--compare-reference", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's self CPU time per op, per configuration")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,6 +208,8 @@ def main():
         return
     for r in results:
         print_report(r)
+        if "profile" in r:
+            print_profile(r["profile"])
 
 
 if __name__ == "__main__":
