@@ -46,6 +46,7 @@ use_this_checkout()
 import fxcompress.ops  # noqa: E402
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
+from fxcompress.quantizers import FakeQuantizer  # noqa: E402
 from fxcompress.testing import DigitsCNN, ResNetTiny, TransformerEncoderTiny, resnet18_like  # noqa: E402
 
 
@@ -86,6 +87,29 @@ def nncf_qat(model, x):
     return quantized, quantized, None
 
 
+def breakdown_runs(qat, ctrl) -> dict:
+    """Copies of the QAT graph with parts of the quantization switched off, to see what each costs
+    (eager): the input quantizers' scales frozen (then the first layer computes no input gradient),
+    the weight quantizers off, the activation quantizers off, every quantizer off (the graph alone)."""
+    def variant(change):
+        gm = copy.deepcopy(qat)
+        for name, module in gm.named_modules():
+            if isinstance(module, FakeQuantizer):
+                change(name, module)
+        return gm, gm, ctrl
+
+    def freeze_inputs(name, q):
+        if name in input_quantizers:
+            q.scale.requires_grad_(False)
+
+    input_quantizers = {n.target for n in qat.graph.nodes
+                        if n.op == "call_module" and any(a.op == "placeholder" for a in n.all_input_nodes)}
+    return {"QAT, input quantizer scales frozen": variant(freeze_inputs),
+            "QAT, weight quantizers off": variant(lambda n, q: setattr(q, "enabled", not n.endswith("weight_quantizer"))),
+            "QAT, activation quantizers off": variant(lambda n, q: setattr(q, "enabled", n.endswith("weight_quantizer"))),
+            "QAT, all quantizers off": variant(lambda n, q: setattr(q, "enabled", False))}
+
+
 def measure(args) -> dict:
     model, x, y = model_and_batch(args)
     fp32 = copy.deepcopy(model).train()
@@ -99,6 +123,8 @@ def measure(args) -> dict:
     runs = {"fp32 eager": (fp32, fp32, None), "int8 QAT eager": (qat, qat, ctrl)}
     if args.nncf:
         runs["NNCF int8 QAT eager"] = nncf_qat(model, x)
+    if args.breakdown:
+        runs.update(breakdown_runs(qat, ctrl))
     if args.compile:
         out["dynamo"] = {name: graph_breaks(m, x) for name, m in (("fp32", fp32), ("int8 QAT", qat))}
         torch._dynamo.reset()
@@ -191,6 +217,8 @@ def main():
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--nncf", action="store_true", help="also time NNCF's QAT model (eager; run in its venv)")
     parser.add_argument("--compare-reference", action="store_true")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the QAT graph with parts of the quantization off (eager)")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's self CPU time per op, per configuration")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
