@@ -8,15 +8,19 @@ cross-entropy + ``ctrl.loss()``, backward, SGD update; the optimizer runs eagerl
   init), eager and (``--compile``) ``torch.compile``'d,
 
 medians and spread (min-max over rounds) compared; ratios to the fp32 eager and fp32 compiled
-steps. Models: ``resnet18`` (resnet18_like(10, 64), default 112x112), ``resnet_tiny``
+steps. Models: ``digits`` (DigitsCNN, batch 64 of 8x8: issue 19's QAT-step model),
+``resnet18`` (resnet18_like(10, 64), default 112x112), ``resnet_tiny``
 (ResNetTiny width 16 at 32x32) and ``tiny_bert`` (TransformerEncoderTiny: 2 post-LN layers, 64 wide,
 4 heads, GELU FFN 256, sequence 32: a MiniLM-shaped encoder). With ``--compile`` the script
 first checks with ``torch._dynamo.explain`` that the QAT graph compiles to one graph (no graph
 breaks) and prints the backend's first-step (compile) time. The fake-quantize kernel is the op
 library's active backend (``fxcompress.ops.backend()``); ``--compare-reference`` measures the
-reference backend too (subprocess with ``FXCOMPRESS_OPS_BACKEND=reference``).
+reference backend too (subprocess with ``FXCOMPRESS_OPS_BACKEND=reference``). Where the time goes:
+``--breakdown`` adds eager copies of the QAT graph with parts of the quantization off, ``--profile``
+prints torch.profiler's self CPU time per op and configuration.
 
     .venv/bin/python benchmarks/bench_qat_step.py                         # ResNet-18 eager, ~2 min
+    .venv/bin/python benchmarks/bench_qat_step.py --model digits --compile --threads 1 --steps-per-round 20
     .venv/bin/python benchmarks/bench_qat_step.py --model resnet_tiny --compile --threads 1
     .venv/bin/python benchmarks/bench_qat_step.py --model tiny_bert --compile --threads 1
     NNCF_EXTENSION_LOAD_TIMEOUT=0 PYTHONPATH=. /tmp/perf/nncfvenv/bin/python benchmarks/bench_qat_step.py \
@@ -104,9 +108,10 @@ def breakdown_runs(qat, ctrl) -> dict:
 
     input_quantizers = {n.target for n in qat.graph.nodes
                         if n.op == "call_module" and any(a.op == "placeholder" for a in n.all_input_nodes)}
+    is_weight = lambda name: name.endswith("weight_quantizer")  # noqa: E731
     return {"QAT, input quantizer scales frozen": variant(freeze_inputs),
-            "QAT, weight quantizers off": variant(lambda n, q: setattr(q, "enabled", not n.endswith("weight_quantizer"))),
-            "QAT, activation quantizers off": variant(lambda n, q: setattr(q, "enabled", n.endswith("weight_quantizer"))),
+            "QAT, weight quantizers off": variant(lambda n, q: setattr(q, "enabled", not is_weight(n))),
+            "QAT, activation quantizers off": variant(lambda n, q: setattr(q, "enabled", is_weight(n))),
             "QAT, all quantizers off": variant(lambda n, q: setattr(q, "enabled", False))}
 
 

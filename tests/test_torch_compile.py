@@ -114,7 +114,8 @@ def test_qat_graph_has_no_graph_breaks_and_keeps_every_quantizer_as_one_op(name)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="Inductor's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="Inductor's CPU backend needs a C++ compiler")
 def test_qat_step_under_inductor_matches_eager():
     """Inductor itself, on the digits CNN's QAT graph (minutes to compile on a small machine): one
     graph, the generated code calls no fxcompress op (the quantizers fused in its loops), and the

@@ -38,7 +38,8 @@ import torch
 from . import _checks, decomposed, reference
 from ._library import OpsFallbackWarning, load as _load
 
-__all__ = ["fake_quantize", "fake_quantize_unchecked", "xnor_binarize", "dorefa_binarize", "activation_binarize", "apply_mask",
+__all__ = ["fake_quantize", "fake_quantize_unchecked", "xnor_binarize", "dorefa_binarize", "activation_binarize",
+           "apply_mask",
            "backend", "backend_info", "reference", "OpsFallbackWarning"]
 
 Tensor = torch.Tensor
