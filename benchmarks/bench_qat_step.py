@@ -8,15 +8,19 @@ cross-entropy + ``ctrl.loss()``, backward, SGD update; the optimizer runs eagerl
   init), eager and (``--compile``) ``torch.compile``'d,
 
 medians and spread (min-max over rounds) compared; ratios to the fp32 eager and fp32 compiled
-steps. Models: ``resnet18`` (resnet18_like(10, 64), default 112x112), ``resnet_tiny``
+steps. Models: ``digits`` (DigitsCNN, batch 64 of 8x8: issue 19's QAT-step model),
+``resnet18`` (resnet18_like(10, 64), default 112x112), ``resnet_tiny``
 (ResNetTiny width 16 at 32x32) and ``tiny_bert`` (TransformerEncoderTiny: 2 post-LN layers, 64 wide,
 4 heads, GELU FFN 256, sequence 32: a MiniLM-shaped encoder). With ``--compile`` the script
 first checks with ``torch._dynamo.explain`` that the QAT graph compiles to one graph (no graph
 breaks) and prints the backend's first-step (compile) time. The fake-quantize kernel is the op
 library's active backend (``fxcompress.ops.backend()``); ``--compare-reference`` measures the
-reference backend too (subprocess with ``FXCOMPRESS_OPS_BACKEND=reference``).
+reference backend too (subprocess with ``FXCOMPRESS_OPS_BACKEND=reference``). Where the time goes:
+``--breakdown`` adds eager copies of the QAT graph with parts of the quantization off, ``--profile``
+prints torch.profiler's self CPU time per op and configuration.
 
     .venv/bin/python benchmarks/bench_qat_step.py                         # ResNet-18 eager, ~2 min
+    .venv/bin/python benchmarks/bench_qat_step.py --model digits --compile --threads 1 --steps-per-round 20
     .venv/bin/python benchmarks/bench_qat_step.py --model resnet_tiny --compile --threads 1
     .venv/bin/python benchmarks/bench_qat_step.py --model tiny_bert --compile --threads 1
     NNCF_EXTENSION_LOAD_TIMEOUT=0 PYTHONPATH=. /tmp/perf/nncfvenv/bin/python benchmarks/bench_qat_step.py \
@@ -46,13 +50,17 @@ use_this_checkout()
 import fxcompress.ops  # noqa: E402
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
-from fxcompress.testing import ResNetTiny, TransformerEncoderTiny, resnet18_like  # noqa: E402
+from fxcompress.quantizers import FakeQuantizer  # noqa: E402
+from fxcompress.testing import DigitsCNN, ResNetTiny, TransformerEncoderTiny, resnet18_like  # noqa: E402
 
 
 def model_and_batch(args):
     """(model, input, labels, classes) of ``args.model``."""
     torch.manual_seed(0)
-    if args.model == "tiny_bert":
+    if args.model == "digits":
+        model, classes = DigitsCNN(num_classes=10, seed=0), 10
+        x = torch.randn(args.batch or 64, 1, 8, 8)
+    elif args.model == "tiny_bert":
         model = TransformerEncoderTiny(num_classes=4, dim=64, num_heads=4, ff_dim=256, num_layers=2, seq_len=32,
                                        max_len=64, dropout=0.0)
         x, classes = model.example_input(batch=args.batch or 16), 4
@@ -83,6 +91,30 @@ def nncf_qat(model, x):
     return quantized, quantized, None
 
 
+def breakdown_runs(qat, ctrl) -> dict:
+    """Copies of the QAT graph with parts of the quantization switched off, to see what each costs
+    (eager): the input quantizers' scales frozen (then the first layer computes no input gradient),
+    the weight quantizers off, the activation quantizers off, every quantizer off (the graph alone)."""
+    def variant(change):
+        gm = copy.deepcopy(qat)
+        for name, module in gm.named_modules():
+            if isinstance(module, FakeQuantizer):
+                change(name, module)
+        return gm, gm, ctrl
+
+    def freeze_inputs(name, q):
+        if name in input_quantizers:
+            q.scale.requires_grad_(False)
+
+    input_quantizers = {n.target for n in qat.graph.nodes
+                        if n.op == "call_module" and any(a.op == "placeholder" for a in n.all_input_nodes)}
+    is_weight = lambda name: name.endswith("weight_quantizer")  # noqa: E731
+    return {"QAT, input quantizer scales frozen": variant(freeze_inputs),
+            "QAT, weight quantizers off": variant(lambda n, q: setattr(q, "enabled", not is_weight(n))),
+            "QAT, activation quantizers off": variant(lambda n, q: setattr(q, "enabled", is_weight(n))),
+            "QAT, all quantizers off": variant(lambda n, q: setattr(q, "enabled", False))}
+
+
 def measure(args) -> dict:
     model, x, y = model_and_batch(args)
     fp32 = copy.deepcopy(model).train()
@@ -96,6 +128,8 @@ def measure(args) -> dict:
     runs = {"fp32 eager": (fp32, fp32, None), "int8 QAT eager": (qat, qat, ctrl)}
     if args.nncf:
         runs["NNCF int8 QAT eager"] = nncf_qat(model, x)
+    if args.breakdown:
+        runs.update(breakdown_runs(qat, ctrl))
     if args.compile:
         out["dynamo"] = {name: graph_breaks(m, x) for name, m in (("fp32", fp32), ("int8 QAT", qat))}
         torch._dynamo.reset()
@@ -129,7 +163,34 @@ def measure(args) -> dict:
                 step(name)
             times[name].append((time.perf_counter() - start) / args.steps_per_round)
     out["step_ms"] = {k: [1000 * t for t in v] for k, v in times.items()}
+    if args.profile:
+        out["profile"] = {name: profile_ops(lambda: step(name), args.steps_per_round) for name in runs}
     return out
+
+
+def profile_ops(step, steps: int) -> dict:
+    """Self CPU time per op (ms per step) and calls per step, from torch.profiler over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    return {e.key: (e.self_cpu_time_total / 1000 / steps, e.count / steps) for e in prof.key_averages()}
+
+
+def print_profile(profiles: dict, top: int = 25):
+    """Self CPU ms per step of the ops that differ most between the configurations."""
+    names = list(profiles)
+    ops = {op for p in profiles.values() for op in p}
+    total = {n: sum(ms for ms, _ in profiles[n].values()) for n in names}
+    print("\nprofile (torch.profiler, self CPU ms per step; calls per step)")
+    print("| op | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    spread = lambda op: max(profiles[n].get(op, (0, 0))[0] for n in names) - min(
+        profiles[n].get(op, (0, 0))[0] for n in names)
+    for op in sorted(ops, key=spread, reverse=True)[:top]:
+        cells = [f"{profiles[n][op][0]:.3f} ({profiles[n][op][1]:.0f})" if op in profiles[n] else "-" for n in names]
+        print(f"| {op} | " + " | ".join(cells) + " |")
+    print("| total self CPU | " + " | ".join(f"{total[n]:.3f}" for n in names) + " |")
 
 
 def print_report(r: dict):
@@ -150,7 +211,7 @@ def print_report(r: dict):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["resnet18", "resnet_tiny", "tiny_bert"], default="resnet18")
+    parser.add_argument("--model", choices=["digits", "resnet18", "resnet_tiny", "tiny_bert"], default="resnet18")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--width", type=int, default=64, help="resnet18's base width")
@@ -161,6 +222,10 @@ def main():
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--nncf", action="store_true", help="also time NNCF's QAT model (eager; run in its venv)")
     parser.add_argument("--compare-reference", action="store_true")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time the QAT graph with parts of the quantization off (eager)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's self CPU time per op, per configuration")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -176,6 +241,8 @@ def main():
         return
     for r in results:
         print_report(r)
+        if "profile" in r:
+            print_profile(r["profile"])
 
 
 if __name__ == "__main__":

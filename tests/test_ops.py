@@ -148,6 +148,32 @@ def test_fake_quantize_large_tensors_many_tiles(shape, axis, dtype):
                                  tensors, case.args)
 
 
+@given(case=fq_cases(), needs=st.sampled_from(["all", "x", "scale", "params"]))
+def test_fake_quantize_autograd_and_compile_decomposition_match_the_backward_op(case, needs):
+    """Autograd of the op (the library's C++ formula, or the Python one of the fallback) and the
+    ATen-op version torch.compile uses (fxcompress.ops.decomposed) against the backward op: the
+    forward bit-exact, grad_x exact, scale / zero point gradients within float rounding; only the
+    inputs that require grad get one."""
+    x, scale, zero_point, grad = case.tensors()
+    wants_grad = {"all": (True, True, True), "x": (True, False, False), "scale": (False, True, False),
+                  "params": (False, True, True)}[needs]
+    inputs = [t.clone().requires_grad_(w) for t, w in zip((x, scale, zero_point), wants_grad)]
+    want_y = F.fake_quantize(x, scale, zero_point, *case.args)
+    want = F.fake_quantize_backward(grad, x, scale, zero_point, *case.args)
+    for fake_quantize in (F.fake_quantize, ops.decomposed.fake_quantize):
+        y = fake_quantize(*inputs, *case.args)
+        assert_equal(y.detach(), want_y)
+        grads = torch.autograd.grad(y, [t for t in inputs if t.requires_grad], grad)
+        expected = [g for g, w in zip(want, wants_grad) if w]
+        assert len(grads) == len(expected)
+        if wants_grad[0]:
+            assert_equal(grads[0], expected[0])
+        atol = grad_tolerance(grad, x, scale, zero_point, *case.args[:2])
+        for got, exp in zip(grads[int(wants_grad[0]):], expected[int(wants_grad[0]):]):
+            assert got.shape == exp.shape and got.dtype == exp.dtype
+            torch.testing.assert_close(got, exp, rtol=1e-5, atol=atol)
+
+
 @requires_compiled
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "expanded_grad"])
 def test_fake_quantize_non_contiguous_inputs(layout):

@@ -3,9 +3,10 @@
 // arguments, make inputs contiguous, run the core's tiles with
 // at::parallel_for, and fold per-tile partial sums in a fixed order.
 //
-// Autograd and fake (meta) kernels are registered from Python
+// Fake (meta) kernels and autograd are registered from Python
 // (fxcompress/ops/_library.py), for this library and for the pure-PyTorch
-// fallback alike. The schema strings below must equal SCHEMAS in that file
+// fallback alike, except fake_quantize's autograd: the library's is in C++
+// (autograd_ops.cpp). The schema strings below must equal SCHEMAS in that file
 // (tests/test_ops_build.py checks).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

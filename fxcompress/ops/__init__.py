@@ -10,6 +10,7 @@ CUDA) or, where it is absent, from the pure-PyTorch reference
 Public API::
 
     fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=None) -> Tensor
+    fake_quantize_unchecked(...)   # the same without the Python-side checks (FakeQuantizer)
     xnor_binarize(w) -> Tensor
     dorefa_binarize(w) -> Tensor
     activation_binarize(x, scale, threshold) -> Tensor
@@ -34,10 +35,11 @@ from typing import Optional
 
 import torch
 
-from . import _checks, reference
+from . import _checks, decomposed, reference
 from ._library import OpsFallbackWarning, load as _load
 
-__all__ = ["fake_quantize", "xnor_binarize", "dorefa_binarize", "activation_binarize", "apply_mask",
+__all__ = ["fake_quantize", "fake_quantize_unchecked", "xnor_binarize", "dorefa_binarize", "activation_binarize",
+           "apply_mask",
            "backend", "backend_info", "reference", "OpsFallbackWarning"]
 
 Tensor = torch.Tensor
@@ -99,6 +101,9 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, 
     gradient, outside 0; scale gets round(x/s) - x/s inside, quant_min - zp
     below, quant_max - zp above; zero_point gets 0 inside, -scale outside (the
     learnable fake quantize of PyTorch with grad_factor 1).
+
+    Under torch.compile (not torch.export) it is computed in ATen ops that Inductor fuses with
+    the neighbouring ops, same numbers and gradients (:mod:`fxcompress.ops.decomposed`).
     """
     op = _checks.FAKE_QUANTIZE
     if not _traced(x, scale, zero_point):
@@ -107,6 +112,17 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, 
         quant_min, quant_max = operator.index(quant_min), operator.index(quant_max)
         axis = None if axis is None else operator.index(axis)
         _checks.check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis)
+    return fake_quantize_unchecked(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def fake_quantize_unchecked(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+                            axis: Optional[int] = None) -> Tensor:
+    """:func:`fake_quantize` without its Python-side argument checks, for callers whose arguments
+    are right by construction (``FakeQuantizer``, once per quantizer per training step, where the
+    checks cost more than the kernel on small activations). The kernels still check shapes and
+    values (ValueError), so a wrong call is still an error, with the kernel's message."""
+    if decomposed.use_decomposition():
+        return decomposed.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
     return torch.ops.fxcompress.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
 
 

@@ -18,9 +18,10 @@ Import once, at ``import fxcompress.ops``:
    defined here and the reference registered as their CPU and CUDA kernels,
    with one warning saying why and how to rebuild (setup.py leaves
    ``_lib/build_failure.json`` when the build failed at install time).
-3. Either way, fake kernels (register_fake) and autograd (register_autograd)
-   are registered here, so the ops trace through torch.fx, torch.compile,
-   torch.export and torch.onnx.export(dynamo=True) under the same names.
+3. Either way, fake kernels (register_fake) and autograd (register_autograd;
+   the library brings fake_quantize's own, in C++) are registered here, so
+   the ops trace through torch.fx, torch.compile, torch.export and
+   torch.onnx.export(dynamo=True) under the same names.
 
 Nothing here knows about graphs or compression algorithms.
 """
@@ -305,6 +306,10 @@ def _fake_quantize_backward(ctx, grad):
             grad_zero_point if needs[2] else None, None, None, None)
 
 
+# Where the library's Autograd registration shows up (it covers every device type).
+_COMPILED_AUTOGRAD_KEY = "Autograd"
+
+
 def _straight_through(ctx, grad):
     return grad
 
@@ -337,7 +342,11 @@ def _apply_mask_backward(ctx, grad):
 
 
 def _register_autograd() -> None:
-    torch.library.register_autograd(_op("fake_quantize"), _fake_quantize_backward, setup_context=_fake_quantize_setup)
+    # The compiled library brings fake_quantize's autograd in C++ (csrc/torch/autograd_ops.cpp, the
+    # same formula without the Python overhead, which dominated a QAT step); the fallback uses this one.
+    if not _has_kernel("fake_quantize", _COMPILED_AUTOGRAD_KEY):
+        torch.library.register_autograd(_op("fake_quantize"), _fake_quantize_backward,
+                                        setup_context=_fake_quantize_setup)
     torch.library.register_autograd(_op("xnor_binarize"), _straight_through)
     torch.library.register_autograd(_op("dorefa_binarize"), _straight_through)
     torch.library.register_autograd(_op("activation_binarize"), _activation_binarize_backward,

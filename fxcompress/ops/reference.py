@@ -34,10 +34,14 @@ def _reduce_dims(ndim: int, keep: Optional[int]) -> list[int]:
     return [d for d in range(ndim) if d != keep]
 
 
-def _fake_quantize_params(op, x, scale, zero_point, quant_min, quant_max, layout):
-    """Per-channel float32 scale and rounded, clamped zero point, shaped to broadcast against x."""
-    _checks.check_positive_scale(op, scale)
-    _checks.check_finite_zero_point(op, zero_point)
+def _fake_quantize_params(op, x, scale, zero_point, quant_min, quant_max, layout, check_values=True):
+    """Per-channel float32 scale and rounded, clamped zero point, shaped to broadcast against x.
+
+    ``check_values=False`` skips the checks that read the values (scale > 0, finite zero point):
+    under torch.compile they would end the graph (see :mod:`fxcompress.ops.decomposed`)."""
+    if check_values:
+        _checks.check_positive_scale(op, scale)
+        _checks.check_finite_zero_point(op, zero_point)
     shape = layout.param_shape(x.dim())
     s = scale.float().reshape(shape)
     zp = torch.round(zero_point.float()).clamp(quant_min, quant_max).reshape(shape)
@@ -54,9 +58,13 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, 
 
     Rounding is half to even (torch.round), as in ONNX QuantizeLinear.
     """
+    return _fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def _fake_quantize(x, scale, zero_point, quant_min, quant_max, axis, check_values=True):
     op = _checks.FAKE_QUANTIZE
     layout = _checks.check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis)
-    s, zp = _fake_quantize_params(op, x, scale, zero_point, quant_min, quant_max, layout)
+    s, zp = _fake_quantize_params(op, x, scale, zero_point, quant_min, quant_max, layout, check_values)
     q = (torch.round(x.float() / s) + zp).clamp(quant_min, quant_max)
     return _like(((q - zp) * s).to(x.dtype), x)
 
@@ -78,10 +86,14 @@ def fake_quantize_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: T
     whole tensor). These are the conventions of
     torch._fake_quantize_learnable_per_tensor_affine with grad_factor = 1.
     """
+    return _fake_quantize_backward(grad, x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def _fake_quantize_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, check_values=True):
     op = _checks.FAKE_QUANTIZE_BACKWARD
     layout = _checks.check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis)
     _checks.check_grad(op, grad, x)
-    s, zp = _fake_quantize_params(op, x, scale, zero_point, quant_min, quant_max, layout)
+    s, zp = _fake_quantize_params(op, x, scale, zero_point, quant_min, quant_max, layout, check_values)
     g = grad.float()
     u = x.float() / s
     r = torch.round(u)
