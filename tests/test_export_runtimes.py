@@ -184,6 +184,40 @@ def test_tiny_range_before_a_biased_layer_exports_the_bias_as_a_float_add(tmp_pa
     assert len(report.integer) == count_weighted(gm) == 2                     # OpenVINO: still int8
 
 
+class _LinearWithEmptyChannel(torch.nn.Module):
+    """A linear layer whose output channel 1 has all-zero weights (as sparsity or pruning leave a
+    channel) and a bias, reading a wide input range and writing a narrow output range."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)) * 0.01)
+            self.fc.weight[1] = 0.0
+            self.fc.bias.copy_(torch.tensor([0.01, 0.0537, -0.02, 0.03]))
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_an_all_zero_weight_channel_keeps_its_bias_exact(tmp_path):
+    """The slow property run's causal SDPA attention net (seed 6, sparsity 0.7) had a classifier row
+    masked to zero: its weight scale was the empty range's 1.0, and ORT's fused integer Gemm rounded
+    that channel's bias (its whole output) to a multiple of ``s_in * 1.0``: the output quantizer 2 steps
+    off given exact inputs. Here ``s_in / 2`` is many output steps. The export writes such a layer's
+    bias as a float Add: the output quantizer within one step in every ORT level and OpenVINO."""
+    x = torch.randn(6, 8, generator=torch.Generator().manual_seed(1)) * 3
+    _, gm, report = check_export_everywhere(_LinearWithEmptyChannel(), (x,), tmp_path,
+                                            per_quantizer=("ort_all", "ort_basic", "ov"))
+    weight_scale = next(m for name, m in gm.named_modules() if name == "fc_weight_quantizer").effective_scale()
+    assert float(weight_scale.detach()[1]) == 1.0                   # the empty channel's scale, as in the property case
+    nodes = onnx.load(tmp_path / "model.onnx").graph.node
+    linear = [n for n in nodes if n.op_type in ("Gemm", "MatMul")]   # 2-d input: Gemm, whose bias ORT fuses
+    assert len(linear) == 1 and len(linear[0].input) == 2   # no int32 bias for ORT to round
+    assert any(n.op_type == "Add" and linear[0].output[0] in n.input for n in nodes)
+    assert len(report.integer) == count_weighted(gm) == 1   # OpenVINO: still int8
+
+
 # -- the project's architectures -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["mobilenet_v3_blocks", "shufflenet_blocks", "convnext_blocks"])
