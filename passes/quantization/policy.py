@@ -199,6 +199,9 @@ class _Request:
     serves: list
     reasons: list
     symmetric: bool = False
+    # the second operand of a matmul whose first operand is a signed activation (q @ k^T): x86 kernels
+    # without VNNI saturate its int16 pair sums at 8 bits (docs/export.md, "Agreement")
+    signed_matmul_rhs: bool = False
 
 
 def _first_layer_ops(gm, weighted: list[WeightedOp]) -> set[torch.fx.Node]:
@@ -410,10 +413,13 @@ class _Planner:
             self.skip(scope, f"{rule.reason}: its result only feeds {'/'.join(sorted(k.name for k in rule.skip_if_feeding))} "
                              f"(directly or through {kind.name}s), which run in float")
             return
-        for x in inputs:
+        signed_lhs = False
+        for index, x in enumerate(inputs):
             if not isinstance(x, torch.fx.Node):
                 continue
             producer, edge_user = _resolve(x, node, self.gm, self.rules)
+            if kind is Kind.matmul and len(inputs) == 2 and index == 0:
+                signed_lhs = not _nonnegative(producer, self.gm, self.rules, {})
             if not _is_float_tensor(producer):
                 self.skip(scope, f"{rule.reason} '{producer.name}' has dtype {producer.meta.get('dtype')}: "
                                  "not quantized")
@@ -428,6 +434,8 @@ class _Planner:
                 self.skip(scope, f"{rule.reason} is model input '{producer.name}' and quantize_inputs is false")
             else:
                 self.request(producer, edge_user, node, rule.reason, rule)
+                if index == 1 and signed_lhs:
+                    self.requests[producer].signed_matmul_rhs = True
 
     def model_outputs(self):
         if not self.settings.quantize_outputs:
@@ -491,6 +499,13 @@ def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: 
     shape = producer.meta.get("shape")
     ndim = len(shape) if isinstance(shape, tuple) else 0
     spec, fixed = _activation_spec(settings, override, nonnegative, req.symmetric, ndim)
+    # Q.K^T: without VNNI, x86 runtimes multiply the signed q (shifted to u8) by k in u8 x s8 pairs summed
+    # in int16; k at its 8-bit ends saturated them (126 output steps in OpenVINO). 7 bits keep every pair
+    # sum within 2 * 255 * 64, as the overflow fix does for weights.
+    overflow_fix = (req.signed_matmul_rhs and rules.overflow_fix and settings.overflow_fix == "enable"
+                    and spec.bits == 8 and spec.signed and spec.mode == "symmetric" and "bits" not in override)
+    if overflow_fix:
+        spec = spec.with_bits(7)
     channels = int(shape[1]) if spec.per_channel else 1
     # Edge users in graph order (the quantizer feeds them; other users keep the float tensor).
     users = sorted(req.edge_users, key=lambda n: order[n])
@@ -503,4 +518,5 @@ def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: 
     else:
         base = f"{readable_name(producer, gm)}_output"
     return QuantizationPoint("activations", producer, users, spec, channels, f"{base}_quantizer", scopes,
-                             list(req.serves), list(req.reasons), signed_fixed=fixed, override=override)
+                             list(req.serves), list(req.reasons), overflow_fix=overflow_fix, signed_fixed=fixed,
+                             override=override)
