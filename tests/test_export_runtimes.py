@@ -360,6 +360,46 @@ def test_attention_matmul_quantizer_within_one_step_given_exact_inputs(tmp_path)
                             per_quantizer=("ort_all", "ov"))
 
 
+class _QueryKeyScores(torch.nn.Module):
+    """q @ k^T with q = k = the input (identity projections): tokens of all +1, all -1, alternating signs
+    and random values, so q and k reach both ends of their ranges."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query, self.key = torch.nn.Linear(dim, dim, bias=False), torch.nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.query.weight.copy_(torch.eye(dim))
+            self.key.weight.copy_(torch.eye(dim))
+
+    def forward(self, x):
+        return torch.matmul(self.query(x), self.key(x).transpose(-1, -2))
+
+
+def _query_key_worst_case(dim: int = 8) -> torch.Tensor:
+    """Tokens at +-5: beyond the standard normal calibration batches of ``check_export_everywhere``, so they
+    set the ranges and sit at their ends."""
+    tokens = torch.stack([torch.ones(dim), -torch.ones(dim), torch.tensor([1.0, -1.0] * (dim // 2)),
+                          torch.randn(dim, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)])
+    return torch.stack([tokens, tokens.flip(0)]) * 5
+
+
+def test_query_key_matmul_within_one_step_at_the_ends_of_its_ranges(tmp_path):
+    """Q·Kᵀ of two signed activations at their range ends. Without VNNI, OpenVINO's i8 x i8 MatMul shifts q
+    to u8 and sums u8 x s8 pairs in int16: with 8-bit k (127) it computed 0.063 for 8.0 (126 output steps,
+    given exact q and k). Under the overflow fix k gets 7 bits ([-64, 63]: ``2 * 255 * 64`` fits int16): within
+    one step in ORT's default session and OpenVINO, and the MatMul still runs i8 x i8 in OpenVINO."""
+    x = _query_key_worst_case()
+    ctrl, gm, report = check_export_everywhere(_QueryKeyScores(8), (x,), tmp_path, per_quantizer=("ort_all", "ov"))
+    q, k = (gm.get_submodule(name) for name in ("matmul_input_quantizer", "matmul_input_quantizer_1"))
+    assert (q.quant_min, q.quant_max, k.quant_min, k.quant_max) == (-128, 127, -64, 63)
+    matmuls = [layer for layer in report.layers if layer.layer_type == "MatMul"]
+    assert [layer.input_types[:2] for layer in matmuls] == [["i8", "i8"]] and matmuls[0].integer, report
+    # only the second operand of a signed matmul, and only under overflow_fix="enable"
+    _, plain = compile_for_compression(_QueryKeyScores(8), [Quantize(bits=8, overflow_fix="disable")],
+                                       example_inputs=(x,))
+    assert plain.get_submodule("matmul_input_quantizer_1").quant_min == -128
+
+
 # -- property: random deployment-style models --------------------------------------------------------
 
 def test_gpt2_attention_matmuls_run_in_int8_in_openvino(tmp_path):
