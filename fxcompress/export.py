@@ -341,13 +341,51 @@ def _dequantize_scale(value, through_shape_ops: bool):
     return node.inputs[1].const_value.numpy()
 
 
-def _float_bias_where_int32_overflows(model) -> list[str]:
-    """Move the bias of a quantized Conv/Gemm out into a float ``Add`` where ``|bias| / (s_in * s_w)``
-    does not fit int32. ONNX Runtime fuses ``DQ -> Conv/Gemm(float bias) -> Q`` into an integer kernel
-    whose bias it quantizes to int32 at scale ``s_in * s_w``; a tiny activation range overflowed it
-    (GoogLeNet: 188 output steps). Conv + Add is the same computation, and OpenVINO folds the Add back
-    into its int8 conv. ONNX Runtime's quantization tool raises the weight scale instead, which would
-    change the integers. Returns the nodes changed."""
+def _weight_integers(value):
+    """The integers and zero point of the weight DequantizeLinear producing ``value`` (constants), or None."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "DequantizeLinear" or node.inputs[0].const_value is None:
+        return None
+    zero_point = node.inputs[2] if len(node.inputs) > 2 else None
+    if zero_point is not None and zero_point.const_value is None:
+        return None
+    return node.inputs[0].const_value.numpy(), 0 if zero_point is None else zero_point.const_value.numpy()
+
+
+def _empty_output_channels(node, channels: int):
+    """Output channels of a Conv/Gemm whose weight integers are all the zero point, so that the channel
+    computes its bias alone (axis 0 of a Conv or ``Gemm(transB=1)`` weight, axis 1 of a ``Gemm(transB=0)``
+    one: transformers' Conv1D); None when the weight's integers are unknown."""
+    import numpy as np
+    found = _weight_integers(node.inputs[1])
+    if found is None:
+        return None
+    q, zp = found
+    axis = 1 if node.op_type == "Gemm" and not node.attributes.get_int("transB", 0) else 0
+    q = np.moveaxis(q.astype(np.int32), axis, 0)
+    zp = np.asarray(zp).astype(np.int32)
+    if zp.size > 1:                     # per output channel
+        zp = zp.reshape(-1, *([1] * (q.ndim - 1)))
+    empty = np.all((q == zp).reshape(q.shape[0], -1), axis=1)
+    return empty if empty.shape == (channels,) else None
+
+
+def _float_bias_where_int32_is_wrong(model) -> list[str]:
+    """Move the bias of a quantized Conv/Gemm out into a float ``Add`` where ONNX Runtime's int32 bias
+    would be wrong. ORT fuses ``DQ -> Conv/Gemm(float bias) [-> Q]`` into an integer kernel whose bias
+    it quantizes to int32 at scale ``s_in * s_w`` (per output channel):
+
+    * where ``|bias| / (s_in * s_w)`` does not fit int32 it overflows (a tiny activation range;
+      GoogLeNet: 188 output steps);
+    * where a channel's weight integers are all zero (a channel masked by sparsity or pruned to zero),
+      its output is the bias alone, and the bias is rounded to a multiple of ``s_in * s_w`` with a
+      weight scale that no weight uses (the empty range's 1.0): an error up to ``s_in / 2``, 2 output
+      steps on a random attention net's classifier. (In a channel with weights, the rounding is half
+      of one integer product, the resolution of the channel's own sum.)
+
+    Conv/Gemm + Add is the same computation, and OpenVINO folds the Add back into its int8 conv.
+    ONNX Runtime's quantization tool raises the weight scale instead, which would change the
+    integers. Returns the nodes changed."""
     import numpy as np
     import onnx_ir as ir
     graph = model.graph
@@ -361,7 +399,11 @@ def _float_bias_where_int32_overflows(model) -> list[str]:
         if bias.const_value is None or s_in is None or s_w is None or s_in.size != 1:
             continue
         b = bias.const_value.numpy().astype(np.float64)
-        if np.all(np.abs(b) / (float(s_in) * np.broadcast_to(s_w.astype(np.float64), b.shape)) < _INT32_MAX):
+        overflows = np.any(np.abs(b) / (float(s_in) * np.broadcast_to(s_w.astype(np.float64), b.shape))
+                           >= _INT32_MAX)
+        empty = _empty_output_channels(node, b.size)
+        bias_alone = empty is not None and bool(np.any(empty & (b.reshape(-1) != 0)))
+        if not (overflows or bias_alone):
             continue
         out = node.outputs[0]
         if node.op_type == "Conv":   # [C] -> [C, 1, ...] against [N, C, spatial...]
@@ -371,6 +413,8 @@ def _float_bias_where_int32_overflows(model) -> list[str]:
         addend = ir.Value(name=name, const_value=ir.tensor(b.astype(np.float32), name=name))
         graph.register_initializer(addend)
         node.resize_inputs(2)
+        if not bias.uses() and bias.name in graph.initializers:   # ORT warns of unused initializers
+            graph.initializers.pop(bias.name)
         add = ir.Node("", "Add", inputs=[addend, addend], name=f"{node.name}_bias_add")
         biased = add.outputs[0]
         biased.dtype, biased.shape = out.dtype, out.shape
@@ -454,7 +498,7 @@ def export_onnx(module: torch.nn.Module, path, *, example_inputs=None, dynamic_b
         _optimize(program)
         _store_quantized_constants(program.model)
     _unsigned_before_shape_ops(program.model)
-    _float_bias_where_int32_overflows(program.model)
+    _float_bias_where_int32_is_wrong(program.model)
     program.save(path)
     if dynamic:  # (a failed dynamic export has warned already)
         _warn_static_axes(path, getattr(module, "meta", {}).get("dynamic_dims"), args, kwargs)

@@ -192,7 +192,9 @@ def test_sdpa_becomes_two_quantized_matmuls_symmetric_even_with_mixed_preset():
     assert len(operands) == 4
     for q in operands:
         assert q.module.spec.mode == "symmetric"
-        assert q.module.quant_min == (0 if "softmax" in q.name else -128), q.name
+        # k, Q·Kᵀ's second operand, has 7 bits under the default overflow fix (docs/export.md, "Agreement")
+        assert q.module.quant_min == (0 if "softmax" in q.name else -64 if q.overflow_fix else -128), q.name
+    assert [q.name for q in operands if q.overflow_fix] == ["matmul_input_quantizer_1"]
     # other activations follow the preset (mixed: asymmetric)
     others = [q for q in part.activation_quantizers if q not in operands]
     assert others and all(q.module.spec.mode == "asymmetric" for q in others)

@@ -45,7 +45,10 @@ def test_smoothed_float_model_is_the_same_function_and_quantizes_better():
         reference = model(x)
     errors = {}
     for alpha in (None, 0.5):
-        ctrl, gm = _compile(model, data, **({} if alpha is None else {"smooth_quant_alpha": alpha}))
+        # the attention matmuls in float: smoothing acts on linear-layer inputs, and the matmul operands'
+        # own error (k has 7 bits under the overflow fix) diluted the comparison: 0.0363 vs 0.0358
+        ctrl, gm = _compile(model, data, quantize_attention=False,
+                            **({} if alpha is None else {"smooth_quant_alpha": alpha}))
         with torch.no_grad():
             errors[alpha] = _relative_error(gm(x), reference)
             for q in ctrl.quantization.quantizers:
@@ -57,9 +60,8 @@ def test_smoothed_float_model_is_the_same_function_and_quantizes_better():
     # the classifier read theirs alone
     assert ctrl.statistics()["quantization"].summary["smoothed"] == len(smoothing) == 8
     assert all(not torch.equal(m.scale, torch.ones_like(m.scale)) for m in smoothing)
-    # measured 0.0364 without and 0.0346 with smoothing (deterministic: seeded model and data; 0.0363 /
-    # 0.0337 before softmax outputs took the range [0, 1]); the outlier is in the model input only, the
-    # random layers after it have none
+    # measured 0.0370 without and 0.0351 with smoothing (deterministic: seeded model and data); the outlier
+    # is in the model input only, the random layers after it have none
     assert errors[0.5] < 0.97 * errors[None], errors
 
 

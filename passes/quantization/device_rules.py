@@ -39,7 +39,8 @@ class DeviceRules:
     agnostic: frozenset
     # Kinds whose output is never negative: unsigned quantizers after them.
     nonnegative: frozenset
-    # The device may lack VNNI: 8-bit weights use 7 bits under overflow_fix.
+    # The device may lack VNNI: 8-bit weights, and the second operand of a matmul of two activations
+    # (k of q @ k^T), use 7 bits under overflow_fix.
     overflow_fix: bool
 
 

@@ -199,6 +199,9 @@ class _Request:
     serves: list
     reasons: list
     symmetric: bool = False
+    # the second operand of a matmul of two activations whose first operand is not a softmax output
+    # (q @ k^T): x86 kernels without VNNI saturate its int16 pair sums at 8 bits (docs/export.md, "Agreement")
+    pair_saturating_rhs: bool = False
 
 
 def _first_layer_ops(gm, weighted: list[WeightedOp]) -> set[torch.fx.Node]:
@@ -410,10 +413,13 @@ class _Planner:
             self.skip(scope, f"{rule.reason}: its result only feeds {'/'.join(sorted(k.name for k in rule.skip_if_feeding))} "
                              f"(directly or through {kind.name}s), which run in float")
             return
-        for x in inputs:
+        unbounded_lhs = False
+        for index, x in enumerate(inputs):
             if not isinstance(x, torch.fx.Node):
                 continue
             producer, edge_user = _resolve(x, node, self.gm, self.rules)
+            if kind is Kind.matmul and len(inputs) == 2 and index == 0:
+                unbounded_lhs = not is_softmax_output(producer, self.gm)
             if not _is_float_tensor(producer):
                 self.skip(scope, f"{rule.reason} '{producer.name}' has dtype {producer.meta.get('dtype')}: "
                                  "not quantized")
@@ -428,6 +434,8 @@ class _Planner:
                 self.skip(scope, f"{rule.reason} is model input '{producer.name}' and quantize_inputs is false")
             else:
                 self.request(producer, edge_user, node, rule.reason, rule)
+                if index == 1 and unbounded_lhs:
+                    self.requests[producer].pair_saturating_rhs = True
 
     def model_outputs(self):
         if not self.settings.quantize_outputs:
@@ -450,6 +458,13 @@ class _Planner:
             point.producer.meta.setdefault(ANNOTATION_KEY, []).append(point)
         unique = list({(s["scope"], s["reason"]): s for s in self.skipped}.values())
         return QuantizationPlan(self.points, unique)
+
+
+def is_softmax_output(node, gm) -> bool:
+    """Whether ``node`` is a softmax output (attention probabilities), looking through dropout."""
+    while isinstance(node, torch.fx.Node) and op_kind(node, gm) in (Kind.dropout, Kind.identity):
+        node = node.args[0] if node.args else None
+    return isinstance(node, torch.fx.Node) and op_kind(node, gm) is Kind.softmax
 
 
 # Kinds whose output is non-negative when their (first / every) tensor input is.
@@ -491,6 +506,14 @@ def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: 
     shape = producer.meta.get("shape")
     ndim = len(shape) if isinstance(shape, tuple) else 0
     spec, fixed = _activation_spec(settings, override, nonnegative, req.symmetric, ndim)
+    # Q.K^T: without VNNI, x86 runtimes multiply q (shifted to u8 when signed) by k in u8 x s8 pairs summed
+    # in int16; k at its 8-bit ends saturated them (126 output steps in OpenVINO). 7 bits keep every pair
+    # sum within 2 * 255 * 64, as the overflow fix does for weights. (Softmax outputs as the first operand
+    # need none: probabilities sum to at most 1.)
+    overflow_fix = (req.pair_saturating_rhs and rules.overflow_fix and settings.overflow_fix == "enable"
+                    and spec.bits == 8 and spec.signed and spec.mode == "symmetric" and "bits" not in override)
+    if overflow_fix:
+        spec = spec.with_bits(7)
     channels = int(shape[1]) if spec.per_channel else 1
     # Edge users in graph order (the quantizer feeds them; other users keep the float tensor).
     users = sorted(req.edge_users, key=lambda n: order[n])
@@ -503,4 +526,5 @@ def _activation_point(gm, req: _Request, settings: QuantizationSettings, order: 
     else:
         base = f"{readable_name(producer, gm)}_output"
     return QuantizationPoint("activations", producer, users, spec, channels, f"{base}_quantizer", scopes,
-                             list(req.serves), list(req.reasons), signed_fixed=fixed, override=override)
+                             list(req.serves), list(req.reasons), overflow_fix=overflow_fix, signed_fixed=fixed,
+                             override=override)

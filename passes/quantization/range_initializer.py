@@ -18,9 +18,9 @@ import torch.fx
 
 from fxcompress.data import CalibrationData, count_samples, preserved_modes, progress_bar
 from fxcompress.errors import RangeInitError
-from fxcompress.optable import Kind, op_kind
 from fxcompress.weights import edge_value
 
+from .policy import is_softmax_output
 from .range_init import RangeCollector, weight_range
 
 __all__ = ["RangeInitializer"]
@@ -116,15 +116,8 @@ class RangeInitializer:
         neighbouring probabilities near it: 2 * 255 * 128 > 32767); probabilities summing to at most 1
         keep every pair within 256 * 127 (docs/export.md, "Agreement")."""
         nodes = self._quantizer_nodes(gm)
-        found = []
-        for name in names:
-            node = nodes.get(name)
-            source = node.args[0] if node is not None and node.args else None
-            while isinstance(source, torch.fx.Node) and op_kind(source, gm) in (Kind.dropout, Kind.identity):
-                source = source.args[0] if source.args else None
-            if isinstance(source, torch.fx.Node) and op_kind(source, gm) is Kind.softmax:
-                found.append(name)
-        return found
+        return [name for name in names if nodes.get(name) is not None and nodes[name].args
+                and is_softmax_output(nodes[name].args[0], gm)]
 
     def _non_finite_range(self, gm, name: str, bounds) -> RangeInitError:
         node = self._quantizer_nodes(gm).get(name) if isinstance(gm, torch.fx.GraphModule) else None
