@@ -199,14 +199,16 @@ def test_deployment_blocks_load_and_agree_everywhere(name, tmp_path):
 def test_every_quantizer_of_a_resnet_agrees_given_the_runtimes_upstream_values(tmp_path):
     """ResNet (BN folded into the weight scales, residual adds, pooling, a linear head): every activation
     quantizer within one step in ORT's default session (probes: its outputs are unchanged by them) and
-    OpenVINO. Then one quantizer of the file is broken (its QuantizeLinear's scale halved, so it writes
-    twice the integers): the check names that quantizer, many steps off, and only that one."""
+    OpenVINO (split: probes move its outputs). Then one quantizer of the file is broken (its QuantizeLinear's
+    scale halved, so it writes twice the integers): both methods, in ORT and OpenVINO, name that quantizer,
+    many steps off, and only that one."""
     case = build("resnet_tiny")
-    ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, tmp_path, per_quantizer=("ov",))
+    ctrl, gm, _ = check_export_everywhere(case.model, case.example_inputs, tmp_path, per_quantizer=())
     path, lowered = tmp_path / "model.onnx", ctrl.lower()
-    agreement = quantizer_agreement(gm, lowered, path, case.example_inputs, "ort_all")
-    assert agreement.method == "probes" and len(agreement.quantizers) == 15, agreement
-    assert agreement.max_steps <= 1.001, agreement
+    for runtime, method in (("ort_all", "probes"), ("ov", "split")):
+        agreement = quantizer_agreement(gm, lowered, path, case.example_inputs, runtime)
+        assert agreement.method == method and len(agreement.quantizers) == 15, agreement
+        assert agreement.max_steps <= 1.001, agreement
 
     model = onnx.load(path)
     initializers = {t.name: t for t in model.graph.initializer}
@@ -217,9 +219,13 @@ def test_every_quantizer_of_a_resnet_agrees_given_the_runtimes_upstream_values(t
     model.graph.initializer.append(halved)
     q.input[1] = halved.name
     onnx.save(model, tmp_path / "broken.onnx")
-    broken = quantizer_agreement(gm, lowered, tmp_path / "broken.onnx", case.example_inputs, "ort_none")
-    bad = [e for e in broken.quantizers if e.steps > 1.001]
-    assert [e.name for e in bad] == ["layer1_add_input_quantizer"] and bad[0].steps > 10, broken
+    for runtime in ("ort_none", "ov"):
+        for method in ("probes", "split"):
+            broken = quantizer_agreement(gm, lowered, tmp_path / "broken.onnx", case.example_inputs, runtime,
+                                         method=method)
+            bad = [e for e in broken.quantizers if e.steps > 1.001]
+            assert broken.method == method and len(broken.quantizers) == 15, broken
+            assert [e.name for e in bad] == ["layer1_add_input_quantizer"] and bad[0].steps > 10, broken
 
 
 def test_transformer_loads_and_runs_attention_matmuls_in_int8(tmp_path):
