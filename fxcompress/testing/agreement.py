@@ -2,24 +2,31 @@
 
 An output several quantization steps off does not say whether a runtime computes some quantizer
 wrongly or whether one-step rounding flips upstream were amplified by the layers in between
-(docs/export.md, "Agreement"). :func:`quantizer_agreement` separates the two: for every activation
-quantizer it runs the fake-quantized PyTorch graph on the **runtime's own values** of the upstream
-quantizers (they lie on the integer grid, so they are exact inputs) and compares that quantizer's
-output with the runtime's, in steps of that quantizer. A lowering that computes the same thing
-stays within one step at every quantizer (float rounding may flip a rounding at a .5 boundary);
-more than one step given exact inputs is a real difference in what the runtime computes.
+(docs/export.md, "Agreement"). :func:`quantizer_agreement` separates the two: every activation
+quantizer is computed by the runtime and by the fake-quantized PyTorch graph from the **same exact
+values** of the quantizers upstream (values on their integer grids) and the two are compared, in steps
+of that quantizer. A lowering that computes the same thing stays within one step at every quantizer
+(float rounding may flip a rounding at a .5 boundary); more than one step given exact inputs is a real
+difference in what the runtime computes.
 
-How the runtime's values are read, without changing what the runtime computes:
+Two ways to give both sides the same upstream values, in one runtime call each:
 
-* ``probes``: every activation ``QuantizeLinear`` of the file gets a second ``DequantizeLinear``
-  (the same scale, zero point and axis) whose output is an extra graph output; the original one
-  still feeds the graph, so the runtime sees the node groups of the file. One run. Used only when
-  the probed model's real outputs equal the file's bitwise (checked on every call): so with ONNX
-  Runtime at every level on the models measured.
-* ``cuts``: otherwise (OpenVINO: a QuantizeLinear with a second reader is no longer folded with its
-  DequantizeLinear, and the model's outputs move by float rounding) each quantizer is read from a
-  copy of the file whose only output is that quantizer's DequantizeLinear: the runtime prunes what
-  does not lead there and fuses everything upstream as in the full model. One compile per quantizer.
+* ``probes``: the upstream values are the **runtime's own**. Every compared ``QuantizeLinear`` of the
+  file gets a second ``DequantizeLinear`` (the same scale, zero point and axis) whose output is an extra
+  graph output; the original one still feeds the graph, so the runtime sees the node groups of the file.
+  The graph is then run with the runtime's values substituted at each quantizer. Used only when the
+  probed model's real outputs equal the file's bitwise (checked on every call): ONNX Runtime at every
+  level on most models measured.
+* ``split``: the upstream values are the **graph's own**. Otherwise (OpenVINO: a QuantizeLinear with a
+  second reader is no longer fused into its producer, and the outputs move by float rounding) the
+  runtime runs a copy of the file in which every compared quantizer's ``DequantizeLinear`` is a graph
+  output and its readers read instead a graph input, fed with the fake-quantized graph's value there,
+  through a ``QuantizeLinear``/``DequantizeLinear`` pair on the same grid (:func:`_split`): each
+  quantizer is computed by the runtime from exact values, by the nodes of the file between it and the
+  quantizers upstream. What the runtime fuses differs from the full model only at those boundaries: a
+  quantizer between a conv and a residual add is fused into the conv's epilogue in the full model, and
+  here the add starts from the fed value (the same values on the same grid). Replaces one compile
+  per quantizer (a copy of the file cut at each), minutes per model in OpenVINO.
 
 The kit imports nothing from fxcompress: the lowered graph's ``quantize_dequantize`` op is found by
 name, and onnxruntime / openvino are imported on use.
