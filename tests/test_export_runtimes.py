@@ -213,7 +213,8 @@ def _residual_block_with_strided_shortcut() -> onnx.ModelProto:
              helper.make_node("Conv", ["ad", "wcd", "bc"], ["c3"], strides=[2, 2]), *qdq("c3", "ss", "zs", "c3d"),
              helper.make_node("Add", ["c2d", "c3d"], ["s"]), helper.make_node("Relu", ["s"], ["r"]),
              *qdq("r", "ss", "zu", "y")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, c_in, size, size])],
+    graph = helper.make_graph(nodes, "g",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [2, c_in, size, size])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, c_out, size // 2, size // 2])],
                               [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
