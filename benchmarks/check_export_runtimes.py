@@ -273,7 +273,7 @@ def table(rows) -> str:
                                                         "q_ort_all", "q_ov", "ov_int8")]) + " |")
     return "\n".join(lines) + "\n\nerrors: max |runtime - fake-quantized| at the output, in steps of the output " \
                               "quantizer (FAIL: the session does not load); per quantizer: the largest error of any " \
-                              "activation quantizer given the runtime's own values upstream, in its steps " \
+                              "activation quantizer, runtime against graph from the same exact upstream values, in its steps " \
                               "(fxcompress.testing.agreement)"
 
 
