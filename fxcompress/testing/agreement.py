@@ -14,13 +14,13 @@ Two ways to give both sides the same upstream values, in one runtime call each:
 * ``probes``: the upstream values are the **runtime's own**. Every compared ``QuantizeLinear`` of the
   file gets a second ``DequantizeLinear`` (the same scale, zero point and axis) whose output is an extra
   graph output; the original one still feeds the graph, so the runtime sees the node groups of the file.
-  The graph is then run with the runtime's values substituted at each quantizer. Used only when the
-  probed model's real outputs equal the file's bitwise (checked on every call): ONNX Runtime at every
-  level on most models measured.
-* ``split``: the upstream values are the **graph's own**. Otherwise (OpenVINO: a QuantizeLinear with a
-  second reader is no longer fused into its producer, and the outputs move by float rounding) the
-  runtime runs a copy of the file in which every compared quantizer's ``DequantizeLinear`` is a graph
-  output and its readers read instead a graph input, fed with the fake-quantized graph's value there,
+  The graph is then run with the runtime's values substituted at each quantizer. Used (``auto``) in
+  ONNX Runtime when the probed model's real outputs equal the file's bitwise (checked on every call).
+  Not in OpenVINO: there a probe can read other values than the quantizer's readers get (DenseNet-121,
+  docs/export.md "Agreement"), even where the outputs are unchanged.
+* ``split``: the upstream values are the **graph's own**. Otherwise (and in OpenVINO, where a
+  QuantizeLinear with a second reader is no longer fused into its producer) the runtime runs a copy
+  of the file in which every compared quantizer's ``DequantizeLinear`` is a graph output and its readers read instead a graph input, fed with the fake-quantized graph's value there,
   through a ``QuantizeLinear``/``DequantizeLinear`` pair on the same grid (:func:`_split`): each
   quantizer is computed by the runtime from exact values, by the nodes of the file between it and the
   quantizers upstream. What the runtime fuses differs from the full model only at those boundaries: a
@@ -203,8 +203,8 @@ def quantizer_agreement(gm: torch.fx.GraphModule, lowered: torch.fx.GraphModule,
     upstream, against the runtime's value of it, in its own steps.
 
     ``method`` (module docstring): ``probes`` (the upstream values are the runtime's own), ``split``
-    (they are ``gm``'s), or ``auto``: probes where they leave the runtime's outputs bitwise unchanged,
-    else split. ``lowered`` is the graph ``path`` was exported from (``ctrl.lower()``); its
+    (they are ``gm``'s), or ``auto``: in ONNX Runtime probes where they leave its outputs bitwise
+    unchanged, else split; in OpenVINO split. ``lowered`` is the graph ``path`` was exported from (``ctrl.lower()``); its
     ``quantize_dequantize`` nodes carry the names of ``gm``'s quantizer nodes and map in order onto the
     file's activation DequantizeLinear nodes. Re-quantizations the lowering adds (the int8 copy of an
     attention matmul operand, the same grid) have no quantizer in ``gm`` and are not compared. ``gm``
@@ -232,7 +232,7 @@ def quantizer_agreement(gm: torch.fx.GraphModule, lowered: torch.fx.GraphModule,
     result = QuantizerAgreement(runtime, method=method)
     with tempfile.TemporaryDirectory() as tmp:
         plain = run_runtime(path, inputs, runtime)
-        if method != "split":
+        if method == "probes" or (method == "auto" and runtime != "ov"):
             probed_path = Path(tmp) / "probed.onnx"
             onnx.save(_probed(model, [dq for dq, _ in compared]), probed_path)
             outputs = run_runtime(probed_path, inputs, runtime)
