@@ -20,8 +20,8 @@ Two ways to give both sides the same upstream values, in one runtime call each:
   docs/export.md "Agreement"), even where the outputs are unchanged.
 * ``split``: the upstream values are the **graph's own**. Otherwise (and in OpenVINO, where a
   QuantizeLinear with a second reader is no longer fused into its producer) the runtime runs a copy
-  of the file in which every compared quantizer's ``DequantizeLinear`` is a graph output and its readers read instead a graph input, fed with the fake-quantized graph's value there,
-  through a ``QuantizeLinear``/``DequantizeLinear`` pair on the same grid (:func:`_split`): each
+  of the file in which every compared quantizer's ``DequantizeLinear`` is a graph output and its
+  readers read instead a graph input, fed with the fake-quantized graph's value there, through a ``QuantizeLinear``/``DequantizeLinear`` pair on the same grid (:func:`_split`): each
   quantizer is computed by the runtime from exact values, by the nodes of the file between it and the
   quantizers upstream. What the runtime fuses differs from the full model only at those boundaries: a
   quantizer between a conv and a residual add is fused into the conv's epilogue in the full model, and
