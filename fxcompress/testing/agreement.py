@@ -21,7 +21,8 @@ Two ways to give both sides the same upstream values, in one runtime call each:
 * ``split``: the upstream values are the **graph's own**. Otherwise (and in OpenVINO, where a
   QuantizeLinear with a second reader is no longer fused into its producer) the runtime runs a copy
   of the file in which every compared quantizer's ``DequantizeLinear`` is a graph output and its
-  readers read instead a graph input, fed with the fake-quantized graph's value there, through a ``QuantizeLinear``/``DequantizeLinear`` pair on the same grid (:func:`_split`): each
+  readers read instead a graph input, fed with the fake-quantized graph's value there, through a
+  ``QuantizeLinear``/``DequantizeLinear`` pair on the same grid (:func:`_split`): each
   quantizer is computed by the runtime from exact values, by the nodes of the file between it and the
   quantizers upstream. What the runtime fuses differs from the full model only at those boundaries: a
   quantizer between a conv and a residual add is fused into the conv's epilogue in the full model, and
@@ -204,7 +205,8 @@ def quantizer_agreement(gm: torch.fx.GraphModule, lowered: torch.fx.GraphModule,
 
     ``method`` (module docstring): ``probes`` (the upstream values are the runtime's own), ``split``
     (they are ``gm``'s), or ``auto``: in ONNX Runtime probes where they leave its outputs bitwise
-    unchanged, else split; in OpenVINO split. ``lowered`` is the graph ``path`` was exported from (``ctrl.lower()``); its
+    unchanged, else split; in OpenVINO split. ``lowered`` is the graph ``path`` was exported from
+    (``ctrl.lower()``); its
     ``quantize_dequantize`` nodes carry the names of ``gm``'s quantizer nodes and map in order onto the
     file's activation DequantizeLinear nodes. Re-quantizations the lowering adds (the int8 copy of an
     attention matmul operand, the same grid) have no quantizer in ``gm`` and are not compared. ``gm``
