@@ -10,10 +10,11 @@ so "one step at the output" is defined), ``initialize()`` on a few random batche
 - OpenVINO CPU with ``INFERENCE_PRECISION_HINT=f32``: loads? the same error;
   convs/matmuls that run in integers (``openvino_compute_layers``);
 - per quantizer (``--per-quantizer``, default ONNX Runtime's default session and
-  OpenVINO): every activation quantizer of the fake-quantized graph, fed the
-  runtime's own values of the quantizers upstream, against the runtime's value,
-  in that quantizer's steps (``fxcompress.testing.agreement``): more than one
-  step there is a lowering or runtime difference, not an amplified rounding flip.
+  OpenVINO): every activation quantizer, computed by the runtime and by the
+  fake-quantized graph from the same exact values of the quantizers upstream,
+  in that quantizer's steps (``fxcompress.testing.agreement``; one runtime call
+  per model): more than one step there is a lowering or runtime difference, not
+  an amplified rounding flip.
 
 Models: the project's zoo and blocks (MobileNetV3-like, ShuffleNet-like,
 ConvNeXt-like, attention), a tiny Hugging Face BERT and GPT-2 when
@@ -272,7 +273,7 @@ def table(rows) -> str:
                                                         "q_ort_all", "q_ov", "ov_int8")]) + " |")
     return "\n".join(lines) + "\n\nerrors: max |runtime - fake-quantized| at the output, in steps of the output " \
                               "quantizer (FAIL: the session does not load); per quantizer: the largest error of any " \
-                              "activation quantizer given the runtime's own values upstream, in its steps " \
+                              "activation quantizer, runtime against graph from the same exact upstream values, in its steps " \
                               "(fxcompress.testing.agreement)"
 
 

@@ -13,7 +13,7 @@ inside :func:`load_digits_tensors`).
   :class:`DigitsCNN` (eager; sklearn is imported only when data is loaded).
 * :mod:`fxcompress.testing.agreement` -- :func:`quantizer_agreement`: every activation
   quantizer of an exported QDQ model in ONNX Runtime / OpenVINO against the fake-quantized
-  graph, given the runtime's own upstream values (imported on use: needs onnx).
+  graph, both computing it from the same exact upstream values (imported on use: needs onnx).
 * :mod:`fxcompress.testing.strategies` -- hypothesis strategies; loaded lazily
   on first access (``fxcompress.testing.strategies`` or
   ``from fxcompress.testing.strategies import conv_nets``), so this package

@@ -2,24 +2,32 @@
 
 An output several quantization steps off does not say whether a runtime computes some quantizer
 wrongly or whether one-step rounding flips upstream were amplified by the layers in between
-(docs/export.md, "Agreement"). :func:`quantizer_agreement` separates the two: for every activation
-quantizer it runs the fake-quantized PyTorch graph on the **runtime's own values** of the upstream
-quantizers (they lie on the integer grid, so they are exact inputs) and compares that quantizer's
-output with the runtime's, in steps of that quantizer. A lowering that computes the same thing
-stays within one step at every quantizer (float rounding may flip a rounding at a .5 boundary);
-more than one step given exact inputs is a real difference in what the runtime computes.
+(docs/export.md, "Agreement"). :func:`quantizer_agreement` separates the two: every activation
+quantizer is computed by the runtime and by the fake-quantized PyTorch graph from the **same exact
+values** of the quantizers upstream (values on their integer grids) and the two are compared, in steps
+of that quantizer. A lowering that computes the same thing stays within one step at every quantizer
+(float rounding may flip a rounding at a .5 boundary); more than one step given exact inputs is a real
+difference in what the runtime computes.
 
-How the runtime's values are read, without changing what the runtime computes:
+Two ways to give both sides the same upstream values, in one runtime call each:
 
-* ``probes``: every activation ``QuantizeLinear`` of the file gets a second ``DequantizeLinear``
-  (the same scale, zero point and axis) whose output is an extra graph output; the original one
-  still feeds the graph, so the runtime sees the node groups of the file. One run. Used only when
-  the probed model's real outputs equal the file's bitwise (checked on every call): so with ONNX
-  Runtime at every level on the models measured.
-* ``cuts``: otherwise (OpenVINO: a QuantizeLinear with a second reader is no longer folded with its
-  DequantizeLinear, and the model's outputs move by float rounding) each quantizer is read from a
-  copy of the file whose only output is that quantizer's DequantizeLinear: the runtime prunes what
-  does not lead there and fuses everything upstream as in the full model. One compile per quantizer.
+* ``probes``: the upstream values are the **runtime's own**. Every compared ``QuantizeLinear`` of the
+  file gets a second ``DequantizeLinear`` (the same scale, zero point and axis) whose output is an extra
+  graph output; the original one still feeds the graph, so the runtime sees the node groups of the file.
+  The graph is then run with the runtime's values substituted at each quantizer. Used (``auto``) in
+  ONNX Runtime when the probed model's real outputs equal the file's bitwise (checked on every call).
+  Not in OpenVINO: there a probe can read other values than the quantizer's readers get (DenseNet-121,
+  docs/export.md "Agreement"), even where the outputs are unchanged.
+* ``split``: the upstream values are the **graph's own**. Otherwise (and in OpenVINO, where a
+  QuantizeLinear with a second reader is no longer fused into its producer) the runtime runs a copy
+  of the file in which every compared quantizer's ``DequantizeLinear`` is a graph output and its
+  readers read instead a graph input, fed with the fake-quantized graph's value there, through a
+  ``QuantizeLinear``/``DequantizeLinear`` pair on the same grid (:func:`_split`): each
+  quantizer is computed by the runtime from exact values, by the nodes of the file between it and the
+  quantizers upstream. What the runtime fuses differs from the full model only at those boundaries: a
+  quantizer between a conv and a residual add is fused into the conv's epilogue in the full model, and
+  here the add starts from the fed value (the same values on the same grid). Replaces one compile
+  per quantizer (a copy of the file cut at each), minutes per model in OpenVINO.
 
 The kit imports nothing from fxcompress: the lowered graph's ``quantize_dequantize`` op is found by
 name, and onnxruntime / openvino are imported on use.
@@ -94,22 +102,50 @@ def _probed(model, dequantizers):
     return probed
 
 
-def _cut_value(model, dq, cut_path, inputs, runtime) -> np.ndarray:
-    """The value of ``dq`` in a copy of ``model`` whose only output it is: the runtime prunes what does
-    not lead there and fuses everything upstream as in the full model."""
+def _split(model, dequantizers, shapes):
+    """A copy of ``model`` in which every reader of one of ``dequantizers`` reads instead a new graph input
+    (named after the DequantizeLinear's output, ``__in``) through a QuantizeLinear/DequantizeLinear pair on
+    that DequantizeLinear's grid (of the given ``shapes``); the graph outputs are the ``dequantizers``' outputs.
+
+    Fed values on those grids, the pair is exact, and every quantizer is computed from the fed values by the
+    nodes between it and the quantizers upstream, fused by the runtime as in the full model (a runtime fuses
+    a DequantizeLinear into its reader and a QuantizeLinear into its producer: the pair at each new input
+    is what it fuses at a quantizer's readers, the DequantizeLinear at each output what it fuses as in a
+    cut of the model there). Returns the copy and the new inputs' names, in ``dequantizers``' order."""
     import onnx
-    cut = onnx.ModelProto()
-    cut.CopyFrom(model)
-    del cut.graph.output[:]
-    cut.graph.output.append(onnx.helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None))
-    onnx.save(cut, cut_path)
-    return run_runtime(cut_path, inputs, runtime)[0]
+    split = onnx.ModelProto()
+    split.CopyFrom(model)
+    renamed, names, pairs = {}, [], []
+    for dq, shape in zip(dequantizers, shapes):
+        source = dq.output[0]
+        name, quantized, dequantized = f"{source}__in", f"{source}__in_q", f"{source}__in_dq"
+        q = onnx.helper.make_node("QuantizeLinear", [name, *dq.input[1:]], [quantized], name=quantized)
+        q.attribute.extend(a for a in dq.attribute if a.name == "axis")
+        again = onnx.helper.make_node("DequantizeLinear", [quantized, *dq.input[1:]], [dequantized], name=dequantized)
+        again.attribute.extend(dq.attribute)
+        pairs += [q, again]
+        split.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(shape)))
+        renamed[source] = dequantized
+        names.append(name)
+    for node in split.graph.node:
+        for i, x in enumerate(node.input):
+            if x in renamed:
+                node.input[i] = renamed[x]
+    nodes = pairs + list(split.graph.node)  # the pairs read graph inputs only: first keeps the order topological
+    del split.graph.node[:]
+    split.graph.node.extend(nodes)
+    del split.graph.output[:]
+    split.graph.output.extend(onnx.helper.make_tensor_value_info(dq.output[0], onnx.TensorProto.FLOAT, None)
+                              for dq in dequantizers)
+    return split, names
 
 
-def run_runtime(path, inputs, runtime: str) -> list[np.ndarray]:
-    """All outputs of the model at ``path``: ``runtime`` is ``ort_<all|ext|basic|none>`` (ONNX Runtime
-    CPU at that optimization level, one thread) or ``ov`` (OpenVINO CPU, ``INFERENCE_PRECISION_HINT=f32``, one thread)."""
-    arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
+def run_runtime(path, inputs, runtime: str, threads: int = 1) -> list[np.ndarray]:
+    """All outputs of the model at ``path`` for ``inputs`` (in the graph's input order, or a dict by input
+    name): ``runtime`` is ``ort_<all|ext|basic|none>`` (ONNX Runtime CPU at that optimization level) or
+    ``ov`` (OpenVINO CPU, ``INFERENCE_PRECISION_HINT=f32``), on ``threads`` threads (docs/export.md,
+    "OpenVINO on several threads", for why the check uses one)."""
+    as_array = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)  # noqa: E731
     if runtime.startswith("ort_"):
         import onnxruntime as ort
         level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -118,54 +154,66 @@ def run_runtime(path, inputs, runtime: str) -> list[np.ndarray]:
                  "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[runtime[4:]]
         options = ort.SessionOptions()
         options.graph_optimization_level = level
-        options.intra_op_num_threads = 1
+        options.intra_op_num_threads = threads
         session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-        return session.run(None, {i.name: x for i, x in zip(session.get_inputs(), arrays)})
+        names = [i.name for i in session.get_inputs()]
+        feed = inputs if isinstance(inputs, dict) else dict(zip(names, inputs))
+        return session.run(None, {name: as_array(feed[name]) for name in names})
     if runtime == "ov":
         import openvino as ov
-        # One thread, as ONNX Runtime above. Not understood yet: with two threads OpenVINO computed
-        # resnet_tiny's cut file for layer2_relu_output_quantizer_1 54 steps off given exact inputs
-        # (the full model's output stays within one step); one thread: 0 steps.
         compiled = ov.Core().compile_model(os.fspath(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
-                                                                     "INFERENCE_NUM_THREADS": 1})
-        result = compiled.create_infer_request().infer(arrays)
+                                                                     "INFERENCE_NUM_THREADS": threads})
+        feed = ({name: as_array(x) for name, x in inputs.items()} if isinstance(inputs, dict)
+                else [as_array(x) for x in inputs])
+        result = compiled.create_infer_request().infer(feed)
         return [np.asarray(result[o]) for o in compiled.outputs]
     raise ValueError(f"unknown runtime {runtime!r}: ort_all, ort_ext, ort_basic, ort_none or ov")
 
 
+def _error(name: str, ours: torch.Tensor, theirs, step: float) -> QuantizerError:
+    theirs = torch.from_numpy(np.ascontiguousarray(theirs)).to(ours.dtype)
+    if theirs.shape != ours.shape:
+        raise RuntimeError(f"{name}: the runtime's value has shape {tuple(theirs.shape)}, "
+                           f"the graph's {tuple(ours.shape)}")
+    diff = (ours - theirs).abs()
+    return QuantizerError(name, float(diff.max()) / step if diff.numel() else 0.0, int((diff > 0).sum()),
+                          diff.numel())
+
+
 class _Substituting(torch.fx.Interpreter):
-    """Runs the fake-quantized graph; at each named activation quantizer, records its error against the
-    runtime's value and continues from the runtime's value."""
+    """Runs the fake-quantized graph; records its value at each activation quantizer named in ``steps``
+    and, where ``runtime_values`` has one, the error against it and continues from the runtime's value."""
 
     def __init__(self, gm, runtime_values: dict, steps: dict):
         super().__init__(gm)
-        self.runtime_values, self.steps, self.errors = runtime_values, steps, []
+        self.runtime_values, self.steps, self.errors, self.values = runtime_values, steps, [], {}
 
     def run_node(self, n):
         out = super().run_node(n)
+        if n.name in self.steps:
+            self.values[n.name] = out
         if n.name not in self.runtime_values:
             return out
-        theirs = torch.from_numpy(np.ascontiguousarray(self.runtime_values[n.name])).to(out.dtype)
-        if theirs.shape != out.shape:
-            raise RuntimeError(f"{n.name}: the runtime's value has shape {tuple(theirs.shape)}, "
-                               f"the graph's {tuple(out.shape)}")
-        diff = (out - theirs).abs()
-        self.errors.append(QuantizerError(n.name, float(diff.max()) / self.steps[n.name] if diff.numel() else 0.0,
-                                          int((diff > 0).sum()), diff.numel()))
-        return theirs
+        self.errors.append(_error(n.name, out, self.runtime_values[n.name], self.steps[n.name]))
+        return torch.from_numpy(np.ascontiguousarray(self.runtime_values[n.name])).to(out.dtype)
 
 
 def quantizer_agreement(gm: torch.fx.GraphModule, lowered: torch.fx.GraphModule, path, inputs,
-                        runtime: str = "ort_all") -> QuantizerAgreement:
-    """Every activation quantizer of the fake-quantized ``gm``, given the runtime's values of the
-    quantizers upstream, against the runtime's value of it, in its own steps.
+                        runtime: str = "ort_all", method: str = "auto") -> QuantizerAgreement:
+    """Every activation quantizer of the fake-quantized ``gm``, given exact values of the quantizers
+    upstream, against the runtime's value of it, in its own steps.
 
-    ``lowered`` is the graph ``path`` was exported from (``ctrl.lower()``); its ``quantize_dequantize``
-    nodes carry the names of ``gm``'s quantizer nodes and map in order onto the file's activation
-    DequantizeLinear nodes. Re-quantizations the lowering adds (the int8 copy of an attention matmul
-    operand, the same grid) have no quantizer in ``gm`` and are not compared. ``gm`` must be in eval
-    mode. Runtimes as in :func:`run_runtime`."""
+    ``method`` (module docstring): ``probes`` (the upstream values are the runtime's own), ``split``
+    (they are ``gm``'s), or ``auto``: in ONNX Runtime probes where they leave its outputs bitwise
+    unchanged, else split; in OpenVINO split. ``lowered`` is the graph ``path`` was exported from
+    (``ctrl.lower()``); its
+    ``quantize_dequantize`` nodes carry the names of ``gm``'s quantizer nodes and map in order onto the
+    file's activation DequantizeLinear nodes. Re-quantizations the lowering adds (the int8 copy of an
+    attention matmul operand, the same grid) have no quantizer in ``gm`` and are not compared. ``gm``
+    must be in eval mode. Runtimes as in :func:`run_runtime` (one thread)."""
     import onnx
+    if method not in ("auto", "probes", "split"):
+        raise ValueError(f"unknown method {method!r}: auto, probes or split")
     qdq_op = torch.ops.fxcompress.quantize_dequantize.default
     lowered_qdq = [n for n in lowered.graph.nodes if n.op == "call_function" and n.target is qdq_op]
     model = onnx.load(os.fspath(path))
@@ -179,25 +227,35 @@ def quantizer_agreement(gm: torch.fx.GraphModule, lowered: torch.fx.GraphModule,
         scale = node.args[1]
         value = lowered.get_buffer(scale.target) if isinstance(scale, torch.fx.Node) else torch.as_tensor(scale)
         steps[node.name] = float(value.max())
+    compared = [(dq, node.name) for dq, node in zip(dequantizers, lowered_qdq) if node.name in gm_nodes]
+    own = _Substituting(gm, {}, {name: steps[name] for _, name in compared})  # gm's own values
+    with torch.no_grad():
+        expected = own.run(*inputs)
+    result = QuantizerAgreement(runtime, method=method)
     with tempfile.TemporaryDirectory() as tmp:
         plain = run_runtime(path, inputs, runtime)
-        probed_path = Path(tmp) / "probed.onnx"
-        onnx.save(_probed(model, dequantizers), probed_path)
-        outputs = run_runtime(probed_path, inputs, runtime)
-        n_out = len(model.graph.output)
-        probes_change_outputs = not all(np.array_equal(a, b) for a, b in zip(plain, outputs[:n_out]))
-        if probes_change_outputs:
-            runtime_values = [_cut_value(model, dq, Path(tmp) / "cut.onnx", inputs, runtime)
-                              if node.name in gm_nodes else None for dq, node in zip(dequantizers, lowered_qdq)]
-        else:
-            runtime_values = outputs[n_out:]
-    values = {node.name: value for node, value in zip(lowered_qdq, runtime_values) if node.name in gm_nodes}
-    result = QuantizerAgreement(runtime, method="cuts" if probes_change_outputs else "probes")
-    interpreter = _Substituting(gm, values, steps)
-    with torch.no_grad():
-        interpreter.run(*inputs)
-        expected = gm(*inputs)
-    result.quantizers = interpreter.errors
+        if method == "probes" or (method == "auto" and runtime != "ov"):
+            probed_path = Path(tmp) / "probed.onnx"
+            onnx.save(_probed(model, [dq for dq, _ in compared]), probed_path)
+            outputs = run_runtime(probed_path, inputs, runtime)
+            n_out = len(model.graph.output)
+            if method == "probes" or all(np.array_equal(a, b) for a, b in zip(plain, outputs[:n_out])):
+                result.method = "probes"
+                interpreter = _Substituting(gm, {name: v for (_, name), v in zip(compared, outputs[n_out:])},
+                                            steps)
+                with torch.no_grad():
+                    interpreter.run(*inputs)
+                result.quantizers = interpreter.errors
+        if result.method != "probes":
+            split, names = _split(model, [dq for dq, _ in compared],
+                                  [tuple(own.values[name].shape) for _, name in compared])
+            onnx.save(split, Path(tmp) / "split.onnx")
+            feed = dict(zip((i.name for i in model.graph.input), inputs))
+            feed.update((input_name, own.values[name]) for input_name, (_, name) in zip(names, compared))
+            values = run_runtime(Path(tmp) / "split.onnx", feed, runtime)
+            result.method = "split"
+            result.quantizers = [_error(name, own.values[name], value, steps[name])
+                                 for (_, name), value in zip(compared, values)]
     expected = expected[0] if isinstance(expected, (tuple, list)) else expected
     output_node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
     output_node = output_node[0] if isinstance(output_node, (tuple, list)) else output_node
