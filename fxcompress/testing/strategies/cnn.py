@@ -72,7 +72,9 @@ def conv_nets(draw: Any, *, include_rare_ops: bool = False, min_blocks: int = 2,
     if include_rare_ops:
         kinds.append("rare_conv")
     if deployment_blocks:
-        kinds += DEPLOYMENT_BLOCKS
+        # twice each: drawn once among the eight kinds, a ShuffleNet unit (which also needs an even channel
+        # count) came up in 3 % of 300 deployment models, and not once in a 158-example slow export run
+        kinds += DEPLOYMENT_BLOCKS * 2
     blocks = []
     if not 1 <= min_blocks <= max_blocks:
         raise ValueError(f"need 1 <= min_blocks <= max_blocks, got {min_blocks}, {max_blocks}")
