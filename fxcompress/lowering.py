@@ -18,7 +18,9 @@ passes of all controller parts on a deep copy of the graph, sorted by their
 6. ``LOWER_BINARIZERS``: binarizers become plain tensors / standard ops, after
    the masks and pruned channels are folded (the ``+-m`` tensors they fold must
    be computed from the final float weights).
-7. ``DEFAULT``: a lowering pass that names no phase runs last.
+7. ``RUNTIME_FORMS``: ops rewritten for what a runtime computes differently, reading the
+   lowered QDQ (average pools counting padding over a nonzero zero point: OpenVINO).
+8. ``DEFAULT``: a lowering pass that names no phase runs last.
 
 The values are the historical numbers, so an ``int`` order still sorts among them.
 """
@@ -36,4 +38,5 @@ class LoweringPhase(IntEnum):
     FOLD_BATCH_NORM = 30
     LOWER_QUANTIZERS = 40
     LOWER_BINARIZERS = 45
+    RUNTIME_FORMS = 48
     DEFAULT = 50

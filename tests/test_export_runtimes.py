@@ -224,6 +224,40 @@ def test_an_all_zero_weight_channel_keeps_its_bias_exact(tmp_path):
     assert len(report.integer) == count_weighted(gm) == 1   # OpenVINO: still int8
 
 
+
+class _PaddedAvgPoolNet(torch.nn.Module):
+    """GELU (negative outputs: an asymmetric u8 grid, zero point > 0) -> a 3x3 stride-2 average pool
+    with padding 1 that counts the padding (PyTorch's default), as a module or a function."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.pool = torch.nn.AvgPool2d(3, 2, 1)
+        self.head = torch.nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = torch.nn.functional.gelu(self.conv(x))
+        x = torch.nn.functional.avg_pool2d(x, 3, 2, 1) if self.functional else self.pool(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_an_average_pool_counting_its_padding_agrees_in_openvino(functional, tmp_path):
+    """OpenVINO pads an integer AveragePool input with the integer 0, which is ``-zero_point * scale``
+    on an asymmetric grid: the pool's output quantizer was 183 steps off given exact inputs (the slow
+    property run's seed 967). The export writes the padding out before the input's QDQ again, so the
+    padded zeros are the zero point (passes/quantization/avg_pool_padding.py)."""
+    x = torch.randn(2, 3, 14, 14, generator=torch.Generator().manual_seed(0))
+    _, gm, report = check_export_everywhere(_PaddedAvgPoolNet(functional), (x,), tmp_path,
+                                            per_quantizer=("ort_all", "ov"))
+    nodes = onnx.load(tmp_path / "model.onnx").graph.node
+    pools = [n for n in nodes if n.op_type == "AveragePool"]
+    pads = [list(a.ints) for n in pools for a in n.attribute if a.name == "pads"]
+    assert len(pools) == 1 and all(not any(p) for p in pads)         # the pool reads no padding of its own
+    assert [n.op_type for n in nodes].count("Pad") == 1               # the zeros, quantized on the input's grid
+    assert len(report.integer) == count_weighted(gm) == 2
+
 # -- OpenVINO on two threads: results that differ from run to run, reduced ---------------------------------
 
 def _residual_block_with_strided_shortcut() -> onnx.ModelProto:

@@ -49,6 +49,8 @@ from fxcompress.pass_manager import Pass, PassContext, PassResult
 from fxcompress.quantizers import FakeQuantizer, quantizer_at
 from fxcompress.weights import functionalize_weighted
 
+from .avg_pool_padding import ExcludeAvgPoolPadding
+
 __all__ = ["IntegerWeight", "freeze_weight", "fold_channel_factor", "FoldBatchNorm", "LowerQuantizers",
            "quantization_lowering_passes", "drop_unused_tensors"]
 
@@ -467,4 +469,4 @@ class LowerQuantizers(Pass):
 
 def quantization_lowering_passes() -> list[Pass]:
     """The lowering passes of quantization, for ``ControllerPart.lowering_passes()``."""
-    return [FoldBatchNorm(), LowerQuantizers()]
+    return [FoldBatchNorm(), LowerQuantizers(), ExcludeAvgPoolPadding()]
