@@ -71,7 +71,7 @@ class ExcludeAvgPoolPadding(Pass):
     preserves_outputs = True
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        changed = False
+        changed, padded_inputs = False, {}
         for node in list(gm.graph.nodes):
             found = _pool_arguments(gm, node)
             if found is None or not node.args:
@@ -83,14 +83,22 @@ class ExcludeAvgPoolPadding(Pass):
             stride = args["stride"] if args["stride"] not in (None, []) else args["kernel_size"]
             padding = args["padding"] if isinstance(args["padding"], (tuple, list)) else (args["padding"],) * dims
             qdq, graph = node.args[0], gm.graph
+            pads = tuple(p for size in reversed(padding) for p in (size, size))   # F.pad: last dimension first
+            # one padded copy per input and padding: pools of the same input share it (the exporter would
+            # merge identical copies, and every QDQ of the lowered graph must be one of the file's)
+            requantized = padded_inputs.get((qdq, pads))
             with graph.inserting_before(node):
-                # F.pad lists the last dimension first
-                padded = graph.call_function(F.pad, (qdq, tuple(p for size in reversed(padding) for p in (size, size))))
-                requantized = graph.call_function(_QUANTIZE_DEQUANTIZE, (padded, *qdq.args[1:]))
+                if requantized is None:
+                    with graph.inserting_after(qdq):
+                        padded = graph.call_function(F.pad, (qdq, pads))
+                    with graph.inserting_after(padded):
+                        requantized = graph.call_function(_QUANTIZE_DEQUANTIZE, (padded, *qdq.args[1:]))
+                    for added in (padded, requantized):
+                        copy_meta(node, added, self.name)
+                        added.meta.pop("shape", None)
+                    padded_inputs[(qdq, pads)] = requantized
                 new = graph.call_function(_AVG_POOLS[dims - 1], (requantized, args["kernel_size"], stride, 0))
-            for added in (padded, requantized, new):
-                copy_meta(node, added, self.name)
-                added.meta.pop("shape", None)
+            copy_meta(node, new, self.name)
             new.meta["shape"] = node.meta.get("shape")
             node.replace_all_uses_with(new)
             graph.erase_node(node)
