@@ -574,12 +574,19 @@ def assert_masks_are_exported_zeros(gm, path) -> int:
         with torch.no_grad():
             fake_quantized = quantizer(gm.get_parameter(mask_node.args[0].target) * mask).numpy()
         name = mask_node.target.removesuffix("_mask") + "_q"
-        if name not in integers:
-            # the exporter merges identical initializers: a fully masked weight can share another
-            # all-zero layer's integers under that layer's name (a 1x1 conv with one input and output)
-            assert not bool(mask.any()) and not fake_quantized.any(), name
-            continue
-        q = integers[name]
+        if name in integers:
+            q = integers[name]
+        else:
+            # the exporter merges identical initializers: a layer's integers can be stored once under another
+            # layer's name (a fully masked 1x1 conv; two [2, 1, 1, 1] weights both [63, 0] after masking)
+            shape = [1] * fake_quantized.ndim
+            if quantizer.axis is not None:
+                shape[quantizer.axis] = -1
+            scale = quantizer.effective_scale().detach().reshape(shape)
+            expected = np.abs(np.round(fake_quantized / scale.numpy()))
+            same = [a for a in integers.values() if a.shape == expected.shape and np.array_equal(np.abs(a), expected)]
+            assert same, f"{name}: no initializer holds this layer's integers"
+            q = same[0]
         assert np.all(q[mask.numpy() == 0] == 0), mask_node.target
         assert np.array_equal(q == 0, fake_quantized == 0), mask_node.target
         checked += 1
