@@ -14,7 +14,7 @@ The padded zeros quantize to the zero point, so OpenVINO's integer pool reads th
 steps in the same measurement; the Pad runs in f32, the pool still in u8); the values equal the
 original pool's exactly. (Excluding the padding and multiplying by each window's inside fraction
 was 1-2 steps off in OpenVINO: it rounds the excluded average to the input's grid.) ``ceil_mode``
-pools keep their form. docs/export.md, "OpenVINO".
+pools keep their form, and so do 1-D pools (OpenVINO fails to compile the written-out 1-D form). docs/export.md.
 """
 from __future__ import annotations
 
@@ -27,11 +27,14 @@ from fxcompress.graph import copy_meta, get_attr_value
 from fxcompress.lowering import LoweringPhase
 from fxcompress.pass_manager import Pass, PassContext, PassResult
 
-__all__ = ["ExcludeAvgPoolPadding"]
+__all__ = ["WriteOutAvgPoolPadding"]
 
 _QUANTIZE_DEQUANTIZE = torch.ops.fxcompress.quantize_dequantize.default
-_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
-_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+# 2-D and 3-D only: OpenVINO 2026.4 fails to compile the written-out 1-D form (a shape-inference error in
+# the dequantization it moves through the Pad, which keeps the unpadded length), so padded 1-D pools
+# keep PyTorch's form and OpenVINO's wrong borders (docs/export.md)
+_FUNCTIONS = {F.avg_pool2d: 2, F.avg_pool3d: 3}
+_MODULES = {nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 _POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
@@ -64,9 +67,10 @@ def _pads(padding) -> bool:
     return any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
 
 
-class ExcludeAvgPoolPadding(Pass):
-    """Padded average pools counting their padding, on a QDQ input with a nonzero zero point."""
-    name = "exclude_avg_pool_padding"
+class WriteOutAvgPoolPadding(Pass):
+    """Padded average pools counting their padding, on a QDQ input with a nonzero zero point: the padding
+    written out on the input's grid (module docstring)."""
+    name = "write_out_avg_pool_padding"
     lowering_order = LoweringPhase.RUNTIME_FORMS
     preserves_outputs = True
 

@@ -49,7 +49,7 @@ from fxcompress.pass_manager import Pass, PassContext, PassResult
 from fxcompress.quantizers import FakeQuantizer, quantizer_at
 from fxcompress.weights import functionalize_weighted
 
-from .avg_pool_padding import ExcludeAvgPoolPadding
+from .avg_pool_padding import WriteOutAvgPoolPadding
 
 __all__ = ["IntegerWeight", "freeze_weight", "fold_channel_factor", "FoldBatchNorm", "LowerQuantizers",
            "quantization_lowering_passes", "drop_unused_tensors"]
@@ -469,4 +469,4 @@ class LowerQuantizers(Pass):
 
 def quantization_lowering_passes() -> list[Pass]:
     """The lowering passes of quantization, for ``ControllerPart.lowering_passes()``."""
-    return [FoldBatchNorm(), LowerQuantizers(), ExcludeAvgPoolPadding()]
+    return [FoldBatchNorm(), LowerQuantizers(), WriteOutAvgPoolPadding()]
