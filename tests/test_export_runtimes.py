@@ -241,30 +241,32 @@ def test_an_all_zero_weight_channel_keeps_its_bias_exact(tmp_path):
 
 
 class _PaddedAvgPoolNet(torch.nn.Module):
-    """GELU (negative outputs: an asymmetric u8 grid, zero point > 0) -> a 3x3 stride-2 average pool
-    with padding 1 that counts the padding (PyTorch's default), as a module or a function."""
+    """GELU (negative outputs: an asymmetric u8 grid, zero point > 0) -> a 3-wide stride-2 average pool
+    with padding 1 that counts the padding (PyTorch's default): a 2-D module or function, or 1-D."""
 
-    def __init__(self, functional: bool):
+    def __init__(self, form: str):
         super().__init__()
-        self.functional = functional
-        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
-        self.pool = torch.nn.AvgPool2d(3, 2, 1)
-        self.head = torch.nn.Conv2d(6, 4, 1)
+        self.form = form
+        conv = torch.nn.Conv1d if form == "1d" else torch.nn.Conv2d
+        self.conv = conv(3, 6, 3, padding=1)
+        self.pool = torch.nn.AvgPool1d(3, 2, 1) if form == "1d" else torch.nn.AvgPool2d(3, 2, 1)
+        self.head = conv(6, 4, 1)
 
     def forward(self, x):
         x = torch.nn.functional.gelu(self.conv(x))
-        x = torch.nn.functional.avg_pool2d(x, 3, 2, 1) if self.functional else self.pool(x)
+        x = torch.nn.functional.avg_pool2d(x, 3, 2, 1) if self.form == "functional" else self.pool(x)
         return self.head(x)
 
 
-@pytest.mark.parametrize("functional", [False, True])
-def test_an_average_pool_counting_its_padding_agrees_in_openvino(functional, tmp_path):
+@pytest.mark.parametrize("form", ["module", "functional", "1d"])
+def test_an_average_pool_counting_its_padding_agrees_in_openvino(form, tmp_path):
     """OpenVINO pads an integer AveragePool input with the integer 0, which is ``-zero_point * scale``
     on an asymmetric grid: the pool's output quantizer was 183 steps off given exact inputs (the slow
-    property run's seed 967). The export writes the padding out before the input's QDQ again, so the
-    padded zeros are the zero point (passes/quantization/avg_pool_padding.py)."""
-    x = torch.randn(2, 3, 14, 14, generator=torch.Generator().manual_seed(0))
-    _, gm, report = check_export_everywhere(_PaddedAvgPoolNet(functional), (x,), tmp_path,
+    property run's seed 967; 79 for the 1-D pool). The export pads the float input before a copy of its
+    QDQ, so the padded zeros are the zero point (passes/quantization/avg_pool_padding.py)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 20, generator=g) if form == "1d" else torch.randn(2, 3, 14, 14, generator=g)
+    _, gm, report = check_export_everywhere(_PaddedAvgPoolNet(form), (x,), tmp_path,
                                             per_quantizer=("ort_all", "ov"))
     nodes = onnx.load(tmp_path / "model.onnx").graph.node
     pools = [n for n in nodes if n.op_type == "AveragePool"]

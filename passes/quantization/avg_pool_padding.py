@@ -6,15 +6,17 @@ integers and pads with the *integer* 0, which is the real value ``-zero_point * 
 outputs move by up to ``(padded taps / window) * zero_point * scale`` (measured on a u8 input with
 zero point 20, a 3x3 stride-2 pool with padding 1: 12 to 56 output steps for output scales of 1 to
 1/5 of the input's; also with the padding as an explicit ``Pad``). ONNX Runtime computes it as
-PyTorch does. The lowering writes the padding out, on the input's own grid:
+PyTorch does. The lowering pads the float input before its quantizer and pools without padding:
 
-    pad(x, 0) -> the input's QuantizeLinear/DequantizeLinear again -> avg_pool(padding=0)
+    x -> pad(0) -> the input's QuantizeLinear/DequantizeLinear (a copy, same grid) -> avg_pool(padding=0)
 
 The padded zeros quantize to the zero point, so OpenVINO's integer pool reads the right values (0.00
-steps in the same measurement; the Pad runs in f32, the pool still in u8); the values equal the
-original pool's exactly. (Excluding the padding and multiplying by each window's inside fraction
-was 1-2 steps off in OpenVINO: it rounds the excluded average to the input's grid.) ``ceil_mode``
-pools keep their form, and so do 1-D pools (OpenVINO fails to compile the written-out 1-D form). docs/export.md.
+steps in the same measurement; the Pad runs in f32, the pool still in u8), and the values equal the
+original pool's exactly. Rejected forms: a ``Pad`` between the DequantizeLinear and a second QDQ
+(right for 2-D/3-D, but OpenVINO 2026.4 fails to compile it for 1-D: the dequantization it moves
+through the ``Pad`` keeps the unpadded length), and excluding the padding times each window's inside
+fraction (1-2 steps off: OpenVINO rounds the excluded average to the input's grid). ``ceil_mode``
+pools keep their form. docs/export.md.
 """
 from __future__ import annotations
 
@@ -30,11 +32,8 @@ from fxcompress.pass_manager import Pass, PassContext, PassResult
 __all__ = ["WriteOutAvgPoolPadding"]
 
 _QUANTIZE_DEQUANTIZE = torch.ops.fxcompress.quantize_dequantize.default
-# 2-D and 3-D only: OpenVINO 2026.4 fails to compile the written-out 1-D form (a shape-inference error in
-# the dequantization it moves through the Pad, which keeps the unpadded length), so padded 1-D pools
-# keep PyTorch's form and OpenVINO's wrong borders (docs/export.md)
-_FUNCTIONS = {F.avg_pool2d: 2, F.avg_pool3d: 3}
-_MODULES = {nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
+_MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
 _AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
 _POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
@@ -46,7 +45,7 @@ def _pool_arguments(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int,
         dims = _MODULES.get(type(module))
         if dims is None:
             return None
-        return dims, {name: getattr(module, name) for name in _POOL_ARGS}
+        return dims, {name: getattr(module, name, None) for name in _POOL_ARGS}   # AvgPool1d: no divisor_override
     if node.op == "call_function" and node.target in _FUNCTIONS:
         values = dict(zip(_POOL_ARGS, node.args[1:]))
         values.update({k: v for k, v in node.kwargs.items() if k in _POOL_ARGS})
@@ -68,8 +67,8 @@ def _pads(padding) -> bool:
 
 
 class WriteOutAvgPoolPadding(Pass):
-    """Padded average pools counting their padding, on a QDQ input with a nonzero zero point: the padding
-    written out on the input's grid (module docstring)."""
+    """Padded average pools counting their padding, on a QDQ input with a nonzero zero point: the float
+    input padded before a copy of its QDQ (module docstring)."""
     name = "write_out_avg_pool_padding"
     lowering_order = LoweringPhase.RUNTIME_FORMS
     preserves_outputs = True
@@ -89,12 +88,13 @@ class WriteOutAvgPoolPadding(Pass):
             qdq, graph = node.args[0], gm.graph
             pads = tuple(p for size in reversed(padding) for p in (size, size))   # F.pad: last dimension first
             # one padded copy per input and padding: pools of the same input share it (the exporter would
-            # merge identical copies, and every QDQ of the lowered graph must be one of the file's)
+            # merge identical copies, and every QDQ of the lowered graph must be one of the file's); the
+            # QDQ the pool read goes when nothing else reads it
             requantized = padded_inputs.get((qdq, pads))
             with graph.inserting_before(node):
                 if requantized is None:
                     with graph.inserting_after(qdq):
-                        padded = graph.call_function(F.pad, (qdq, pads))
+                        padded = graph.call_function(F.pad, (qdq.args[0], pads))
                     with graph.inserting_after(padded):
                         requantized = graph.call_function(_QUANTIZE_DEQUANTIZE, (padded, *qdq.args[1:]))
                     for added in (padded, requantized):
@@ -107,6 +107,9 @@ class WriteOutAvgPoolPadding(Pass):
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             changed = True
+        for qdq, _ in padded_inputs:
+            if not qdq.users:      # a 1-D pool was its only reader
+                gm.graph.erase_node(qdq)
         if changed:
             gm.graph.lint()
             gm.recompile()
