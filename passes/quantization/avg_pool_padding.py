@@ -107,8 +107,8 @@ class WriteOutAvgPoolPadding(Pass):
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             changed = True
-        for qdq, _ in padded_inputs:
-            if not qdq.users:      # a 1-D pool was its only reader
+        for qdq in {qdq for qdq, _ in padded_inputs}:
+            if not qdq.users:      # the padded pools were its only readers
                 gm.graph.erase_node(qdq)
         if changed:
             gm.graph.lint()
