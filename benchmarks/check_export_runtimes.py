@@ -60,54 +60,41 @@ def log(*args):
 
 # -- models ------------------------------------------------------------------------------------
 
+class _HuggingFaceOutput(nn.Module):
+    """A Hugging Face model taking one tensor by keyword and giving one field of its output (``fixed``:
+    further keyword arguments of every call)."""
+
+    def __init__(self, model: nn.Module, input_name: str, output: str, **fixed):
+        super().__init__()
+        self.model, self.input_name, self.output, self.fixed = model, input_name, output, fixed
+
+    def forward(self, x):
+        return getattr(self.model(**{self.input_name: x}, **self.fixed), self.output)
+
+
+def _token_ids():
+    return (torch.randint(0, 100, (2, 8)),)
+
+
 def _bert():
     from transformers import BertConfig, BertModel
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=32)
-    model = BertModel(config).eval()
-
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = model
-
-        def forward(self, ids):
-            return self.bert(input_ids=ids).last_hidden_state
-
-    return Encoder(), (torch.randint(0, 100, (2, 8)),)
+    return _HuggingFaceOutput(BertModel(config).eval(), "input_ids", "last_hidden_state"), _token_ids()
 
 
 def _gpt2():
     from transformers import GPT2Config, GPT2Model
     config = GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32)
-    model = GPT2Model(config).eval()
-
-    class Decoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.gpt2 = model
-
-        def forward(self, ids):
-            return self.gpt2(input_ids=ids, use_cache=False).last_hidden_state
-
-    return Decoder(), (torch.randint(0, 100, (2, 8)),)
+    return (_HuggingFaceOutput(GPT2Model(config).eval(), "input_ids", "last_hidden_state", use_cache=False),
+            _token_ids())
 
 
 def _bert_classifier():
     from transformers import BertConfig, BertForSequenceClassification
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=32, num_labels=3)
-    model = BertForSequenceClassification(config).eval()
-
-    class Classifier(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.bert = model
-
-        def forward(self, ids):
-            return self.bert(input_ids=ids).logits
-
-    return Classifier(), (torch.randint(0, 100, (2, 8)),)
+    return _HuggingFaceOutput(BertForSequenceClassification(config).eval(), "input_ids", "logits"), _token_ids()
 
 
 def _hf_vit():
@@ -115,16 +102,7 @@ def _hf_vit():
     config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
                        num_attention_heads=2, intermediate_size=64)
     model = ViTModel(config, add_pooling_layer=False).eval()
-
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.vit = model
-
-        def forward(self, pixels):
-            return self.vit(pixel_values=pixels).last_hidden_state
-
-    return Encoder(), (torch.randn(2, 3, 32, 32),)
+    return _HuggingFaceOutput(model, "pixel_values", "last_hidden_state"), (torch.randn(2, 3, 32, 32),)
 
 
 def project_models() -> dict:
