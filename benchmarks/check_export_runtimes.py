@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import sys
 import tempfile
 import traceback
@@ -39,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from checkout import use_this_checkout  # noqa: E402  (benchmarks/checkout.py)
 
@@ -47,11 +45,12 @@ ROOT = use_this_checkout()
 
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
-from fxcompress.runtime import openvino_compile, openvino_compute_layers, openvino_infer  # noqa: E402
+from fxcompress.runtime import (ORT_LEVELS, openvino_compile, openvino_compute_layers, openvino_infer,  # noqa: E402
+                                run_onnxruntime)
 from fxcompress.testing import build  # noqa: E402
 from fxcompress.testing.agreement import quantizer_agreement  # noqa: E402
 
-LEVELS = ("all", "ext", "basic", "none")
+LEVELS = ORT_LEVELS
 
 
 def log(*args):
@@ -137,21 +136,6 @@ def torchvision_models() -> dict:
 
 # -- checks ------------------------------------------------------------------------------------
 
-def _ort_session(path, level: str):
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "ext": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    }[level]
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-
-
-def _ort_run(session, inputs):
-    return session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})[0]
-
-
 def _output_step(gm) -> float:
     """One step of the quantizer on the model's output (quantize_outputs=True puts one there)."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -181,7 +165,8 @@ def check(name: str, model: nn.Module, inputs: tuple, folder: Path, per_quantize
     row = {"model": name}
     for level in LEVELS:
         try:
-            row[f"ort_{level}"] = float(np.abs(_ort_run(_ort_session(path, level), inputs) - expected).max()) / step
+            runtime = run_onnxruntime(path, *inputs, threads=1, level=level)[0]
+            row[f"ort_{level}"] = float(np.abs(runtime - expected).max()) / step
         except Exception as exc:  # noqa: BLE001 - reported in the table
             row[f"ort_{level}"] = f"FAIL: {str(exc).splitlines()[0][:120]}"
     try:

@@ -102,17 +102,38 @@ def _numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def run_onnxruntime(path, *inputs, threads: int | None = None) -> list[np.ndarray]:
-    """Run the model on ONNX Runtime's CPU provider; inputs in the model's input order."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
+# ONNX Runtime's graph optimization levels by short name ("all": what its default session runs)
+ORT_LEVELS = ("all", "ext", "basic", "none")
+
+
+def _feed(names: list[str], inputs: tuple) -> dict:
+    """``{input name: array}`` from inputs in the model's input order, or from one dict by name."""
+    if len(inputs) == 1 and isinstance(inputs[0], dict):
+        return {n: _numpy(inputs[0][n]) for n in names}
     if len(names) != len(inputs):
         raise ValueError(f"the model takes {len(names)} inputs ({names}), got {len(inputs)}")
-    return session.run(None, {n: _numpy(x) for n, x in zip(names, inputs)})
+    return {n: _numpy(x) for n, x in zip(names, inputs)}
+
+
+def run_onnxruntime(model_or_path, *inputs, threads: int | None = None, level: str = "all") -> list[np.ndarray]:
+    """Run the model (a path or an ``onnx.ModelProto``) on ONNX Runtime's CPU provider; inputs in the
+    model's input order or one dict by name. ``level``: the graph optimization level, one of
+    ``ORT_LEVELS`` ("all", the default session's; "ext"ended, "basic", "none")."""
+    import onnxruntime as ort
+    levels = dict(zip(ORT_LEVELS, (ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                   ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                   ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                   ort.GraphOptimizationLevel.ORT_DISABLE_ALL)))
+    if level not in levels:
+        raise ValueError(f"unknown ONNX Runtime level {level!r}: one of {', '.join(ORT_LEVELS)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[level]
+    if threads:
+        options.intra_op_num_threads = threads
+    source = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) \
+        else model_or_path.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, _feed([i.name for i in session.get_inputs()], inputs))
 
 
 def openvino_compile(path_or_model, *, precision: str | None = None, device: str = "CPU",
@@ -130,8 +151,11 @@ def openvino_compile(path_or_model, *, precision: str | None = None, device: str
 
 
 def openvino_infer(compiled, *inputs) -> list[np.ndarray]:
+    """All outputs; inputs in the model's input order or one dict by name."""
     request = compiled.create_infer_request()
-    result = request.infer([_numpy(x) for x in inputs])
+    feed = ({name: _numpy(x) for name, x in inputs[0].items()} if len(inputs) == 1 and isinstance(inputs[0], dict)
+            else [_numpy(x) for x in inputs])
+    result = request.infer(feed)
     return [np.asarray(result[o]) for o in compiled.outputs]
 
 

@@ -26,17 +26,13 @@ from fxcompress.runtime import (openvino_compile, openvino_compute_layers, openv
 from fxcompress.testing import build, strategies
 from quantization_export_helpers import activation_step, batch_of, count_weighted, lower, quantize_graph
 
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 
 
 def _ort_reference(path, *inputs):
     """ONNX Runtime with QDQ evaluated as the ONNX spec says (no QDQ fusion into integer kernels)."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    return session.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+    return run_onnxruntime(path, *inputs, level="basic")
 
 
 def _export(gm, path, **kw):

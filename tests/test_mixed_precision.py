@@ -427,9 +427,9 @@ def test_dump_writes_traces_choice_and_plot_and_the_traces_reproduce_the_choice(
 # -- export --------------------------------------------------------------------------------------------------------
 
 def test_mixed_bit_widths_survive_into_onnx_and_both_runtimes_read_them(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     pytest.importorskip("openvino")
-    from fxcompress.runtime import openvino_compile, openvino_infer, qdq_summary
+    from fxcompress.runtime import openvino_compile, openvino_infer, qdq_summary, run_onnxruntime
 
     bits = {"conv1": 8, "conv2": 4, "conv3": 2, "fc": 4}
     ctrl, gm = compile_digits(MixedPrecision(type="manual", bitwidth_per_scope=[[b, s] for s, b in bits.items()]),
@@ -456,10 +456,7 @@ def test_mixed_bit_widths_survive_into_onnx_and_both_runtimes_read_them(tmp_path
         expected = gm(x).numpy()
     step = max(float(m.effective_scale().detach().max()) for n, m in gm.named_modules()
                if isinstance(m, FakeQuantizer) and "weight" not in n)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    out = run_onnxruntime(path, x, level="basic")[0]
     assert abs(out - expected).max() <= step
     ov = openvino_infer(openvino_compile(path, precision="f32"), x)[0]
     assert abs(ov - expected).max() <= 2 * step
