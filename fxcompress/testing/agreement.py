@@ -42,8 +42,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fxcompress.runtime import openvino_compile, openvino_infer, run_onnxruntime
-
 __all__ = ["QuantizerError", "QuantizerAgreement", "quantizer_agreement", "run_runtime"]
 
 
@@ -147,12 +145,28 @@ def run_runtime(path, inputs, runtime: str, threads: int = 1) -> list[np.ndarray
     name): ``runtime`` is ``ort_<all|ext|basic|none>`` (ONNX Runtime CPU at that optimization level) or
     ``ov`` (OpenVINO CPU, ``INFERENCE_PRECISION_HINT=f32``), on ``threads`` threads (docs/export.md,
     "OpenVINO on several threads", for why the check uses one)."""
-    args = (inputs,) if isinstance(inputs, dict) else tuple(inputs)
+    as_array = lambda x: x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)  # noqa: E731
     if runtime.startswith("ort_"):
-        return run_onnxruntime(path, *args, threads=threads, level=runtime[4:])
+        import onnxruntime as ort
+        level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                 "ext": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                 "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                 "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[runtime[4:]]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        options.intra_op_num_threads = threads
+        session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        feed = inputs if isinstance(inputs, dict) else dict(zip(names, inputs))
+        return session.run(None, {name: as_array(feed[name]) for name in names})
     if runtime == "ov":
-        compiled = openvino_compile(path, precision="f32", config={"INFERENCE_NUM_THREADS": threads})
-        return openvino_infer(compiled, *args)
+        import openvino as ov
+        compiled = ov.Core().compile_model(os.fspath(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                                     "INFERENCE_NUM_THREADS": threads})
+        feed = ({name: as_array(x) for name, x in inputs.items()} if isinstance(inputs, dict)
+                else [as_array(x) for x in inputs])
+        result = compiled.create_infer_request().infer(feed)
+        return [np.asarray(result[o]) for o in compiled.outputs]
     raise ValueError(f"unknown runtime {runtime!r}: ort_all, ort_ext, ort_basic, ort_none or ov")
 
 
