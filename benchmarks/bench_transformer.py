@@ -55,7 +55,7 @@ from timing import interleaved_times  # noqa: E402
 from fxcompress import compile_for_compression  # noqa: E402
 from fxcompress.export import export_onnx  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
-from fxcompress.runtime import openvino_compile, openvino_compute_layers  # noqa: E402
+from fxcompress.runtime import COMPUTE_LAYER_TYPES, openvino_compile, openvino_compute_layers  # noqa: E402
 
 SHAPES = [(1, 16), (1, 128), (4, 16), (4, 128)]
 NNCF_SCRIPT = Path(__file__).resolve().parent / "nncf_quantize_openvino.py"
@@ -97,7 +97,10 @@ def _openvino_hidden_state(compiled):
 
 
 def _layer_counts(compiled) -> str:
-    kinds = Counter((layer.layer_type, layer.integer) for layer in openvino_compute_layers(compiled).layers)
+    """Counts by layer type and precision; fused Subgraphs (attention on AVX-512 CPUs, eltwise chains)
+    are listed as such."""
+    report = openvino_compute_layers(compiled, (*COMPUTE_LAYER_TYPES, "Subgraph"))
+    kinds = Counter((layer.layer_type, layer.integer) for layer in report.layers)
     return ", ".join(f"{t} {'i8/u8' if integer else 'float'} {n}" for (t, integer), n in sorted(kinds.items()))
 
 

@@ -5,7 +5,7 @@
   pairs, ``QuantizeLinear`` on constants, bytes of float and integer
   initializers, ops outside the standard domains). Needs only ``onnx``.
 * ``run_onnxruntime(path, *inputs)``: outputs from ONNX Runtime (CPU).
-* ``openvino_compile(path, precision=None)`` and ``openvino_compute_layers(compiled)``:
+* ``openvino_compile(path, precision=None, fuse_attention=True)`` and ``openvino_compute_layers(compiled)``:
   what OpenVINO's CPU plugin really executes. ``compiled_model.get_runtime_model()``
   lists executed layers with ``layerType``, ``runtimePrecision`` and the kernel
   (``primitiveType``); ``runtimePrecision`` alone misleads for weight-only
@@ -137,9 +137,15 @@ def run_onnxruntime(model_or_path, *inputs, threads: int | None = None, level: s
 
 
 def openvino_compile(path_or_model, *, precision: str | None = None, device: str = "CPU",
-                     config: dict | None = None, core=None):
+                     config: dict | None = None, core=None, fuse_attention: bool = True):
     """Read (a path) and compile on ``device``. ``precision``: None (the plugin's default: bf16 on
-    CPUs with bf16, f32 otherwise) or an ``INFERENCE_PRECISION_HINT`` such as ``"f32"``."""
+    CPUs with bf16, f32 otherwise) or an ``INFERENCE_PRECISION_HINT`` such as ``"f32"``.
+
+    ``fuse_attention=False`` is for inspection: on AVX-512 CPUs the CPU plugin fuses an attention
+    block (``q @ k^T``, scale, mask, softmax, its quantizer and ``probs @ v``) into one ``Subgraph``
+    layer whose runtime precision covers the whole block, so the two MatMuls are not listed; with
+    its snippets disabled they run, and are reported, as their own layers (what AVX2 CPUs always
+    do). Deploy with the default."""
     import openvino as ov
     core = core or ov.Core()
     model = core.read_model(os.fspath(path_or_model)) if isinstance(path_or_model, (str, os.PathLike)) \
@@ -147,6 +153,8 @@ def openvino_compile(path_or_model, *, precision: str | None = None, device: str
     cfg = dict(config or {})
     if precision is not None:
         cfg["INFERENCE_PRECISION_HINT"] = precision
+    if not fuse_attention and device == "CPU":
+        cfg["SNIPPETS_MODE"] = "DISABLE"
     return core.compile_model(model, device, cfg)
 
 
@@ -171,6 +179,9 @@ class OVLayer:
     runtime_precision: str
     kernel: str
     input_types: list[str]
+    # the source model's ops this runtime layer executes (``originalLayersNames``): a fused
+    # attention ``Subgraph`` names its MatMuls here
+    fused: tuple[str, ...] = ()
 
     @property
     def integer(self) -> bool:
@@ -210,7 +221,9 @@ def _rt(info, key: str) -> str:
 
 
 def openvino_compute_layers(compiled, layer_types: Sequence[str] = COMPUTE_LAYER_TYPES) -> OVReport:
-    """The convolutions and matmuls OpenVINO executes, with their precisions and kernels."""
+    """The convolutions and matmuls OpenVINO executes, with their precisions and kernels. Add
+    ``"Subgraph"`` to ``layer_types`` to see fused blocks too (attention on AVX-512 CPUs; see
+    ``openvino_compile(fuse_attention=False)``)."""
     layers = []
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
@@ -218,6 +231,7 @@ def openvino_compute_layers(compiled, layer_types: Sequence[str] = COMPUTE_LAYER
         if layer_type not in layer_types:
             continue
         input_types = [op.input(i).get_element_type().get_type_name() for i in range(op.get_input_size())]
+        fused = tuple(name for name in _rt(info, "originalLayersNames").split(",") if name)
         layers.append(OVLayer(op.get_friendly_name(), layer_type, _rt(info, "runtimePrecision"),
-                              _rt(info, "primitiveType"), input_types))
+                              _rt(info, "primitiveType"), input_types, fused))
     return OVReport(layers)

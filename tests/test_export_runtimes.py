@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 from fxcompress import compile_for_compression
 from fxcompress.errors import ExportError
 from fxcompress.passes import Quantize
-from fxcompress.runtime import openvino_compile, openvino_compute_layers, openvino_infer, run_onnxruntime
+from fxcompress.runtime import (COMPUTE_LAYER_TYPES, openvino_compile, openvino_compute_layers, openvino_infer,
+                                run_onnxruntime)
 from fxcompress.testing import build, strategies
 from fxcompress.testing.agreement import quantizer_agreement
 from quantization_export_helpers import count_weighted
@@ -105,7 +106,8 @@ def check_export_everywhere(model, inputs, folder, *, int8_layers=None, passes=(
                      f"ONNX Runtime ({level})")
     compiled = openvino_compile(path, precision="f32")
     check_output(np.abs(openvino_infer(compiled, *numpy_inputs)[0] - expected).max(), "ov", "OpenVINO")
-    report = openvino_compute_layers(compiled)
+    report = openvino_compute_layers(openvino_compile(path, precision="f32", fuse_attention=False))
+    assert_fused_layers_stay_integer(compiled, report)
     if int8_layers is not None:
         assert len(report.integer) == int8_layers, f"\n{report}"
     if per_quantizer:
@@ -552,6 +554,18 @@ def test_bert_attention_matmuls_run_in_int8_in_openvino(attention, tmp_path):
     kinds = Counter((layer.layer_type, layer.integer) for layer in report.layers)
     # per layer: q, k, v, output, intermediate, output dense (6 FullyConnected) and 2 attention MatMuls
     assert kinds == {("FullyConnected", True): 12, ("MatMul", True): 4}, report
+
+
+def assert_fused_layers_stay_integer(compiled, unfused_report):
+    """Every integer layer of the unfused runtime graph (``fuse_attention=False``) is executed in
+    the default one by an integer layer: itself, or the fused attention ``Subgraph`` that took it
+    in (AVX-512 CPUs), so the per-MatMul counts speak for the deployed model too."""
+    deployed = openvino_compute_layers(compiled, (*COMPUTE_LAYER_TYPES, "Subgraph"))
+    executor = {name: layer for layer in deployed.layers for name in (layer.name, *layer.fused)}
+    for layer in unfused_report.integer:
+        runs_in = executor.get(layer.name)
+        assert runs_in is not None and runs_in.integer, \
+            f"{layer.name} is integer unfused but runs in {runs_in} by default\n{deployed}"
 
 
 def assert_masks_are_exported_zeros(gm, path) -> int:
