@@ -6,6 +6,7 @@ taken within one run.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 import warnings
@@ -20,16 +21,22 @@ from fxcompress.testing import DigitsCNN, ResNetTiny
 
 def interleaved_times(calls: dict, rounds: int, repeats: int, warmup: int = 2,
                       clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Seconds per call of each zero-argument callable, one figure per round, timed round robin
-    (A B A B ...), so load on the shared machine hits every configuration alike. ``clock`` may be
+    """Seconds per call of each zero-argument callable, one figure per round; every round runs each
+    configuration once, so load on the shared machine hits every configuration alike. The order
+    within a round is a fresh (seeded) permutation: what runs right after another configuration
+    inherits its cache state (a large fp32 model evicts the next model's weights), and a fixed
+    order would charge that to the same configuration every round. ``clock`` may be
     ``time.process_time``: the process's CPU time, which leaves out the time a single-threaded
     computation waits for a core when the machine runs more jobs than it has cores."""
     for call in calls.values():
         for _ in range(warmup):
             call()
     times = {name: [] for name in calls}
+    order, shuffler = list(calls), random.Random(0)
     for _ in range(rounds):
-        for name, call in calls.items():
+        shuffler.shuffle(order)
+        for name in order:
+            call = calls[name]
             start = clock()
             for _ in range(repeats):
                 call()
