@@ -16,11 +16,14 @@ first checks with ``torch._dynamo.explain`` that the QAT graph compiles to one g
 breaks) and prints the backend's first-step (compile) time. The fake-quantize kernel is the op
 library's active backend (``fxcompress.ops.backend()``); ``--compare-reference`` measures the
 reference backend too (subprocess with ``FXCOMPRESS_OPS_BACKEND=reference``). Where the time goes:
-``--breakdown`` adds eager copies of the QAT graph with parts of the quantization off, ``--profile``
+``--breakdown`` adds eager copies of the QAT graph with parts of the quantization off (and one with
+the quantizer's previous, unfused scale handling), ``--profile``
 prints torch.profiler's self CPU time per op and configuration.
 
     .venv/bin/python benchmarks/bench_qat_step.py                         # ResNet-18 eager, ~2 min
     .venv/bin/python benchmarks/bench_qat_step.py --model digits --compile --threads 1 --steps-per-round 20
+    .venv/bin/python benchmarks/bench_qat_step.py --model digits --threads 1 --clock cpu --rounds 11 \
+        --steps-per-round 20 --breakdown                        # eager, CPU time, where the time goes
     .venv/bin/python benchmarks/bench_qat_step.py --model resnet_tiny --compile --threads 1
     .venv/bin/python benchmarks/bench_qat_step.py --model tiny_bert --compile --threads 1
     NNCF_EXTENSION_LOAD_TIMEOUT=0 PYTHONPATH=. /tmp/perf/nncfvenv/bin/python benchmarks/bench_qat_step.py \
@@ -36,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -49,6 +53,7 @@ use_this_checkout()
 
 import fxcompress.ops  # noqa: E402
 from fxcompress import compile_for_compression  # noqa: E402
+from fxcompress.gradients import scaled_gradient  # noqa: E402
 from fxcompress.passes import Quantize  # noqa: E402
 from fxcompress.quantizers import FakeQuantizer  # noqa: E402
 from fxcompress.testing import DigitsCNN, ResNetTiny, TransformerEncoderTiny, resnet18_like  # noqa: E402
@@ -91,10 +96,23 @@ def nncf_qat(model, x):
     return quantized, quantized, None
 
 
+def _unfused_quantizer_forward(q, x):
+    """FakeQuantizer.forward with ``|scale|`` and its floor as ops of their own (``effective_scale()``,
+    autograd through abs and clamp_min) before ``fake_quantize``: the quantizer before
+    ``fake_quantize_learnable`` folded them into the op (same values and gradients)."""
+    if not q.enabled:
+        return x
+    quant_min, quant_max = q.spec.quant_range
+    zero_point = scaled_gradient(q.zero_point, q.lr_multiplier)
+    return fxcompress.ops.fake_quantize_unchecked(x, q.effective_scale(), zero_point, quant_min, quant_max, q.axis)
+
+
 def breakdown_runs(qat, ctrl) -> dict:
-    """Copies of the QAT graph with parts of the quantization switched off, to see what each costs
-    (eager): the input quantizers' scales frozen (then the first layer computes no input gradient),
-    the weight quantizers off, the activation quantizers off, every quantizer off (the graph alone)."""
+    """Copies of the QAT graph with parts of the quantization changed, to see what each costs
+    (eager): the quantizers' scale handling unfused (abs / clamp_min ops, as before
+    ``fake_quantize_learnable``), the input quantizers' scales frozen (``learnable_input_ranges=False``:
+    then the first layer computes no input gradient), the weight quantizers off, the activation
+    quantizers off, every quantizer off (the graph alone)."""
     def variant(change):
         gm = copy.deepcopy(qat)
         for name, module in gm.named_modules():
@@ -109,10 +127,19 @@ def breakdown_runs(qat, ctrl) -> dict:
     input_quantizers = {n.target for n in qat.graph.nodes
                         if n.op == "call_module" and any(a.op == "placeholder" for a in n.all_input_nodes)}
     is_weight = lambda name: name.endswith("weight_quantizer")  # noqa: E731
-    return {"QAT, input quantizer scales frozen": variant(freeze_inputs),
+    def unfuse(name, q):
+        q.forward = types.MethodType(_unfused_quantizer_forward, q)
+
+    return {"QAT, scale's abs / clamp_min unfused (before)": variant(unfuse),
+            "QAT, input quantizer scales frozen": variant(freeze_inputs),
             "QAT, weight quantizers off": variant(lambda n, q: setattr(q, "enabled", not is_weight(n))),
             "QAT, activation quantizers off": variant(lambda n, q: setattr(q, "enabled", is_weight(n))),
             "QAT, all quantizers off": variant(lambda n, q: setattr(q, "enabled", False))}
+
+
+# "cpu": the process's CPU time, which a thread waiting for a core (another job on a shared
+# machine) does not count; meaningful with --threads 1.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def measure(args) -> dict:
@@ -124,7 +151,7 @@ def measure(args) -> dict:
         ctrl.initialize([x])
     qat.train()
     out = {"backend": fxcompress.ops.backend(), "threads": torch.get_num_threads(), "model": args.model,
-           "input": list(x.shape)}
+           "input": list(x.shape), "clock": args.clock}
     runs = {"fp32 eager": (fp32, fp32, None), "int8 QAT eager": (qat, qat, ctrl)}
     if args.nncf:
         runs["NNCF int8 QAT eager"] = nncf_qat(model, x)
@@ -156,12 +183,13 @@ def measure(args) -> dict:
         out["first_step_s"][name] = time.perf_counter() - start
         step(name)
     times = {name: [] for name in runs}
+    now = CLOCKS[args.clock]
     for _ in range(args.rounds):
         for name in runs:
-            start = time.perf_counter()
+            start = now()
             for _ in range(args.steps_per_round):
                 step(name)
-            times[name].append((time.perf_counter() - start) / args.steps_per_round)
+            times[name].append((now() - start) / args.steps_per_round)
     out["step_ms"] = {k: [1000 * t for t in v] for k, v in times.items()}
     if args.profile:
         out["profile"] = {name: profile_ops(lambda: step(name), args.steps_per_round) for name in runs}
@@ -195,7 +223,7 @@ def print_profile(profiles: dict, top: int = 25):
 
 def print_report(r: dict):
     print(f"\n{r['model']}, input {r['input']}, SGD step, {r['threads']} thread(s), "
-          f"fake-quantize backend {r['backend']}")
+          f"fake-quantize backend {r['backend']}, {r.get('clock', 'wall')} clock")
     for name, (graphs, breaks, reasons) in r.get("dynamo", {}).items():
         print(f"torch._dynamo.explain, {name}: {graphs} graph(s), {breaks} graph break(s) {reasons or ''}")
     print("first step (compiles) s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["first_step_s"].items()))
@@ -218,6 +246,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps-per-round", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="step times in wall time, or the process's CPU time (with --threads 1)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd steps")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--nncf", action="store_true", help="also time NNCF's QAT model (eager; run in its venv)")
@@ -228,6 +258,8 @@ def main():
                         help="also print torch.profiler's self CPU time per op, per configuration")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON only")
     args = parser.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu measures one CPU thread: use it with --threads 1")
     torch.set_num_threads(args.threads)
 
     results = [measure(args)]

@@ -124,17 +124,20 @@ class FakeQuantizer(nn.Module):
 
     def effective_scale(self) -> torch.Tensor:
         # |scale| keeps the grid valid if an optimizer step pushes a learnable scale through zero.
+        # forward() computes the same inside fake_quantize_learnable.
         return scaled_gradient(self.scale, self.lr_multiplier).abs().clamp_min(_MIN_SCALE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
         quant_min, quant_max = self.spec.quant_range
-        # Unchecked: the arguments are right by construction, and the Python-side checks cost more than
-        # the kernel on a small activation (the kernel checks them anyway).
-        return ops.fake_quantize_unchecked(x, self.effective_scale(),
-                                           scaled_gradient(self.zero_point, self.lr_multiplier),
-                                           quant_min, quant_max, self.axis)
+        # fake_quantize at effective_scale(), with |scale| and its floor inside the op (eager: no ops and
+        # autograd nodes of their own; same values and gradients). Unchecked: the arguments are right
+        # by construction, and the Python-side checks cost more than the kernel on a small activation
+        # (the kernel checks them anyway).
+        return ops.fake_quantize_learnable_unchecked(x, scaled_gradient(self.scale, self.lr_multiplier),
+                                                     scaled_gradient(self.zero_point, self.lr_multiplier),
+                                                     quant_min, quant_max, self.axis, _MIN_SCALE)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -174,6 +174,70 @@ def test_fake_quantize_autograd_and_compile_decomposition_match_the_backward_op(
             torch.testing.assert_close(got, exp, rtol=1e-5, atol=atol)
 
 
+# ---------------------------------------------------------------------------
+# fake_quantize_learnable: fake_quantize at max(|scale|, min_scale), FakeQuantizer's forward
+
+MIN_SCALE = 1e-8  # FakeQuantizer's floor (fxcompress.quantizers._MIN_SCALE)
+
+
+def learnable_case(case):
+    """x, scale, zero_point, grad of ``case`` with the scale's signs flipped at random and some
+    entries at 0, -0, below, at and just above the floor (where abs / clamp_min have corners)."""
+    x, scale, zero_point, grad = case.tensors()
+    g = torch.Generator().manual_seed(case.seed + 1)
+    sign = torch.where(torch.rand(scale.shape, generator=g) < 0.5, -1.0, 1.0)
+    corners = torch.tensor([0.0, -0.0, 1e-9, -1e-9, MIN_SCALE, -MIN_SCALE, 3e-8])
+    corner = corners[torch.randint(0, len(corners), scale.shape, generator=g)]
+    raw = torch.where(torch.rand(scale.shape, generator=g) < 0.2, corner, scale * sign)
+    return x, raw, zero_point, grad
+
+
+@settings(deadline=None)
+@given(case=fq_cases(), needs=st.sampled_from(["all", "x", "scale", "params"]))
+def test_fake_quantize_learnable_equals_fake_quantize_at_abs_scale_bit_for_bit(case, needs):
+    """The op (and FakeQuantizer's wrapper) against what FakeQuantizer computed before it:
+    ``fake_quantize(x, scale.abs().clamp_min(1e-8))`` with autograd through abs and clamp_min. Same
+    forward, and the same gradients for x, scale and zero point, bit for bit (also at scales of 0,
+    -0 and below or at the floor); only the inputs that require grad get one."""
+    x, raw, zero_point, grad = learnable_case(case)
+    wants_grad = {"all": (True, True, True), "x": (True, False, False), "scale": (False, True, False),
+                  "params": (False, True, True)}[needs]
+
+    def run(fn):
+        inputs = [t.clone().requires_grad_(w) for t, w in zip((x, raw, zero_point), wants_grad)]
+        y = fn(*inputs)
+        return y.detach(), torch.autograd.grad(y, [t for t in inputs if t.requires_grad], grad)
+
+    want_y, want = run(lambda x, s, zp: F.fake_quantize(x, s.abs().clamp_min(MIN_SCALE), zp, *case.args))
+    for fn in (lambda x, s, zp: F.fake_quantize_learnable(x, s, zp, *case.args, MIN_SCALE),
+               lambda x, s, zp: ops.fake_quantize_learnable_unchecked(x, s, zp, *case.args, MIN_SCALE)):
+        y, grads = run(fn)
+        assert_equal(y, want_y)
+        assert len(grads) == len(want) == sum(wants_grad)
+        for got, exp in zip(grads, want):
+            assert_equal(got, exp)
+
+
+@settings(deadline=None)
+@given(fq_cases())
+def test_fake_quantize_learnable_matches_reference(case):
+    """The backend's op pair against the reference's definition (reference.py): forward bit-exact,
+    grad_x exact, parameter gradients within float rounding."""
+    x, raw, zero_point, grad = learnable_case(case)
+    assert_equal(F.fake_quantize_learnable(x, raw, zero_point, *case.args, MIN_SCALE),
+                 reference.fake_quantize_learnable(x, raw, zero_point, *case.args, MIN_SCALE))
+    got = F.fake_quantize_learnable_backward(grad, x, raw, zero_point, *case.args, MIN_SCALE)
+    want = reference.fake_quantize_learnable_backward(grad, x, raw, zero_point, *case.args, MIN_SCALE)
+    check_fake_quantize_backward(got, want, (x, raw.abs().clamp_min(MIN_SCALE), zero_point, grad), case.args)
+    # Independently of fake_quantize_learnable_backward: the raw scale's gradient is the clamped
+    # one's, zero where |scale| is below the floor, with the scale's sign.
+    at_abs = reference.fake_quantize_backward(grad, x, raw.abs().clamp_min(MIN_SCALE), zero_point, *case.args)
+    kept = raw.abs() >= MIN_SCALE
+    assert_equal(want[1], torch.where(kept, at_abs[1], 0.0) * torch.sign(raw))
+    assert_equal(want[0], at_abs[0])
+    assert_equal(want[2], at_abs[2])
+
+
 @requires_compiled
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "expanded_grad"])
 def test_fake_quantize_non_contiguous_inputs(layout):
@@ -521,6 +585,13 @@ def _bad_calls():
         ("fake_quantize", (x, s1, torch.full((1,), float("nan")), -8, 7, None), r"zero_point must be finite"),
         ("fake_quantize_backward", (torch.ones(2, 3), x, s1, z1, -8, 7, None),
          r"grad must have the shape and dtype of x"),
+        ("fake_quantize_learnable", (x, -s1, z1, -8, 7, None, 0.0), r"min_scale must be a positive finite number"),
+        ("fake_quantize_learnable", (x, -s1, z1, -8, 7, None, float("inf")), r"min_scale must be a positive finite"),
+        ("fake_quantize_learnable", (x, torch.full((1,), float("nan")), z1, -8, 7, None, 1e-8),
+         r"scale must be positive, got nan"),
+        ("fake_quantize_learnable", (x, -s4, z4[:2], -8, 7, -1, 1e-8), r"needs 4 zero_point values"),
+        ("fake_quantize_learnable_backward", (torch.ones(2, 3), x, -s1, z1, -8, 7, None, 1e-8),
+         r"grad must have the shape and dtype of x"),
         ("xnor_binarize", (torch.tensor(1.0),), r"w must have at least 1 dimension"),
         ("dorefa_binarize", (x.double(),), r"w must be float32, float16 or bfloat16, got torch.float64"),
         ("activation_binarize", (act_x, torch.ones(2), act_t), r"scale must have 1 element, got 2"),
@@ -573,6 +644,9 @@ def _opcheck_cases():
         (F.fake_quantize.default, (*leaf(x, s3, z3), -8, 7, 1)),
         (F.fake_quantize.default, (*leaf(x.half(), s1, z1), 0, 15, None)),
         (F.fake_quantize_backward.default, (grad, x, s3, z3, -8, 7, -2)),
+        (F.fake_quantize_learnable.default, (*leaf(x, -s3, z3), -8, 7, 1, 1e-8)),
+        (F.fake_quantize_learnable.default, (*leaf(x.bfloat16(), s1, z1), 0, 15, None, 0.1)),
+        (F.fake_quantize_learnable_backward.default, (grad, x, -s3, z3, -8, 7, -2, 1e-8)),
         (F.xnor_binarize.default, leaf(x)),
         (F.dorefa_binarize.default, leaf(x.bfloat16())),
         (F.activation_binarize.default, leaf(x, torch.ones(1), t3)),

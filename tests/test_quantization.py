@@ -2,9 +2,11 @@
 references, range initializers, BN adaptation and folding, controller state, statistics, errors."""
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
+import types
 import warnings
 
 import numpy as np
@@ -21,7 +23,8 @@ from fxcompress.passes import Quantize
 from fxcompress.passes.quantization import RangeInitConfig, annotations, plan_quantization
 from fxcompress.passes.quantization.range_init import RangeCollector, mse_range
 from fxcompress.quantizers import FakeQuantizer, QuantSpec, is_quantizer
-from fxcompress.testing import build, resnet18_like, strategies
+from fxcompress.gradients import scaled_gradient
+from fxcompress.testing import DigitsCNN, build, resnet18_like, strategies
 from fxcompress.weights import functionalize_weighted, weighted_ops
 
 NO_BN_ADAPT = {"batchnorm_adaptation": {"num_bn_adaptation_samples": 0}}
@@ -413,6 +416,80 @@ def test_learnable_scale_and_range_get_gradients():
                 assert q.module.zero_point.grad is not None, q.name
     ctrl, _ = compile_q(case.model, case.example_inputs, learnable_ranges=False)
     assert not any(q.module.scale.requires_grad for q in part_of(ctrl).quantizers)
+
+
+def _previous_quantizer_forward(q, x):
+    """FakeQuantizer.forward before fake_quantize_learnable: effective_scale()'s abs and clamp_min as
+    ops of their own, autograd through them."""
+    if not q.enabled:
+        return x
+    quant_min, quant_max = q.spec.quant_range
+    zero_point = scaled_gradient(q.zero_point, q.lr_multiplier)
+    return fxcompress.ops.fake_quantize_unchecked(x, q.effective_scale(), zero_point, quant_min, quant_max, q.axis)
+
+
+def _digits_qat(**kw):
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ctrl, gm = compile_q(DigitsCNN(num_classes=10, seed=0), (x[:2],), **kw)
+    ctrl.initialize([x])
+    return gm.train(), x, torch.arange(16) % 10
+
+
+@pytest.mark.parametrize("kw", [{}, {"preset": "mixed", "compression_lr_multiplier": 10.0}], ids=["symmetric", "mixed"])
+def test_quantizer_gradients_equal_those_through_abs_and_clamp_min(kw):
+    """FakeQuantizer's fused op (|scale| and its floor inside fake_quantize_learnable) gives the
+    training step the same loss and the same gradient of every parameter, bit for bit, as the
+    previous forward (fake_quantize at effective_scale(), autograd through abs and clamp_min), with
+    scales pushed negative, to zero and below the floor; asymmetric zero points and the learning-rate
+    multiplier too (mixed)."""
+    gm, x, y = _digits_qat(**kw)
+    quantizers = dict((n, m) for n, m in gm.named_modules() if isinstance(m, FakeQuantizer))
+    with torch.no_grad():
+        w = quantizers["conv2_weight_quantizer"].scale
+        w[0], w[1], w[2] = -1e-9, 0.0, -w[2]  # below the floor, zero, negative
+        quantizers["relu_output_quantizer"].scale.neg_()
+    previous = copy.deepcopy(gm)
+    for m in previous.modules():
+        if isinstance(m, FakeQuantizer):
+            m.forward = types.MethodType(_previous_quantizer_forward, m)
+    losses = []
+    for model in (gm, previous):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    grads = dict(previous.named_parameters())
+    assert any(isinstance(m, FakeQuantizer) and m.zero_point.requires_grad for m in gm.modules()) == ("preset" in kw)
+    for name, p in gm.named_parameters():
+        want = grads[name].grad
+        assert (p.grad is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(p.grad, want, rtol=0, atol=0, msg=name)
+    assert quantizers["conv2_weight_quantizer"].scale.grad[:2].eq(0).all()  # below the floor: no gradient
+
+
+def test_learnable_input_ranges_false_freezes_the_model_input_quantizers_only():
+    """``learnable_input_ranges=False``: the quantizers of the model's inputs keep their range (no
+    gradient, so the first conv computes no input gradient); the forward and every other
+    parameter's gradient are those of the default QAT graph."""
+    frozen, x, y = _digits_qat(learnable_input_ranges=False)
+    default, _, _ = _digits_qat()
+    inputs = {n.target for n in frozen.graph.nodes if n.op == "call_module"
+              and is_quantizer(frozen.get_submodule(n.target)) and n.args[0].op == "placeholder"}
+    assert inputs == {"x_input_quantizer"}
+    for name, m in frozen.named_modules():
+        if isinstance(m, FakeQuantizer):
+            assert m.scale.requires_grad == (name not in inputs), name
+    assert not frozen.x_input_quantizer(x).requires_grad and default.x_input_quantizer(x).requires_grad
+    for model in (frozen, default):
+        F.cross_entropy(model(x), y).backward()
+    grads = dict(default.named_parameters())
+    assert grads["x_input_quantizer.scale"].grad is not None
+    for name, p in frozen.named_parameters():
+        if name == "x_input_quantizer.scale":
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, grads[name].grad, rtol=0, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,9 @@ dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 from torch._functorch.aot_autograd import make_boxed_func  # noqa: E402
 
-FAKE_QUANTIZE_OPS = (torch.ops.fxcompress.fake_quantize.default, torch.ops.fxcompress.fake_quantize_backward.default)
+FAKE_QUANTIZE_OPS = (torch.ops.fxcompress.fake_quantize.default, torch.ops.fxcompress.fake_quantize_backward.default,
+                     torch.ops.fxcompress.fake_quantize_learnable.default,
+                     torch.ops.fxcompress.fake_quantize_learnable_backward.default)
 
 
 def _compressed(passes):
@@ -108,8 +110,8 @@ def test_qat_graph_has_no_graph_breaks_and_keeps_every_quantizer_as_one_op(name)
     explained = dynamo.explain(gm)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     targets = [n.target for n in explained.graphs[0].graph.nodes if n.op == "call_function"]
-    fake_quantize = torch.ops.fxcompress.fake_quantize
-    assert fake_quantize not in targets and fake_quantize.default not in targets
+    for fake_quantize in (torch.ops.fxcompress.fake_quantize, torch.ops.fxcompress.fake_quantize_learnable):
+        assert fake_quantize not in targets and fake_quantize.default not in targets
     assert len(quantizers) > 4 and [str(t) for t in targets].count("autograd_function_apply") == len(quantizers)
 
 

@@ -9,6 +9,7 @@
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -20,6 +21,8 @@ namespace fxc::binding {
 
 constexpr const char* kFakeQuantize = "fxcompress.fake_quantize";
 constexpr const char* kFakeQuantizeBackward = "fxcompress.fake_quantize_backward";
+constexpr const char* kFakeQuantizeLearnable = "fxcompress.fake_quantize_learnable";
+constexpr const char* kFakeQuantizeLearnableBackward = "fxcompress.fake_quantize_learnable_backward";
 constexpr const char* kXnorBinarize = "fxcompress.xnor_binarize";
 constexpr const char* kDorefaBinarize = "fxcompress.dorefa_binarize";
 constexpr const char* kActivationBinarize = "fxcompress.activation_binarize";
@@ -130,6 +133,12 @@ inline Layout check_fake_quantize(const char* op, const at::Tensor& x, const at:
   for (int64_t d = 0; d < ax; ++d) layout.outer *= x.size(d);
   for (int64_t d = ax + 1; d < dim; ++d) layout.inner *= x.size(d);
   return layout;
+}
+
+// fake_quantize_learnable's floor of |scale|.
+inline void check_min_scale(const char* op, double min_scale) {
+  TORCH_CHECK_VALUE(min_scale > 0.0 && std::isfinite(min_scale), op,
+                    ": min_scale must be a positive finite number, got ", min_scale);
 }
 
 inline Layout check_weight_binarize(const char* op, const at::Tensor& w, bool per_channel) {

@@ -5,8 +5,8 @@
 //
 // Fake (meta) kernels and autograd are registered from Python
 // (fxcompress/ops/_library.py), for this library and for the pure-PyTorch
-// fallback alike, except fake_quantize's autograd: the library's is in C++
-// (autograd_ops.cpp). The schema strings below must equal SCHEMAS in that file
+// fallback alike, except the autograd of fake_quantize and fake_quantize_learnable: the
+// library's is in C++ (autograd_ops.cpp). The schema strings below must equal SCHEMAS in that file
 // (tests/test_ops_build.py checks).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,8 +30,13 @@ namespace {
 
 using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// Float32 copies of a small per-channel parameter tensor.
+// Float32 copies of a small per-channel parameter tensor. A contiguous float32 one (a quantizer's
+// scale, every call of a QAT step) is read in place: no detach / to / contiguous tensors per call.
 std::vector<float> to_floats(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) {
+    const float* p = t.const_data_ptr<float>();
+    return std::vector<float>(p, p + t.numel());
+  }
   const at::Tensor f = t.detach().to(at::kFloat).contiguous();
   const float* p = f.data_ptr<float>();
   return std::vector<float>(p, p + f.numel());
@@ -47,6 +52,12 @@ void check_positive(const char* op, const std::vector<float>& scale) {
 // A tensor shaped and typed like `like`, filled from `values` (float64, one per element).
 at::Tensor from_doubles(const std::vector<double>& values, const at::Tensor& like) {
   at::Tensor result = at::empty_like(like);
+  if (result.scalar_type() == at::kFloat && result.is_contiguous()) {
+    // What copy_ below does for float32 (static_cast, round to nearest), without its dispatch.
+    float* p = result.data_ptr<float>();
+    for (size_t i = 0; i < values.size(); ++i) p[i] = static_cast<float>(values[i]);
+    return result;
+  }
   // from_blob only reads here; copy_ converts to like's dtype and strides.
   result.copy_(at::from_blob(const_cast<double*>(values.data()), like.sizes(), at::kDouble));
   return result;
@@ -69,19 +80,42 @@ std::vector<double> fold_rows(const std::vector<double>& partial, int64_t rows, 
 }
 
 struct FakeQuantizeParams {
-  std::vector<float> scale;
+  std::vector<float> scale;       // the scale the kernels use (positive)
+  std::vector<float> raw_scale;   // fake_quantize_learnable: the scale argument, before max(|.|, min)
   std::vector<float> zero_point;  // rounded and clamped
   float quant_min;
   float quant_max;
 };
 
+// fake_quantize_learnable's scale, max(|scale|, min_scale) in float32, as FakeQuantizer's
+// scale.abs().clamp_min(min_scale) computes it (a NaN stays NaN, and check_positive rejects it).
+float learnable_scale(float s, float min_scale) {
+  const float a = std::fabs(s);
+  return (a >= min_scale || std::isnan(a)) ? a : min_scale;
+}
+
+// The gradient of the raw scale from that of max(|s|, min_scale), as autograd's clamp_min and abs
+// backward formulas compute it: where(|s| >= min_scale, g, 0) * sgn(s). Multiplying by -1, 0 or 1
+// is exact, so rounding g to float32 before or after gives the same bits.
+double learnable_scale_grad(double g, float s, float min_scale) {
+  const double sign = static_cast<double>((0.0f < s) - (s < 0.0f));
+  return (std::fabs(s) >= min_scale ? g : 0.0) * sign;
+}
+
+// min_scale: the op is fake_quantize_learnable (scale = max(|scale|, min_scale)).
 FakeQuantizeParams fake_quantize_params(const char* op, const at::Tensor& scale,
                                         const at::Tensor& zero_point, int64_t quant_min,
-                                        int64_t quant_max) {
+                                        int64_t quant_max,
+                                        std::optional<double> min_scale = std::nullopt) {
   FakeQuantizeParams p;
   p.quant_min = static_cast<float>(quant_min);
   p.quant_max = static_cast<float>(quant_max);
   p.scale = to_floats(scale);
+  if (min_scale.has_value()) {
+    p.raw_scale = p.scale;
+    const float floor = static_cast<float>(*min_scale);
+    for (float& s : p.scale) s = learnable_scale(s, floor);
+  }
   check_positive(op, p.scale);
   p.zero_point = to_floats(zero_point);
   for (size_t i = 0; i < p.zero_point.size(); ++i) {
@@ -92,12 +126,13 @@ FakeQuantizeParams fake_quantize_params(const char* op, const at::Tensor& scale,
   return p;
 }
 
-at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale,
-                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
-                             std::optional<int64_t> axis) {
-  const char* op = kFakeQuantize;
+at::Tensor fake_quantize_forward(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                                 const at::Tensor& zero_point, int64_t quant_min,
+                                 int64_t quant_max, std::optional<int64_t> axis,
+                                 std::optional<double> min_scale) {
   const Layout layout = check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis);
-  const FakeQuantizeParams p = fake_quantize_params(op, scale, zero_point, quant_min, quant_max);
+  const FakeQuantizeParams p =
+      fake_quantize_params(op, scale, zero_point, quant_min, quant_max, min_scale);
   const at::Tensor xc = x.contiguous();
   Output y(x);
   const DType dtype = kernel_dtype(x.scalar_type());
@@ -109,14 +144,15 @@ at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale,
   return y.finish();
 }
 
-TensorTriple fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                        const at::Tensor& scale, const at::Tensor& zero_point,
-                                        int64_t quant_min, int64_t quant_max,
-                                        std::optional<int64_t> axis) {
-  const char* op = kFakeQuantizeBackward;
+TensorTriple fake_quantize_backward_impl(const char* op, const at::Tensor& grad,
+                                         const at::Tensor& x, const at::Tensor& scale,
+                                         const at::Tensor& zero_point, int64_t quant_min,
+                                         int64_t quant_max, std::optional<int64_t> axis,
+                                         std::optional<double> min_scale) {
   const Layout layout = check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis);
   check_grad(op, grad, x);
-  const FakeQuantizeParams p = fake_quantize_params(op, scale, zero_point, quant_min, quant_max);
+  const FakeQuantizeParams p =
+      fake_quantize_params(op, scale, zero_point, quant_min, quant_max, min_scale);
   const at::Tensor gc = grad.contiguous();
   const at::Tensor xc = x.contiguous();
   Output grad_x(x);
@@ -140,8 +176,49 @@ TensorTriple fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor
     finish_fake_quantize_grads(in_sum[c], below_sum[c], above_sum[c], p.scale[c], p.zero_point[c],
                                p.quant_min, p.quant_max, &grad_scale[c], &grad_zero_point[c]);
   }
+  if (min_scale.has_value()) {  // through max(|scale|, min_scale) to the raw scale
+    const float floor = static_cast<float>(*min_scale);
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_scale[c] = learnable_scale_grad(grad_scale[c], p.raw_scale[c], floor);
+    }
+  }
   return {grad_x.finish(), from_doubles(grad_scale, scale),
           from_doubles(grad_zero_point, zero_point)};
+}
+
+at::Tensor fake_quantize_cpu(const at::Tensor& x, const at::Tensor& scale,
+                             const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                             std::optional<int64_t> axis) {
+  return fake_quantize_forward(kFakeQuantize, x, scale, zero_point, quant_min, quant_max, axis,
+                               std::nullopt);
+}
+
+TensorTriple fake_quantize_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                        const at::Tensor& scale, const at::Tensor& zero_point,
+                                        int64_t quant_min, int64_t quant_max,
+                                        std::optional<int64_t> axis) {
+  return fake_quantize_backward_impl(kFakeQuantizeBackward, grad, x, scale, zero_point,
+                                     quant_min, quant_max, axis, std::nullopt);
+}
+
+at::Tensor fake_quantize_learnable_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                       const at::Tensor& zero_point, int64_t quant_min,
+                                       int64_t quant_max, std::optional<int64_t> axis,
+                                       double min_scale) {
+  const char* op = kFakeQuantizeLearnable;
+  check_min_scale(op, min_scale);
+  return fake_quantize_forward(op, x, scale, zero_point, quant_min, quant_max, axis, min_scale);
+}
+
+TensorTriple fake_quantize_learnable_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                  const at::Tensor& scale,
+                                                  const at::Tensor& zero_point, int64_t quant_min,
+                                                  int64_t quant_max, std::optional<int64_t> axis,
+                                                  double min_scale) {
+  const char* op = kFakeQuantizeLearnableBackward;
+  check_min_scale(op, min_scale);
+  return fake_quantize_backward_impl(op, grad, x, scale, zero_point, quant_min, quant_max, axis,
+                                     min_scale);
 }
 
 at::Tensor weight_binarize_cpu(const char* op, const at::Tensor& w, bool per_channel) {
@@ -280,6 +357,14 @@ TORCH_LIBRARY(fxcompress, m) {
       "fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
       "int quant_min, int quant_max, int? axis=None) -> (Tensor, Tensor, Tensor)",
       tags);
+  m.def(
+      "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
+      "int quant_max, int? axis, float min_scale) -> Tensor",
+      tags);
+  m.def(
+      "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
+      "int quant_min, int quant_max, int? axis, float min_scale) -> (Tensor, Tensor, Tensor)",
+      tags);
   m.def("xnor_binarize(Tensor w) -> Tensor", tags);
   m.def("dorefa_binarize(Tensor w) -> Tensor", tags);
   m.def("activation_binarize(Tensor x, Tensor scale, Tensor threshold) -> Tensor", tags);
@@ -298,6 +383,8 @@ TORCH_LIBRARY_IMPL(fxcompress, CPU, m) {
   using namespace fxc::binding;
   m.impl("fake_quantize", &fake_quantize_cpu);
   m.impl("fake_quantize_backward", &fake_quantize_backward_cpu);
+  m.impl("fake_quantize_learnable", &fake_quantize_learnable_cpu);
+  m.impl("fake_quantize_learnable_backward", &fake_quantize_learnable_backward_cpu);
   m.impl("xnor_binarize", &xnor_binarize_cpu);
   m.impl("dorefa_binarize", &dorefa_binarize_cpu);
   m.impl("activation_binarize", &activation_binarize_cpu);

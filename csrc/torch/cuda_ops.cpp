@@ -7,9 +7,14 @@
 // point): that would copy the parameters to the host and synchronize on every
 // call. Shapes, dtypes and devices are checked as on the CPU.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/clamp_min.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/ge.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/sgn.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -82,6 +87,39 @@ TensorTriple fake_quantize_backward_cuda(const at::Tensor& grad, const at::Tenso
                        partial.data_ptr<double>(), grad_scale.data_ptr<float>(),
                        grad_zero_point.data_ptr<float>(), current_stream()));
   return {grad_x.finish(), like_from(grad_scale, scale), like_from(grad_zero_point, zero_point)};
+}
+
+// fake_quantize_learnable on CUDA: the fake_quantize kernels at scale max(|scale|, min_scale), and
+// the raw scale's gradient as autograd's clamp_min and abs backward formulas give it,
+// where(|s| >= min_scale, g, 0) * sgn(s) (the CPU binding computes the same per channel).
+at::Tensor fake_quantize_learnable_cuda(const at::Tensor& x, const at::Tensor& scale,
+                                        const at::Tensor& zero_point, int64_t quant_min,
+                                        int64_t quant_max, std::optional<int64_t> axis,
+                                        double min_scale) {
+  check_min_scale(kFakeQuantizeLearnable, min_scale);
+  check_fake_quantize(kFakeQuantizeLearnable, x, scale, zero_point, quant_min, quant_max, axis);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return fake_quantize_cuda(x, at::clamp_min(at::abs(device_floats(scale)), min_scale), zero_point,
+                            quant_min, quant_max, axis);
+}
+
+TensorTriple fake_quantize_learnable_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                   const at::Tensor& scale,
+                                                   const at::Tensor& zero_point,
+                                                   int64_t quant_min, int64_t quant_max,
+                                                   std::optional<int64_t> axis, double min_scale) {
+  check_min_scale(kFakeQuantizeLearnableBackward, min_scale);
+  check_fake_quantize(kFakeQuantizeLearnableBackward, x, scale, zero_point, quant_min, quant_max,
+                      axis);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor s = device_floats(scale);
+  const at::Tensor magnitude = at::abs(s);
+  auto [grad_x, grad_scale, grad_zero_point] = fake_quantize_backward_cuda(
+      grad, x, at::clamp_min(magnitude, min_scale), zero_point, quant_min, quant_max, axis);
+  const at::Tensor raw_grad = at::mul(at::where(at::ge(magnitude, min_scale),
+                                                grad_scale.to(at::kFloat), at::zeros({}, s.options())),
+                                      at::sgn(s));
+  return {grad_x, like_from(raw_grad, scale), grad_zero_point};
 }
 
 at::Tensor weight_binarize_cuda(const char* op, const at::Tensor& w, bool per_channel) {
@@ -171,6 +209,8 @@ TORCH_LIBRARY_IMPL(fxcompress, CUDA, m) {
   using namespace fxc::binding;
   m.impl("fake_quantize", &fake_quantize_cuda);
   m.impl("fake_quantize_backward", &fake_quantize_backward_cuda);
+  m.impl("fake_quantize_learnable", &fake_quantize_learnable_cuda);
+  m.impl("fake_quantize_learnable_backward", &fake_quantize_learnable_backward_cuda);
   m.impl("xnor_binarize", &xnor_binarize_cuda);
   m.impl("dorefa_binarize", &dorefa_binarize_cuda);
   m.impl("activation_binarize", &activation_binarize_cuda);

@@ -10,7 +10,9 @@ CUDA) or, where it is absent, from the pure-PyTorch reference
 Public API::
 
     fake_quantize(x, scale, zero_point, quant_min, quant_max, axis=None) -> Tensor
-    fake_quantize_unchecked(...)   # the same without the Python-side checks (FakeQuantizer)
+    fake_quantize_unchecked(...)   # the same without the Python-side checks
+    fake_quantize_learnable_unchecked(x, scale, zero_point, quant_min, quant_max, axis, min_scale)
+                                   # at scale max(|scale|, min_scale), unchecked (FakeQuantizer)
     xnor_binarize(w) -> Tensor
     dorefa_binarize(w) -> Tensor
     activation_binarize(x, scale, threshold) -> Tensor
@@ -38,8 +40,8 @@ import torch
 from . import _checks, decomposed, reference
 from ._library import OpsFallbackWarning, load as _load
 
-__all__ = ["fake_quantize", "fake_quantize_unchecked", "xnor_binarize", "dorefa_binarize", "activation_binarize",
-           "apply_mask",
+__all__ = ["fake_quantize", "fake_quantize_unchecked", "fake_quantize_learnable_unchecked", "xnor_binarize",
+           "dorefa_binarize", "activation_binarize", "apply_mask",
            "backend", "backend_info", "reference", "OpsFallbackWarning"]
 
 Tensor = torch.Tensor
@@ -124,6 +126,26 @@ def fake_quantize_unchecked(x: Tensor, scale: Tensor, zero_point: Tensor, quant_
     if decomposed.use_decomposition():
         return decomposed.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
     return torch.ops.fxcompress.fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
+
+
+def fake_quantize_learnable_unchecked(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+                                      axis: Optional[int], min_scale: float) -> Tensor:
+    """:func:`fake_quantize` at the scale ``max(|scale|, min_scale)`` (``FakeQuantizer``'s learnable
+    scale, which an optimizer step may push through zero), with the gradient of ``scale`` through
+    ``abs`` and ``clamp_min`` as autograd gives it; unchecked like :func:`fake_quantize_unchecked`.
+
+    Eager, one op (``fxcompress::fake_quantize_learnable``) whose kernels take ``|scale|`` and the
+    floor themselves: no ``abs`` / ``clamp_min`` ops and autograd nodes per call (about 0.06x of a
+    small CNN's eager QAT step: benchmarks/RESULTS.md, "QAT step"). Under torch.compile,
+    torch.export and torch.fx tracing it is ``fake_quantize(scale.abs().clamp_min(min_scale))`` in
+    the graph, as before: Inductor fuses the ATen form, and traced and exported graphs keep the
+    ``fake_quantize`` op that export lowers."""
+    if torch.compiler.is_compiling() or _traced(x, scale, zero_point):
+        return fake_quantize_unchecked(x, scale.abs().clamp_min(min_scale), zero_point, quant_min, quant_max, axis)
+    return _fake_quantize_learnable_op(x, scale, zero_point, quant_min, quant_max, axis, min_scale)
+
+
+_fake_quantize_learnable_op = torch.ops.fxcompress.fake_quantize_learnable.default
 
 
 def xnor_binarize(w: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ need the data and live in the kernels: reference.py and csrc/torch/cpu_ops.cpp.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +19,8 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 FAKE_QUANTIZE = "fxcompress.fake_quantize"
 FAKE_QUANTIZE_BACKWARD = "fxcompress.fake_quantize_backward"
+FAKE_QUANTIZE_LEARNABLE = "fxcompress.fake_quantize_learnable"
+FAKE_QUANTIZE_LEARNABLE_BACKWARD = "fxcompress.fake_quantize_learnable_backward"
 XNOR_BINARIZE = "fxcompress.xnor_binarize"
 DOREFA_BINARIZE = "fxcompress.dorefa_binarize"
 ACTIVATION_BINARIZE = "fxcompress.activation_binarize"
@@ -111,6 +114,12 @@ def check_fake_quantize(op: str, x: torch.Tensor, scale: torch.Tensor, zero_poin
         raise ValueError(f"{op}: per-channel quantization along axis {axis} needs {channels} zero_point values "
                          f"(x.shape[{ax}]), got {zero_point.numel()}")
     return Layout(_prod(x.shape[:ax]), channels, _prod(x.shape[ax + 1:]), ax)
+
+
+def check_min_scale(op: str, min_scale: float) -> None:
+    """fake_quantize_learnable's floor of |scale|: a positive finite number."""
+    if not (min_scale > 0 and math.isfinite(min_scale)):
+        raise ValueError(f"{op}: min_scale must be a positive finite number, got {min_scale}")
 
 
 def check_weight_binarize(op: str, w: torch.Tensor, per_channel: bool) -> None:

@@ -19,9 +19,9 @@ Import once, at ``import fxcompress.ops``:
    with one warning saying why and how to rebuild (setup.py leaves
    ``_lib/build_failure.json`` when the build failed at install time).
 3. Either way, fake kernels (register_fake) and autograd (register_autograd;
-   the library brings fake_quantize's own, in C++) are registered here, so
-   the ops trace through torch.fx, torch.compile, torch.export and
-   torch.onnx.export(dynamo=True) under the same names.
+   the library brings those of fake_quantize and fake_quantize_learnable, in
+   C++) are registered here, so the ops trace through torch.fx, torch.compile,
+   torch.export and torch.onnx.export(dynamo=True) under the same names.
 
 Nothing here knows about graphs or compression algorithms.
 """
@@ -53,6 +53,11 @@ SCHEMAS = {
                      "int? axis=None) -> Tensor",
     "fake_quantize_backward": "fake_quantize_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, "
                               "int quant_min, int quant_max, int? axis=None) -> (Tensor, Tensor, Tensor)",
+    "fake_quantize_learnable": "fake_quantize_learnable(Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
+                               "int quant_max, int? axis, float min_scale) -> Tensor",
+    "fake_quantize_learnable_backward": "fake_quantize_learnable_backward(Tensor grad, Tensor x, Tensor scale, "
+                                        "Tensor zero_point, int quant_min, int quant_max, int? axis, "
+                                        "float min_scale) -> (Tensor, Tensor, Tensor)",
     "xnor_binarize": "xnor_binarize(Tensor w) -> Tensor",
     "dorefa_binarize": "dorefa_binarize(Tensor w) -> Tensor",
     "activation_binarize": "activation_binarize(Tensor x, Tensor scale, Tensor threshold) -> Tensor",
@@ -64,6 +69,8 @@ SCHEMAS = {
 REFERENCE_KERNELS = {
     "fake_quantize": reference.fake_quantize,
     "fake_quantize_backward": reference.fake_quantize_backward,
+    "fake_quantize_learnable": reference.fake_quantize_learnable,
+    "fake_quantize_learnable_backward": reference.fake_quantize_learnable_backward,
     "xnor_binarize": reference.xnor_binarize,
     "dorefa_binarize": reference.dorefa_binarize,
     "activation_binarize": reference.activation_binarize,
@@ -257,6 +264,21 @@ def _register_fake_kernels() -> None:
         _checks.check_grad(op, grad, x)
         return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(zero_point)
 
+    @torch.library.register_fake(_op("fake_quantize_learnable"))
+    def _fake_quantize_learnable_fake(x, scale, zero_point, quant_min, quant_max, axis, min_scale):
+        op = _checks.FAKE_QUANTIZE_LEARNABLE
+        _checks.check_min_scale(op, min_scale)
+        _checks.check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis)
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(_op("fake_quantize_learnable_backward"))
+    def _fake_quantize_learnable_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, axis, min_scale):
+        op = _checks.FAKE_QUANTIZE_LEARNABLE_BACKWARD
+        _checks.check_min_scale(op, min_scale)
+        _checks.check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis)
+        _checks.check_grad(op, grad, x)
+        return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(zero_point)
+
     @torch.library.register_fake(_op("xnor_binarize"))
     def _xnor_binarize_fake(w):
         _checks.check_weight_binarize(_checks.XNOR_BINARIZE, w, per_channel=True)
@@ -306,6 +328,21 @@ def _fake_quantize_backward(ctx, grad):
             grad_zero_point if needs[2] else None, None, None, None)
 
 
+def _fake_quantize_learnable_setup(ctx, inputs, output):
+    x, scale, zero_point, quant_min, quant_max, axis, min_scale = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.params = (quant_min, quant_max, axis, min_scale)
+
+
+def _fake_quantize_learnable_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    grad_x, grad_scale, grad_zero_point = torch.ops.fxcompress.fake_quantize_learnable_backward(
+        grad, x, scale, zero_point, *ctx.params)
+    needs = ctx.needs_input_grad
+    return (grad_x if needs[0] else None, grad_scale if needs[1] else None,
+            grad_zero_point if needs[2] else None, None, None, None, None)
+
+
 # Where the library's Autograd registration shows up (it covers every device type).
 _COMPILED_AUTOGRAD_KEY = "Autograd"
 
@@ -342,11 +379,15 @@ def _apply_mask_backward(ctx, grad):
 
 
 def _register_autograd() -> None:
-    # The compiled library brings fake_quantize's autograd in C++ (csrc/torch/autograd_ops.cpp, the
-    # same formula without the Python overhead, which dominated a QAT step); the fallback uses this one.
+    # The compiled library brings the autograd of fake_quantize and fake_quantize_learnable in C++
+    # (csrc/torch/autograd_ops.cpp, the same formulas without the Python overhead, which dominated a
+    # QAT step); the fallback uses these.
     if not _has_kernel("fake_quantize", _COMPILED_AUTOGRAD_KEY):
         torch.library.register_autograd(_op("fake_quantize"), _fake_quantize_backward,
                                         setup_context=_fake_quantize_setup)
+    if not _has_kernel("fake_quantize_learnable", _COMPILED_AUTOGRAD_KEY):
+        torch.library.register_autograd(_op("fake_quantize_learnable"), _fake_quantize_learnable_backward,
+                                        setup_context=_fake_quantize_learnable_setup)
     torch.library.register_autograd(_op("xnor_binarize"), _straight_through)
     torch.library.register_autograd(_op("dorefa_binarize"), _straight_through)
     torch.library.register_autograd(_op("activation_binarize"), _activation_binarize_backward,

@@ -61,8 +61,7 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, 
     return _fake_quantize(x, scale, zero_point, quant_min, quant_max, axis)
 
 
-def _fake_quantize(x, scale, zero_point, quant_min, quant_max, axis, check_values=True):
-    op = _checks.FAKE_QUANTIZE
+def _fake_quantize(x, scale, zero_point, quant_min, quant_max, axis, check_values=True, op=_checks.FAKE_QUANTIZE):
     layout = _checks.check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis)
     s, zp = _fake_quantize_params(op, x, scale, zero_point, quant_min, quant_max, layout, check_values)
     q = (torch.round(x.float() / s) + zp).clamp(quant_min, quant_max)
@@ -89,8 +88,8 @@ def fake_quantize_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: T
     return _fake_quantize_backward(grad, x, scale, zero_point, quant_min, quant_max, axis)
 
 
-def _fake_quantize_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, check_values=True):
-    op = _checks.FAKE_QUANTIZE_BACKWARD
+def _fake_quantize_backward(grad, x, scale, zero_point, quant_min, quant_max, axis, check_values=True,
+                            op=_checks.FAKE_QUANTIZE_BACKWARD):
     layout = _checks.check_fake_quantize(op, x, scale, zero_point, quant_min, quant_max, axis)
     _checks.check_grad(op, grad, x)
     s, zp = _fake_quantize_params(op, x, scale, zero_point, quant_min, quant_max, layout, check_values)
@@ -113,6 +112,36 @@ def _fake_quantize_backward(grad, x, scale, zero_point, quant_min, quant_max, ax
     return (_like(grad_x, x),
             _like(grad_scale.reshape(scale.shape).to(scale.dtype), scale),
             _like(grad_zero_point.reshape(zero_point.shape).to(zero_point.dtype), zero_point))
+
+
+def learnable_scale(scale: Tensor, min_scale: float) -> Tensor:
+    """``max(|scale|, min_scale)``: the scale :func:`fake_quantize_learnable` quantizes with."""
+    return scale.abs().clamp_min(min_scale)
+
+
+def fake_quantize_learnable(x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+                            axis: Optional[int], min_scale: float) -> Tensor:
+    """:func:`fake_quantize` with the scale ``max(|scale|, min_scale)``: a learnable scale, which an
+    optimizer step may push through zero (``FakeQuantizer``)."""
+    op = _checks.FAKE_QUANTIZE_LEARNABLE
+    _checks.check_min_scale(op, min_scale)
+    return _fake_quantize(x, learnable_scale(scale, min_scale), zero_point, quant_min, quant_max, axis, op=op)
+
+
+def fake_quantize_learnable_backward(grad: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int,
+                                     quant_max: int, axis: Optional[int], min_scale: float
+                                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`fake_quantize_learnable` for x, scale and zero_point: those of
+    :func:`fake_quantize_backward` at ``s = max(|scale|, min_scale)``, the scale's then through
+    ``s`` as autograd's ``clamp_min`` and ``abs`` formulas give it:
+    ``where(|scale| >= min_scale, grad_s, 0) * sgn(scale)``."""
+    op = _checks.FAKE_QUANTIZE_LEARNABLE_BACKWARD
+    _checks.check_min_scale(op, min_scale)
+    grad_x, grad_s, grad_zero_point = _fake_quantize_backward(
+        grad, x, learnable_scale(scale, min_scale), zero_point, quant_min, quant_max, axis, op=op)
+    zero = torch.zeros((), dtype=grad_s.dtype, device=grad_s.device)
+    grad_scale = torch.where(scale.abs() >= min_scale, grad_s, zero) * scale.sgn()
+    return grad_x, _like(grad_scale, scale), grad_zero_point
 
 
 def _binarize(w: Tensor, mean_abs: Tensor) -> Tensor:

@@ -118,6 +118,9 @@ QUANTIZATION_SCHEMA = {
         "quantize_attention": {"type": "boolean"},
         "fold_bn": {"type": "boolean"},
         "learnable_ranges": {"type": "boolean"},
+        # fxcompress extension: false keeps the model inputs' quantizers at their initialized range
+        # (no gradient), so the first layer computes no input gradient (the fp32 step computes none)
+        "learnable_input_ranges": {"type": "boolean"},
         # NNCF: multiplies the gradients of every quantizer's scale (and zero point)
         "compression_lr_multiplier": {"type": "number", "exclusiveMinimum": 0},
         # fxcompress extension, named after nncf.quantize's argument: fast bias correction in
@@ -155,7 +158,7 @@ class Quantize(CompressionPass):
     ``Quantize(bits=8, weights={...}, activations={...}, preset="performance",
     target_device="ANY", initializer={"range": {...}, "batchnorm_adaptation": {...}},
     scope_overrides={...}, overflow_fix="enable", quantize_inputs=True,
-    quantize_outputs=False, fold_bn=False, learnable_ranges=True,
+    quantize_outputs=False, fold_bn=False, learnable_ranges=True, learnable_input_ranges=True,
     fast_bias_correction=False, smooth_quant_alpha=None, ignored_scopes=[...], target_scopes=[...])``; the keys and
     defaults are NNCF's (docs/quantization.md lists them; ``fast_bias_correction`` is
     ``nncf.quantize``'s argument, an fxcompress extension in a config entry).
@@ -165,7 +168,7 @@ class Quantize(CompressionPass):
     defaults = {
         "bits": 8, "preset": "performance", "target_device": "ANY", "overflow_fix": "enable",
         "quantize_inputs": True, "quantize_outputs": False, "quantize_attention": True, "fold_bn": False,
-        "learnable_ranges": True,
+        "learnable_ranges": True, "learnable_input_ranges": True,
         "fast_bias_correction": False,
     }
 
@@ -320,7 +323,8 @@ class Quantize(CompressionPass):
             return PassResult(gm, False, controller=self._controller([], skipped, folded, params, model_type,
                                                                      chosen))
         infos = insert_quantizers(gm, plan, self.name, self.params["learnable_ranges"], self.range_rules,
-                                  lr_multiplier=self.params.get("compression_lr_multiplier"))
+                                  lr_multiplier=self.params.get("compression_lr_multiplier"),
+                                  learnable_inputs=self.params["learnable_input_ranges"])
         if self.unified_scale_scopes:
             infos = unify_scales(gm, infos, self.unified_scale_scopes, self.settings.rules.agnostic)
         smoothing = []
@@ -374,12 +378,15 @@ def _insert(gm: torch.fx.GraphModule, producer: torch.fx.Node, users: list[torch
 
 def insert_quantizers(gm: torch.fx.GraphModule, plan: QuantizationPlan, inserted_by: str,
                       learnable: bool = True, range_rules: RangeInitRules | None = None,
-                      lr_multiplier: float | None = None) -> list[QuantizerInfo]:
-    """One ``FakeQuantizer`` per annotated point; the annotations are consumed."""
+                      lr_multiplier: float | None = None, learnable_inputs: bool = True) -> list[QuantizerInfo]:
+    """One ``FakeQuantizer`` per annotated point; the annotations are consumed. ``learnable`` makes the
+    scales (and zero points) trainable; ``learnable_inputs=False`` excepts the quantizers of the model's
+    inputs (placeholders)."""
     range_rules = range_rules or RangeInitRules(None)
     infos = []
     for point in plan.points:
-        quantizer = FakeQuantizer(point.spec, num_channels=point.num_channels, learnable=learnable,
+        trainable = learnable and (learnable_inputs or point.producer.op != "placeholder")
+        quantizer = FakeQuantizer(point.spec, num_channels=point.num_channels, learnable=trainable,
                                   lr_multiplier=lr_multiplier)
         device = _device_of(point.producer, gm)
         if device is not None:
