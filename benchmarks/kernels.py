@@ -26,6 +26,11 @@ per-round ratios.
 
     .venv/bin/python benchmarks/kernels.py --threads 1 --clock cpu   # CPU, markdown tables
     .venv/bin/python benchmarks/kernels.py --device cuda   # on a GPU
+    .venv/bin/python benchmarks/kernels.py --threads 1 --clock cpu --isas avx512,avx2   # CPU kernels per ISA
+
+``--isas`` compares the compiled CPU kernels' instruction sets instead, in one process: the
+forward and backward ops on each (switched with ``torch.ops.fxcompress._set_cpu_isa`` before each
+sample) and their floors, interleaved round by round as above.
 """
 from __future__ import annotations
 
@@ -116,18 +121,27 @@ WITHOUT_AUTOGRAD = {"fxcompress_ops", "floor", "warm_floor", "forward_op", "clon
 
 
 def time_interleaved(functions: dict, device: torch.device, rounds: int, min_seconds: float,
-                     clock: str = "wall") -> dict:
+                     clock: str = "wall", isa_of: dict | None = None) -> dict:
     """Seconds per call of each function, one sample per round-robin round. ``clock="cpu"`` counts
     the process's CPU time: on a machine shared by more jobs than cores, one thread's measure of
     the work itself, without the time spent waiting for a core. Functions named in WITHOUT_AUTOGRAD
-    run under ``torch.inference_mode()`` (entered once per sample, not per call)."""
+    run under ``torch.inference_mode()`` (entered once per sample, not per call). ``isa_of`` maps
+    function names to the CPU instruction set their samples (and warm-up) run on."""
     now = CLOCKS[clock]
-    for fn in functions.values():  # warm up (allocator, lazy init)
+    isa_of = isa_of or {}
+
+    def use_isa(name):
+        if name in isa_of:
+            torch.ops.fxcompress._set_cpu_isa(isa_of[name])
+
+    for name, fn in functions.items():  # warm up (allocator, lazy init)
+        use_isa(name)
         fn()
     samples = {name: [] for name in functions}
     for _ in range(rounds):
         for name, fn in functions.items():
-            with torch.inference_mode(name in WITHOUT_AUTOGRAD):
+            use_isa(name)
+            with torch.inference_mode(name in WITHOUT_AUTOGRAD or name in isa_of):
                 calls, start = 0, now()
                 while True:
                     fn()
@@ -165,6 +179,62 @@ def run(device: torch.device, sizes: list[int], rounds: int, min_seconds: float,
                 "backward_vs_add": sorted(a / b for a, b in zip(samples["backward_op"], samples["add"])),
             })
     return rows
+
+
+def run_isas(sizes: list[int], isas: list[str], rounds: int, min_seconds: float, clock: str) -> list[dict]:
+    """The forward and backward ops on each instruction set against clone / add, interleaved."""
+    rows = []
+    for n in sizes:
+        for per_channel in (False, True):
+            x, scale, zero_point, grad, axis = make_case(n, per_channel, torch.device("cpu"))
+            args = (scale, zero_point, QUANT_MIN, QUANT_MAX, axis)
+            functions, isa_of = {}, {}
+            for isa in isas:
+                functions[f"forward[{isa}]"] = lambda: torch.ops.fxcompress.fake_quantize(x, *args)
+                functions[f"backward[{isa}]"] = lambda: torch.ops.fxcompress.fake_quantize_backward(grad, x, *args)
+                isa_of.update({f"forward[{isa}]": isa, f"backward[{isa}]": isa})
+            functions.update({"clone": x.clone, "add": lambda: torch.add(grad, x)})
+            samples = time_interleaved(functions, torch.device("cpu"), rounds, min_seconds, clock, isa_of)
+            step = {isa: [f + b for f, b in zip(samples[f"forward[{isa}]"], samples[f"backward[{isa}]"])]
+                    for isa in isas}
+            floor = [c + a for c, a in zip(samples["clone"], samples["add"])]
+            rows.append({
+                "n": n, "kind": "per-channel (axis 0, 256 ch)" if per_channel else "per-tensor",
+                "times": {name: min(t) for name, t in samples.items()},
+                "step_vs_floor": {isa: sorted(s / f for s, f in zip(step[isa], floor)) for isa in isas},
+                # each ISA against the first one, per round
+                "vs_first": {isa: {part: sorted(a / b for a, b in zip(samples[f"{part}[{isa}]"],
+                                                                      samples[f"{part}[{isas[0]}]"]))
+                                   for part in ("forward", "backward")} for isa in isas[1:]},
+            })
+        torch.ops.fxcompress._set_cpu_isa("")
+    return rows
+
+
+def markdown_isas(rows: list[dict], isas: list[str], command: str) -> str:
+    first = isas[0]
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"Device: {device_description(torch.device('cpu'))}; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads; CPU kernels compiled: {ops.backend_info()['build']['cpu_isas']}.",
+        "",
+        "The forward and backward ops alone (no autograd), µs, fastest round; step = forward + backward, "
+        "floor = clone + add, per-round ratios as median (min-max).",
+        "",
+        "| elements | quantization | " + " | ".join(f"forward {i} | backward {i}" for i in isas)
+        + " | clone | add | " + " | ".join(f"**step / floor, {i}**" for i in isas) + " | "
+        + " | ".join(f"{i} / {first} forward | {i} / {first} backward" for i in isas[1:]) + " |",
+        "|---|---|" + "---|" * (2 * len(isas) + 2 + len(isas) + 2 * (len(isas) - 1)),
+    ]
+    for r in rows:
+        t = r["times"]
+        cells = [f"{t[f'{part}[{i}]'] * 1e6:.1f}" for i in isas for part in ("forward", "backward")]
+        cells += [f"{t['clone'] * 1e6:.1f}", f"{t['add'] * 1e6:.1f}"]
+        cells += [f"**{ratio_spread(r['step_vs_floor'][i])}**" for i in isas]
+        cells += [ratio_spread(r["vs_first"][i][part]) for i in isas[1:] for part in ("forward", "backward")]
+        lines.append(f"| {size_label(r['n'])} | {r['kind']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def size_label(n: int) -> str:
@@ -250,6 +320,9 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall: elapsed time; cpu: the process's CPU time (CPU only, with --threads 1: "
                              "excludes waiting for a core on a shared machine)")
+    parser.add_argument("--isas", default=None,
+                        help="comma-separated CPU instruction sets (e.g. avx512,avx2): compare the compiled "
+                             "kernels on each instead; ratios are against the first")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -259,8 +332,16 @@ def main(argv=None) -> int:
     if args.clock == "cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
         parser.error("--clock cpu measures one CPU thread: use it with --device cpu --threads 1")
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    rows = run(device, sizes, args.rounds, args.min_seconds, args.clock)
     command = "python benchmarks/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.isas:
+        if device.type != "cpu" or ops.backend() == "reference":
+            parser.error("--isas compares the compiled CPU kernels: use it with --device cpu and the op library built")
+        isas = args.isas.split(",")
+        for isa in isas:  # a clear error now rather than in the middle of the run
+            torch.ops.fxcompress._set_cpu_isa(isa)
+        print(markdown_isas(run_isas(sizes, isas, args.rounds, args.min_seconds, args.clock), isas, command.strip()))
+        return 0
+    rows = run(device, sizes, args.rounds, args.min_seconds, args.clock)
     print(markdown(rows, device, command.strip()))
     return 0
 

@@ -9,6 +9,7 @@ when the library is not built (tests/test_ops_build.py says why).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -26,6 +27,44 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 requires_compiled = pytest.mark.skipif(ops.backend() == "reference",
                                        reason="the compiled op library is not built (see test_ops_build.py)")
+
+# The CPU kernels are compiled once per instruction set (CMakeLists.txt) and picked at run time:
+# tests of the compiled ops run on each one, switched in process with _set_cpu_isa.
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+
+
+def cpu_isa_params():
+    """One pytest param per CPU instruction set, skipped with the reason where the library or this CPU
+    lacks it. With the reference backend one param, None: the tests then check the reference kernels
+    (which the ops run), and those marked requires_compiled skip."""
+    if ops.backend() == "reference":
+        return [pytest.param(None, id="reference-kernels")]
+    compiled = ops.backend_info()["build"]["cpu_isas"].split(",")
+    supported = F._cpu_isas_supported().split(",")
+    params = []
+    for isa in CPU_ISAS:
+        reason = (None if isa in supported else
+                  f"the library has no {isa} kernels (compiled: {','.join(compiled)})" if isa not in compiled else
+                  f"this CPU (or its OS) cannot run the {isa} kernels (it can run: {','.join(supported)})")
+        params.append(pytest.param(isa, marks=[pytest.mark.skip(reason=reason)] if reason else []))
+    return params
+
+
+on_each_cpu_isa = pytest.mark.parametrize("isa", cpu_isa_params())
+
+
+@contextlib.contextmanager
+def cpu_isa(isa: Optional[str]):
+    """Runs the compiled CPU ops on the kernels of `isa` (None: leave them as they are)."""
+    if isa is None:
+        yield
+        return
+    previous = F._set_cpu_isa(isa)
+    try:
+        assert F._cpu_isa() == isa
+        yield
+    finally:
+        F._set_cpu_isa(previous)
 
 
 def assert_equal(actual, expected):
@@ -121,31 +160,47 @@ def check_fake_quantize_backward(grads, expected, case_tensors, args):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
 
 
-@requires_compiled
-@settings(deadline=None)
-@given(fq_cases())
-def test_fake_quantize_compiled_matches_reference(case):
+def check_fake_quantize_against_reference(case: FQCase, isa: Optional[str]):
     x, scale, zero_point, grad = tensors = case.tensors()
-    assert_equal(F.fake_quantize(x, scale, zero_point, *case.args),
-                 reference.fake_quantize(x, scale, zero_point, *case.args))
-    check_fake_quantize_backward(F.fake_quantize_backward(grad, x, scale, zero_point, *case.args),
-                                 reference.fake_quantize_backward(grad, x, scale, zero_point, *case.args),
+    with cpu_isa(isa):
+        y = F.fake_quantize(x, scale, zero_point, *case.args)
+        grads = F.fake_quantize_backward(grad, x, scale, zero_point, *case.args)
+    assert_equal(y, reference.fake_quantize(x, scale, zero_point, *case.args))
+    check_fake_quantize_backward(grads, reference.fake_quantize_backward(grad, x, scale, zero_point, *case.args),
                                  tensors, case.args)
+
+
+@requires_compiled
+@on_each_cpu_isa
+@settings(deadline=None)
+@given(case=fq_cases())
+def test_fake_quantize_compiled_matches_reference(isa, case):
+    check_fake_quantize_against_reference(case, isa)
 
 
 @requires_compiled
 @pytest.mark.parametrize("shape,axis,dtype", [((300_001,), None, torch.float32), ((3, 70_001), 0, torch.float16),
                                               ((5, 40_000), 1, torch.bfloat16), ((2, 600, 300), -1, torch.float32),
                                               ((70, 3, 1000), 1, torch.float16)])
-def test_fake_quantize_large_tensors_many_tiles(shape, axis, dtype):
+@on_each_cpu_isa
+def test_fake_quantize_large_tensors_many_tiles(isa, shape, axis, dtype):
     # Several tiles per channel, channel blocks, the inner == 1 path and threads.
-    case = FQCase(shape, axis, dtype, -128, 127, seed=7, pow2_scale=False, broadcast_params=False)
-    x, scale, zero_point, grad = tensors = case.tensors()
-    assert_equal(F.fake_quantize(x, scale, zero_point, *case.args),
-                 reference.fake_quantize(x, scale, zero_point, *case.args))
-    check_fake_quantize_backward(F.fake_quantize_backward(grad, x, scale, zero_point, *case.args),
-                                 reference.fake_quantize_backward(grad, x, scale, zero_point, *case.args),
-                                 tensors, case.args)
+    check_fake_quantize_against_reference(
+        FQCase(shape, axis, dtype, -128, 127, seed=7, pow2_scale=False, broadcast_params=False), isa)
+
+
+@requires_compiled
+@on_each_cpu_isa
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 31, 33, 47, 1023, 1025, 2063])
+def test_fake_quantize_vector_tails(isa, n, dtype):
+    """Runs whose length is not a multiple of the vector width (8 floats with AVX2 and AVX-512, 4 with
+    SSE2; 16 in a 512-bit build) or of the 1024-element sub-blocks of the backward's sums: per tensor
+    (one run of n), per channel with one element per channel (the inner == 1 row loop, the channel
+    varying per element) and along the first axis (runs of n)."""
+    for shape, axis in (((n,), None), ((3, n), -1), ((n, 1), 0), ((2, n), 0)):
+        check_fake_quantize_against_reference(
+            FQCase(shape, axis, dtype, -8, 7, seed=n, pow2_scale=n % 2 == 1, broadcast_params=False), isa)
 
 
 @given(case=fq_cases(), needs=st.sampled_from(["all", "x", "scale", "params"]))
@@ -239,8 +294,9 @@ def test_fake_quantize_learnable_matches_reference(case):
 
 
 @requires_compiled
+@on_each_cpu_isa
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "expanded_grad"])
-def test_fake_quantize_non_contiguous_inputs(layout):
+def test_fake_quantize_non_contiguous_inputs(isa, layout):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 6, 5, 7, generator=g)
     grad = torch.randn(4, 6, 5, 7, generator=g)
@@ -254,10 +310,12 @@ def test_fake_quantize_non_contiguous_inputs(layout):
         grad = torch.ones(()).expand_as(x)
     scale, zero_point = torch.rand(x.shape[1], generator=g) * 0.1 + 0.01, torch.zeros(x.shape[1])
     args = (scale, zero_point, -8, 7, 1)
-    y = F.fake_quantize(x, *args)
+    with cpu_isa(isa):
+        y = F.fake_quantize(x, *args)
+        got = F.fake_quantize_backward(grad, x, *args)
     assert y.stride() == torch.empty_like(x).stride()
     assert_equal(y, reference.fake_quantize(x, *args))
-    got, want = F.fake_quantize_backward(grad, x, *args), reference.fake_quantize_backward(grad, x, *args)
+    want = reference.fake_quantize_backward(grad, x, *args)
     assert got[0].stride() == torch.empty_like(x).stride()
     check_fake_quantize_backward(got, want, (x, scale, zero_point, grad), (-8, 7))
 
@@ -423,11 +481,13 @@ def xnor_formula(w):
     return (sign * mean.float().double()).to(w.dtype)
 
 
+@on_each_cpu_isa
 @settings(deadline=None)
-@given(weights())
-def test_weight_binarization(w):
+@given(w=weights())
+def test_weight_binarization(isa, w):
     for op, impl in ((F.xnor_binarize, reference.xnor_binarize), (F.dorefa_binarize, reference.dorefa_binarize)):
-        out = op(w)
+        with cpu_isa(isa):
+            out = op(w)
         assert_equal(out, impl(w))
         assert out.dtype == w.dtype and out.shape == w.shape
         assert bool((out.float() >= 0).eq(w.float() >= 0).all())  # sign(0) = +1, binary: +-mean
@@ -502,9 +562,10 @@ def nncf_activation_binarize(x, scale, threshold):
     return output, backward
 
 
+@on_each_cpu_isa
 @settings(deadline=None)
-@given(act_cases())
-def test_activation_binarization(case):
+@given(case=act_cases())
+def test_activation_binarization(isa, case):
     x, scale, threshold, grad = case.tensors()
     out = reference.activation_binarize(x, scale, threshold)
     nncf_out, nncf_backward = nncf_activation_binarize(x, scale, threshold)
@@ -514,36 +575,72 @@ def test_activation_binarization(case):
         torch.testing.assert_close(got.float().reshape(-1), want.reshape(-1), rtol=1e-5,
                                    atol=1e-5 * (float(grad.float().abs().sum()) + 1))
     if ops.backend() != "reference":
-        assert_equal(F.activation_binarize(x, scale, threshold), out)
-        got = F.activation_binarize_backward(grad, x, scale, threshold)
+        with cpu_isa(isa):
+            assert_equal(F.activation_binarize(x, scale, threshold), out)
+            got = F.activation_binarize_backward(grad, x, scale, threshold)
         assert_equal(got[0], expected[0])
         for g, e in zip(got[1:], expected[1:]):
             assert g.shape == e.shape and g.dtype == e.dtype
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5 * (float(grad.float().abs().sum()) + 1))
 
 
-def test_activation_binarization_autograd_and_large_input():
+@on_each_cpu_isa
+def test_activation_binarization_autograd_and_large_input(isa):
     case = ActCase((8, 16, 40, 40), True, torch.float32, seed=1)
     x, scale, threshold, grad = case.tensors()
     leaves = [t.clone().requires_grad_() for t in (x, scale, threshold)]
-    ops.activation_binarize(*leaves).backward(grad)
+    with cpu_isa(isa):
+        ops.activation_binarize(*leaves).backward(grad)
     expected = reference.activation_binarize_backward(grad, x, scale, threshold)
     assert_equal(leaves[0].grad, expected[0])
     for leaf, want in zip(leaves[1:], expected[1:]):
         torch.testing.assert_close(leaf.grad, want, rtol=1e-5, atol=1e-5 * float(grad.abs().sum()))
 
 
+@requires_compiled
+@on_each_cpu_isa
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 15, 17, 33, 1025])
+def test_binarization_and_mask_vector_tails(isa, n, dtype):
+    """The other kernels on runs whose length is not a multiple of the vector width: per channel along
+    the first axis (runs of n) and with n channels of one element (the inner == 1 loops)."""
+    g = torch.Generator().manual_seed(n)
+    for shape in ((3, n), (4, n, 1)):
+        w = torch.where(torch.rand(shape, generator=g) < 0.1, 0.0, torch.randn(shape, generator=g)).to(dtype)
+        for name in ("xnor_binarize", "dorefa_binarize"):
+            with cpu_isa(isa):
+                out = getattr(F, name)(w)
+            assert_equal(out, getattr(reference, name)(w))
+        mask = torch.rand(shape, generator=g) > 0.5
+        with cpu_isa(isa):
+            out = F.apply_mask(w, mask)
+        assert_equal(out, reference.apply_mask(w, mask))
+        x = w.unsqueeze(0) if len(shape) == 2 else w.transpose(0, 1).contiguous()  # runs of n; inner == 1
+        grad = torch.randn(x.shape, generator=g).to(dtype)
+        scale, threshold = torch.tensor([0.8]), torch.rand((1, x.shape[1]) + (1,) * (x.dim() - 2), generator=g)
+        with cpu_isa(isa):
+            out = F.activation_binarize(x, scale, threshold)
+            got = F.activation_binarize_backward(grad, x, scale, threshold)
+        assert_equal(out, reference.activation_binarize(x, scale, threshold))
+        want = reference.activation_binarize_backward(grad, x, scale, threshold)
+        assert_equal(got[0], want[0])
+        for a, b in zip(got[1:], want[1:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * (float(grad.float().abs().sum()) + 1))
+
+
 # ---------------------------------------------------------------------------
 # Masks
 
+@on_each_cpu_isa
 @settings(deadline=None)
-@given(weights(), st.sampled_from(["same", "channel", "bool", "half", "double"]))
-def test_apply_mask(w, mask_kind):
+@given(w=weights(), mask_kind=st.sampled_from(["same", "channel", "bool", "half", "double"]))
+def test_apply_mask(isa, w, mask_kind):
     g = torch.Generator().manual_seed(w.numel())
     shape = w.shape if mask_kind != "channel" else (w.shape[0],) + (1,) * (w.dim() - 1)
     mask = torch.rand(shape, generator=g)
     mask = {"bool": mask > 0.5, "half": mask.half(), "double": mask.double()}.get(mask_kind, mask)
-    out = F.apply_mask(w, mask)
+    with cpu_isa(isa):
+        out = F.apply_mask(w, mask)
     assert_equal(out, reference.apply_mask(w, mask))
     assert_equal(out, (w.float() * mask.float()).to(w.dtype))
 

@@ -20,6 +20,7 @@ import torch
 
 import fxcompress.ops as ops
 from fxcompress.ops import _library
+from test_ops import cpu_isa_params
 
 BUILT = _library.LIBRARY_PATH.exists() and _library.BUILD_RECORD_PATH.exists()
 requires_built = pytest.mark.skipif(not BUILT, reason=f"the op library is not built ({_library.LIBRARY_PATH}); "
@@ -198,11 +199,76 @@ def test_missing_library_is_an_error_when_compiled_is_required(tmp_path):
     assert "ImportError" in proc.stderr and "FXCOMPRESS_OPS_BACKEND=compiled" in proc.stderr
 
 
-def test_baseline_instruction_set_computes_the_same(tmp_path):
+@pytest.mark.parametrize("isa", cpu_isa_params())
+def test_forced_instruction_set_computes_the_same(tmp_path, isa):
     expected = _compiled_results()
-    probe = _probe(tmp_path, FXCOMPRESS_OPS_BACKEND="compiled", FXCOMPRESS_CPU_ISA="baseline")
-    assert probe["info"]["cpu_isa"] == "baseline" and probe["fallback"] == []
+    probe = _probe(tmp_path, FXCOMPRESS_OPS_BACKEND="compiled", FXCOMPRESS_CPU_ISA=isa)
+    assert probe["info"]["cpu_isa"] == isa and probe["fallback"] == []
     _assert_same_results(probe["results"], expected)
+
+
+def _cpu_flags() -> set:
+    """The CPU features Linux reports (it leaves out those the OS has not enabled in XCR0)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@requires_loaded
+def test_default_instruction_set_is_the_best_this_cpu_has():
+    flags = _cpu_flags()
+    if not flags:
+        pytest.skip("no x86 CPU flags in /proc/cpuinfo to check the detection against")
+    compiled = ops.backend_info()["build"]["cpu_isas"].split(",")
+    wanted = [isa for isa, needs in (("avx512", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}), ("avx2", {"avx2"}))
+              if needs <= flags and isa in compiled]
+    best = (wanted + ["baseline"])[0]
+    probe = _probe_isa(FXCOMPRESS_CPU_ISA="")  # the default choice, whatever this process forced
+    assert probe == best
+    assert torch.ops.fxcompress._cpu_isas_supported().split(",") == wanted + ["baseline"]
+
+
+def _probe_isa(**env) -> str:
+    """The instruction set a fresh interpreter with `env` picks (or its error, from any op)."""
+    code = "import torch, fxcompress.ops; print(torch.ops.fxcompress._cpu_isa())"
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+    return proc.stdout.strip() if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1]
+
+
+@requires_loaded
+def test_forcing_an_instruction_set_this_library_or_cpu_lacks_is_a_clear_error():
+    supported = torch.ops.fxcompress._cpu_isas_supported()
+    compiled = ops.backend_info()["build"]["cpu_isas"]
+    assert _probe_isa(FXCOMPRESS_CPU_ISA="avx1024") == (
+        f"RuntimeError: FXCOMPRESS_CPU_ISA=avx1024: unknown CPU instruction set 'avx1024'; this library has "
+        f"{compiled} and this CPU can run {supported}")
+    with pytest.raises(RuntimeError, match=r"_set_cpu_isa\('sse5'\): unknown CPU instruction set 'sse5'"):
+        torch.ops.fxcompress._set_cpu_isa("sse5")
+    lacking = [isa for isa in compiled.split(",") if isa not in supported.split(",")]
+    if not lacking:
+        pytest.skip(f"this CPU runs every instruction set of the library ({compiled}): no unsupported one to force")
+    message = _probe_isa(FXCOMPRESS_CPU_ISA=lacking[0])
+    assert message.startswith(f"RuntimeError: FXCOMPRESS_CPU_ISA={lacking[0]}: this CPU cannot run the "
+                              f"'{lacking[0]}' kernels (they need ")
+    assert message.endswith(f"); the ones it can run: {supported}")
+
+
+@requires_loaded
+def test_set_cpu_isa_switches_the_kernels_and_back():
+    F = torch.ops.fxcompress
+    start = F._cpu_isa()
+    supported = F._cpu_isas_supported().split(",")
+    assert start == supported[0] or os.environ.get("FXCOMPRESS_CPU_ISA") == start
+    try:
+        assert F._set_cpu_isa("baseline") == start and F._cpu_isa() == "baseline"
+        assert F._set_cpu_isa(supported[0]) == "baseline" and F._cpu_isa() == supported[0]
+        assert F._set_cpu_isa("") == supported[0]  # back to the default choice, made at the next call
+        assert F._cpu_isa() == (os.environ.get("FXCOMPRESS_CPU_ISA") or supported[0])
+    finally:
+        F._set_cpu_isa(start)
 
 
 @requires_loaded

@@ -5,12 +5,13 @@
 // and folds per-tile partial sums in a fixed order, so results do not depend
 // on the number of threads.
 //
-// cpu_kernels_impl.cpp is compiled once per instruction set (AVX2 and the
-// baseline of the target, see CMakeLists.txt); kernels() picks the best one the
-// running CPU supports, once, like ATen's DispatchStub.
+// cpu_kernels_impl.cpp is compiled once per instruction set (AVX-512, AVX2 and
+// the baseline of the target, see CMakeLists.txt); kernels() picks the best one
+// the running CPU supports, once, like ATen's DispatchStub.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "dtypes.h"
 #include "layout.h"
@@ -52,11 +53,21 @@ struct KernelTable {
                      int64_t begin, int64_t end);
 };
 
-// The table for this CPU. FXCOMPRESS_CPU_ISA=baseline (or avx2) overrides the
-// choice, for tests; an unknown or unsupported value falls back to detection.
+// The table in use: chosen at the first call, the best instruction set this
+// CPU and OS support, or the one FXCOMPRESS_CPU_ISA names (avx512, avx2,
+// baseline). A name that is unknown, not compiled in or not supported here
+// throws std::runtime_error saying which ones are (from every op, until fixed).
 const KernelTable& kernels();
 
-// Instruction sets compiled into this library, best first (for diagnostics).
+// Switches the table for the whole process (tests and benchmarks compare the
+// instruction sets in one process) and returns the previous one's name; "" goes
+// back to the default choice above (and is what it returns when none was made
+// yet). Same errors as kernels(). Ops already running keep the table they took.
+std::string use_isa(const std::string& name);
+
+// Instruction sets compiled into this library / supported by this CPU and OS
+// among those, best first, comma-separated (for diagnostics and tests).
 const char* compiled_isas();
+std::string supported_isas();
 
 }  // namespace fxc::cpu

@@ -341,6 +341,8 @@ at::Tensor apply_mask_cpu(const at::Tensor& w, const at::Tensor& mask) {
 }
 
 std::string cpu_isa() { return cpu::kernels().isa; }
+std::string set_cpu_isa(const std::string& isa) { return cpu::use_isa(isa); }
+std::string cpu_isas_supported() { return cpu::supported_isas(); }
 
 std::string build_info() { return FXC_BUILD_INFO_JSON; }
 
@@ -373,9 +375,12 @@ TORCH_LIBRARY(fxcompress, m) {
       "-> (Tensor, Tensor, Tensor)",
       tags);
   m.def("apply_mask(Tensor w, Tensor mask) -> Tensor", tags);
-  // Diagnostics, not part of the op set: the CPU instruction set in use, and
-  // how the library was built (JSON).
+  // Diagnostics, not part of the op set: the CPU instruction set in use, a
+  // switch to another one (tests and benchmarks; "" = the default choice), the
+  // compiled ones this CPU supports, and how the library was built (JSON).
   m.def("_cpu_isa() -> str", &fxc::binding::cpu_isa);
+  m.def("_set_cpu_isa(str isa) -> str", &fxc::binding::set_cpu_isa);
+  m.def("_cpu_isas_supported() -> str", &fxc::binding::cpu_isas_supported);
   m.def("_build_info() -> str", &fxc::binding::build_info);
 }
 

@@ -27,8 +27,10 @@ results come back in the input's dtype. The module knows nothing of graphs or
 algorithms.
 
 Environment: ``FXCOMPRESS_OPS_BACKEND=reference`` forces the reference kernels,
-``=compiled`` makes a missing library (or one built against another torch) an ImportError; ``FXCOMPRESS_CPU_ISA=baseline``
-makes the compiled library skip its AVX2 kernels.
+``=compiled`` makes a missing library (or one built against another torch) an ImportError;
+``FXCOMPRESS_CPU_ISA=avx512``, ``avx2`` or ``baseline`` makes the compiled library use those CPU
+kernels instead of the best ones the CPU supports (one it cannot run, or an unknown name, makes
+the CPU ops raise a RuntimeError that lists the ones it can; README.md, "The op library").
 """
 from __future__ import annotations
 
