@@ -11,7 +11,7 @@ from fxcompress import compile_for_compression
 from fxcompress.passes import FilterPruning
 from fxcompress.passes.pruning import model_cost
 from fxcompress.testing import digits_loaders, evaluate_accuracy, seeded, train_digits_cnn
-from training import digits_setup, fine_tune, report
+from training import digits_setup, fine_tune, quantizer_scales_at_lower_lr, report
 
 PRUNE_HALF = dict(pruning_target=0.5, schedule="baseline", prune_first_conv=True)
 
@@ -43,24 +43,6 @@ def _quantize_pass():
     except ImportError as exc:  # pragma: no cover - the quantization issue has not landed
         pytest.skip(f"needs the Quantize pass (passes/quantization, issue 4): {exc}")
     return Quantize
-
-
-def quantizer_scales_at_lower_lr(gm, lr):
-    """Adam parameter groups: the weights at the loop's learning rate, quantizer scales at ``lr``.
-
-    A quantizer's scale is a quantization step (range / 127, about 0.004 for these weights), and
-    Adam moves every parameter by about its learning rate per step whatever its magnitude: at 1e-3 a
-    per-channel weight scale loses a quarter of its value per step once its gradient points one way.
-    Behind BatchNorm the train-mode output is blind to a filter's scale, so nothing stops it: with
-    seed 1 and ATEN_CPU_CAPABILITY=default, conv1's scale of one kept filter fell from 0.0038 to
-    0.00005 in epoch 1, BatchNorm's running variance lagged behind, and eval-mode accuracy fell to
-    0.891 while train-mode accuracy stayed 0.984 (re-estimating the statistics gave 0.984 back;
-    frozen weight scales gave 0.982). docs/quantization.md, "Learning rates".
-    """
-    from fxcompress.quantizers import FakeQuantizer
-    scales = {id(p) for m in gm.modules() if isinstance(m, FakeQuantizer) for p in m.parameters()}
-    return [{"params": [p for p in gm.parameters() if id(p) not in scales]},
-            {"params": [p for p in gm.parameters() if id(p) in scales], "lr": lr}]
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from fxcompress import compile_for_compression
 from fxcompress.passes import Quantize
 from fxcompress.testing import evaluate_accuracy
-from training import digits_setup, fine_tune, report
+from training import digits_setup, fine_tune, quantizer_scales_at_lower_lr, report
 
 
 def _quantize(model, train, **kw):
@@ -27,11 +27,15 @@ def test_digits_int8_post_training_and_one_epoch_of_qat(train_seed):
     ctrl, gm = _quantize(model, train)
     ptq = evaluate_accuracy(gm, test)
     assert ptq >= fp32 - 0.005, f"post-training int8 {ptq:.4f} vs fp32 {fp32:.4f}"
-    fine_tune(ctrl, gm, train, epochs=1, lr=3e-4)
+    # The recipe docs/quantization.md gives for Adam ("Learning rates"): the quantizers' scales at 1e-5.
+    # With one Adam at 3e-4 for everything, seed 2 lost 0.67 / 1.11 points on an AVX-512 Xeon (ATen at
+    # AVX-512 / at its baseline), where fp32 fine-tuned the same way lost 0.22: Adam moves a scale
+    # (range / 127) by about the learning rate per step.
+    fine_tune(ctrl, gm, train, epochs=1, lr=3e-4, params=quantizer_scales_at_lower_lr(gm, lr=1e-5))
     qat = evaluate_accuracy(gm, test)
     report("int8_ptq_qat", train_seed, fp32=fp32, ptq=ptq, qat=qat, ptq_drop=fp32 - ptq, qat_gain=qat - ptq)
-    # Over train seeds 0-2 with ATen at AVX2 and at its baseline (docs/testing.md): post-training int8
-    # equals fp32 in all 6 runs, QAT ends 0.44 points below to 0.44 above post-training, 0.44 below fp32 at
+    # Over train seeds 0-2 with ATen at its best ISA and at its baseline, on an AVX2 EPYC and an AVX-512
+    # Xeon (docs/testing.md): post-training int8 equals fp32 in all runs; QAT ends 0.44 below fp32 at
     # worst. One epoch of QAT is not guaranteed to gain on a model already at fp32, so it is held to fp32.
     assert qat >= fp32 - 0.01, f"one epoch of QAT {qat:.4f} vs fp32 {fp32:.4f} (post-training {ptq:.4f})"
     ctrl.parts[0].check_exportable()
