@@ -314,33 +314,20 @@ def _register_fake_kernels() -> None:
 # grad * mask / grad * w for apply_mask. No double backward.
 
 def _fake_quantize_setup(ctx, inputs, output):
-    x, scale, zero_point, quant_min, quant_max, axis = inputs
+    """fake_quantize and fake_quantize_learnable: (x, scale, zero_point) are tensors, the rest numbers."""
+    x, scale, zero_point, *params = inputs
     ctx.save_for_backward(x, scale, zero_point)
-    ctx.params = (quant_min, quant_max, axis)
+    ctx.params = tuple(params)
 
 
-def _fake_quantize_backward(ctx, grad):
-    x, scale, zero_point = ctx.saved_tensors
-    grad_x, grad_scale, grad_zero_point = torch.ops.fxcompress.fake_quantize_backward(
-        grad, x, scale, zero_point, *ctx.params)
-    needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None, grad_scale if needs[1] else None,
-            grad_zero_point if needs[2] else None, None, None, None)
-
-
-def _fake_quantize_learnable_setup(ctx, inputs, output):
-    x, scale, zero_point, quant_min, quant_max, axis, min_scale = inputs
-    ctx.save_for_backward(x, scale, zero_point)
-    ctx.params = (quant_min, quant_max, axis, min_scale)
-
-
-def _fake_quantize_learnable_backward(ctx, grad):
-    x, scale, zero_point = ctx.saved_tensors
-    grad_x, grad_scale, grad_zero_point = torch.ops.fxcompress.fake_quantize_learnable_backward(
-        grad, x, scale, zero_point, *ctx.params)
-    needs = ctx.needs_input_grad
-    return (grad_x if needs[0] else None, grad_scale if needs[1] else None,
-            grad_zero_point if needs[2] else None, None, None, None, None)
+def _fake_quantize_backward_through(backward_op):
+    """The autograd formula of a fake-quantize op whose backward op takes ``(grad, x, scale,
+    zero_point, *params)`` and returns the gradients of x, scale and zero_point."""
+    def backward(ctx, grad):
+        grads = backward_op(grad, *ctx.saved_tensors, *ctx.params)
+        needed = tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+        return needed + (None,) * len(ctx.params)
+    return backward
 
 
 # Where the library's Autograd registration shows up (it covers every device type).
@@ -383,11 +370,14 @@ def _register_autograd() -> None:
     # (csrc/torch/autograd_ops.cpp, the same formulas without the Python overhead, which dominated a
     # QAT step); the fallback uses these.
     if not _has_kernel("fake_quantize", _COMPILED_AUTOGRAD_KEY):
-        torch.library.register_autograd(_op("fake_quantize"), _fake_quantize_backward,
-                                        setup_context=_fake_quantize_setup)
+        torch.library.register_autograd(
+            _op("fake_quantize"), _fake_quantize_backward_through(torch.ops.fxcompress.fake_quantize_backward),
+            setup_context=_fake_quantize_setup)
     if not _has_kernel("fake_quantize_learnable", _COMPILED_AUTOGRAD_KEY):
-        torch.library.register_autograd(_op("fake_quantize_learnable"), _fake_quantize_learnable_backward,
-                                        setup_context=_fake_quantize_learnable_setup)
+        torch.library.register_autograd(
+            _op("fake_quantize_learnable"),
+            _fake_quantize_backward_through(torch.ops.fxcompress.fake_quantize_learnable_backward),
+            setup_context=_fake_quantize_setup)
     torch.library.register_autograd(_op("xnor_binarize"), _straight_through)
     torch.library.register_autograd(_op("dorefa_binarize"), _straight_through)
     torch.library.register_autograd(_op("activation_binarize"), _activation_binarize_backward,
