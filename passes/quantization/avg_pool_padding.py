@@ -34,7 +34,7 @@ __all__ = ["WriteOutAvgPoolPadding"]
 _QUANTIZE_DEQUANTIZE = torch.ops.fxcompress.quantize_dequantize.default
 _FUNCTIONS = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 _MODULES = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
-_AVG_POOLS = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)
+_POOL_OF_DIMS = {dims: pool for pool, dims in _FUNCTIONS.items()}
 _POOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 
 
@@ -101,7 +101,7 @@ class WriteOutAvgPoolPadding(Pass):
                         copy_meta(node, added, self.name)
                         added.meta.pop("shape", None)
                     padded_inputs[(qdq, pads)] = requantized
-                new = graph.call_function(_AVG_POOLS[dims - 1], (requantized, args["kernel_size"], stride, 0))
+                new = graph.call_function(_POOL_OF_DIMS[dims], (requantized, args["kernel_size"], stride, 0))
             copy_meta(node, new, self.name)
             new.meta["shape"] = node.meta.get("shape")
             node.replace_all_uses_with(new)
